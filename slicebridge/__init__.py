@@ -1,0 +1,26 @@
+"""slicebridge: convert, export and verify SliceGPT checkpoints from your own Python env.
+
+The heavy parts live in subpackages and are imported on first use, so that
+``import slicebridge`` stays cheap and works in the slicegpt env's server too:
+
+- ``slicebridge.bridge``  wire protocol, signing, env discovery, server lifecycle
+- ``slicebridge.client``  the base-env API and CLI (``Bridge``)
+- ``slicebridge.server``  what runs inside the slicegpt env
+- ``slicebridge.model``   the portable sliced model (torch + transformers only)
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "Bridge", "client"]
+
+
+def __getattr__(name):
+    if name == "Bridge":
+        from slicebridge.client.bridge import Bridge
+
+        return Bridge
+    if name == "client":
+        import slicebridge.client as client
+
+        return client
+    raise AttributeError(f"module 'slicebridge' has no attribute {name!r}")

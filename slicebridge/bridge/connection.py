@@ -1,0 +1,175 @@
+"""Connection files and the per-user runtime directory.
+
+A connection file says how to reach one server and holds the key its messages are
+signed with, so it is written atomically with mode 0600 inside a runtime directory of
+mode 0700 that belongs to the user. The client writes it before starting a server;
+the server fills in its endpoint, pid and ``ready`` once it is listening.
+
+Runtime directory: ``$SLICEBRIDGE_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/slicebridge``,
+else ``<tmp>/slicebridge-<uid>``. Detached servers' files live in ``servers/`` there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slicebridge.bridge.errors import ConnectionFileError
+from slicebridge.bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from slicebridge.bridge.signing import SIGNATURE_SCHEME
+
+# Unix socket paths are limited to 107 bytes on Linux.
+_MAX_IPC_PATH = 100
+
+
+@dataclass
+class ConnectionInfo:
+    """Everything a client needs to reach and authenticate with one server."""
+
+    key: str
+    transport: str = "ipc"  # "ipc" or "tcp"
+    ip: str = "127.0.0.1"
+    endpoint: str = ""  # filled in by the server once bound
+    signature_scheme: str = SIGNATURE_SCHEME
+    protocol: int = PROTOCOL_VERSION
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    env: str = ""  # what the user asked for ("slicegpt")
+    python: str = ""  # the server's interpreter
+    log_path: str = ""  # the server's stdout/stderr
+    detached: bool = False
+    owner_pid: int = 0  # a client-owned server exits when this process is gone
+    owner_start: str = ""  # the owner's start time, against pid reuse
+    debug_ops: bool = False
+    pid: int = 0  # filled in by the server
+    ready: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    def public(self) -> dict:
+        """The fields that may be shown or logged: everything but the key."""
+        data = dataclasses.asdict(self)
+        data.pop("key")
+        return data
+
+
+def runtime_dir() -> Path:
+    """The per-user runtime directory, created with mode 0700 and checked to be ours."""
+    override = os.environ.get("SLICEBRIDGE_RUNTIME_DIR")
+    if override:
+        path = Path(override)
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "slicebridge"
+    else:
+        path = Path(tempfile.gettempdir()) / f"slicebridge-{os.getuid()}"
+    return ensure_private_dir(path)
+
+
+def ensure_private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConnectionFileError(f"runtime dir {path} is not a plain directory; remove it")
+    if st.st_uid != os.getuid():
+        raise ConnectionFileError(
+            f"runtime dir {path} belongs to uid {st.st_uid}, not to you; "
+            "set SLICEBRIDGE_RUNTIME_DIR to a directory of your own"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def servers_dir() -> Path:
+    return ensure_private_dir(runtime_dir() / "servers")
+
+
+def detached_connection_path(python: str) -> Path:
+    """Where the detached server for an interpreter keeps its connection file."""
+    digest = hashlib.sha256(os.path.realpath(python).encode()).hexdigest()[:12]
+    return servers_dir() / f"server-{digest}.json"
+
+
+def ipc_endpoint(name: str) -> str:
+    """An ipc:// endpoint for a socket file in the runtime dir (or a short private dir)."""
+    path = runtime_dir() / f"{name}.sock"
+    if len(str(path)) > _MAX_IPC_PATH:
+        short = ensure_private_dir(Path("/tmp") / f"sb-{os.getuid()}")
+        path = short / f"{name[:16]}.sock"
+    return f"ipc://{path}"
+
+
+def write_connection_file(info: ConnectionInfo, path: Path) -> Path:
+    """Write ``info`` to ``path`` atomically, readable only by the owner."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(dataclasses.asdict(info), fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_connection_file(path: Path) -> ConnectionInfo:
+    """Read a connection file, refusing one that others can read."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConnectionFileError(f"connection file {path} does not exist") from None
+    except OSError as exc:
+        raise ConnectionFileError(f"cannot read connection file {path}: {exc.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ConnectionFileError(
+            f"connection file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "it holds a signing key, so it is refused. Remove it and start the server again."
+        )
+    try:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(ConnectionInfo)}
+        return ConnectionInfo(**{k: v for k, v in data.items() if k in known})
+    except (ValueError, TypeError) as exc:
+        raise ConnectionFileError(f"connection file {path} is malformed: {exc}") from None
+
+
+def process_start_time(pid: int) -> str:
+    """The kernel's start time of a process (Linux), used to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def pid_alive(pid: int, start_time: str = "") -> bool:
+    """True when ``pid`` is a live process (not a zombie), and the same one if ``start_time`` is given."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            return False
+        return not start_time or fields[19] == start_time
+    except (OSError, IndexError):
+        return True

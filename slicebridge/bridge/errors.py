@@ -1,0 +1,122 @@
+"""Error types of the bridge: each says what went wrong and what the user can do.
+
+Every error slicebridge raises derives from :class:`SlicebridgeError`. Errors that
+happen inside the server travel as ``error`` messages (type, message, remote
+traceback) and are raised in the client as :class:`RemoteError` or one of the
+subclasses registered in :data:`REMOTE_ERROR_TYPES`.
+"""
+
+from __future__ import annotations
+
+
+class SlicebridgeError(Exception):
+    """Base class of every error slicebridge raises."""
+
+
+class EnvNotFound(SlicebridgeError):
+    """No Python environment matched what the user asked for."""
+
+    def __init__(self, spec: str, tried: list[str]):
+        self.spec = spec
+        self.tried = list(tried)
+        lines = "\n".join(f"  - {t}" for t in self.tried) or "  (nothing)"
+        super().__init__(
+            f"could not find a Python environment for {spec!r}. Tried:\n{lines}\n"
+            "Pass a conda env name, an env prefix directory or a python executable."
+        )
+
+
+class EnvNotUsable(SlicebridgeError):
+    """The environment exists but cannot run the server (old Python, missing packages)."""
+
+
+class EnvMissingPackages(EnvNotUsable):
+    """The target env lacks the server's wire packages (pyzmq, msgpack)."""
+
+    def __init__(self, env: str, python: str, missing: list[str]):
+        self.env = env
+        self.python = python
+        self.missing = list(missing)
+        pkgs = " ".join(self.missing)
+        super().__init__(
+            f"the env {env!r} ({python}) lacks {', '.join(self.missing)}, which the slicebridge "
+            f"server needs there. Install with:\n    {python} -m pip install {pkgs}\n"
+            f"or run: slicebridge doctor --env {env} --fix"
+        )
+
+
+class ConnectionFileError(SlicebridgeError):
+    """A connection file is missing, unreadable, malformed or readable by others."""
+
+
+class ServerStartFailed(SlicebridgeError):
+    """The server process exited or did not become ready while starting."""
+
+    def __init__(self, message: str, stderr_tail: str = ""):
+        self.stderr_tail = stderr_tail
+        if stderr_tail:
+            message = f"{message}\n--- server stderr (last lines) ---\n{stderr_tail}"
+        super().__init__(message)
+
+
+class ServerDied(SlicebridgeError):
+    """The server went away (process exit or missed heartbeats) while a client waited."""
+
+    def __init__(self, message: str, stderr_tail: str = "", exit_code: int | None = None):
+        self.stderr_tail = stderr_tail
+        self.exit_code = exit_code
+        if stderr_tail:
+            message = f"{message}\n--- server stderr (last lines) ---\n{stderr_tail}"
+        super().__init__(message)
+
+
+class RequestTimeout(SlicebridgeError):
+    """A request did not finish within the caller's timeout; it was cancelled on the server."""
+
+
+class ServerNotRunning(SlicebridgeError):
+    """No detached server is running for the env the user named."""
+
+
+class MessageTooLarge(SlicebridgeError):
+    """A message is larger than the connection's maximum message size."""
+
+
+class ProtocolError(SlicebridgeError):
+    """A peer sent something that does not follow the wire protocol."""
+
+
+class RemoteError(SlicebridgeError):
+    """A request failed inside the server; carries the remote type, message and traceback."""
+
+    def __init__(self, error_type: str, message: str, remote_traceback: str = ""):
+        self.error_type = error_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{error_type}: {message}" if error_type else message)
+
+
+class BadRequest(RemoteError):
+    """The server rejected a request: unknown operation or wrong argument types."""
+
+
+class RequestCancelled(RemoteError):
+    """The request was cancelled (Ctrl-C in the client, or the server shutting down)."""
+
+
+class RemoteOutOfMemory(RemoteError):
+    """The server ran out of (host or GPU) memory serving the request; it stays up."""
+
+
+# Remote error types that the client raises as a specific subclass.
+REMOTE_ERROR_TYPES: dict[str, type[RemoteError]] = {
+    "BadRequest": BadRequest,
+    "RequestCancelled": RequestCancelled,
+    "OutOfMemory": RemoteOutOfMemory,
+}
+
+
+def remote_error(error_type: str, message: str, remote_traceback: str = "") -> RemoteError:
+    """Build the client-side exception for an ``error`` message."""
+    cls = REMOTE_ERROR_TYPES.get(error_type, RemoteError)
+    return cls(error_type, message, remote_traceback)

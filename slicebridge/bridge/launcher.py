@@ -1,0 +1,316 @@
+"""Starting a server in another Python environment, and keeping track of it.
+
+The server's code is not installed in the target env. It is staged: the parts that run
+there (``slicebridge/__init__.py``, ``bridge/``, ``server/``, ``model/``) are copied to
+a content-addressed directory in the runtime dir, and the target interpreter is started
+isolated (``python -I``: no ``PYTHONPATH``, no user site, no script dir) with only that
+directory put in front of its own ``sys.path``. Nothing of the base env's
+site-packages can leak in; the server reports its ``sys.path`` in ``hello``.
+
+Before importing anything, a tiny boot script checks the Python version and the two
+wire packages and exits with a marker line the client turns into an actionable error.
+The server's stdout and stderr go to a log file whose tail is quoted when it dies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import slicebridge
+from slicebridge.bridge.connection import (
+    ConnectionInfo,
+    detached_connection_path,
+    ensure_private_dir,
+    ipc_endpoint,
+    pid_alive,
+    process_start_time,
+    read_connection_file,
+    runtime_dir,
+    write_connection_file,
+)
+from slicebridge.bridge.envs import PythonEnv
+from slicebridge.bridge.errors import (
+    ConnectionFileError,
+    EnvMissingPackages,
+    EnvNotUsable,
+    ServerStartFailed,
+)
+from slicebridge.bridge.signing import new_key
+
+log = logging.getLogger("slicebridge.launcher")
+
+BOOT_ERROR_MARKER = "SLICEBRIDGE-BOOT-ERROR"
+_STAGED_PARTS = ("__init__.py", "bridge", "server", "model")
+_BOOT_SCRIPT = f"""
+import sys
+if sys.version_info < (3, 10):
+    sys.stderr.write("{BOOT_ERROR_MARKER} python-too-old %d.%d\\n" % sys.version_info[:2])
+    sys.exit(3)
+missing = []
+for module, package in (("zmq", "pyzmq"), ("msgpack", "msgpack")):
+    try:
+        __import__(module)
+    except ImportError:
+        missing.append(package)
+if missing:
+    sys.stderr.write("{BOOT_ERROR_MARKER} missing-packages " + " ".join(missing) + "\\n")
+    sys.exit(3)
+sys.path.insert(0, sys.argv[1])
+from slicebridge.server.main import main
+main(sys.argv[2])
+"""
+_ENV_VARS_DROPPED = ("VIRTUAL_ENV", "__PYVENV_LAUNCHER__", "CONDA_DEFAULT_ENV", "CONDA_PROMPT_MODIFIER")
+
+
+def stage_server_code() -> Path:
+    """Copy the server-side package parts to ``<runtime>/code/<hash>/`` and return that dir."""
+    package_dir = Path(slicebridge.__file__).parent
+    files = []
+    for part in _STAGED_PARTS:
+        src = package_dir / part
+        files += [src] if src.is_file() else sorted(src.rglob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(package_dir)).encode() + b"\0" + path.read_bytes() + b"\0")
+    code_root = ensure_private_dir(runtime_dir() / "code")
+    target = code_root / digest.hexdigest()[:16]
+    if (target / "slicebridge" / "__init__.py").is_file():
+        return target
+    tmp = code_root / f".staging-{uuid.uuid4().hex}"
+    for path in files:
+        dest = tmp / "slicebridge" / path.relative_to(package_dir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process staged the same code first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def server_environ(env: PythonEnv) -> dict:
+    """The environment variables for the server: ours minus anything that points Python elsewhere."""
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith("PYTHON") and k not in _ENV_VARS_DROPPED}
+    bin_dir = str(Path(env.python).parent)
+    environ["PATH"] = bin_dir + os.pathsep + environ.get("PATH", "")
+    environ["CONDA_PREFIX"] = env.prefix
+    environ["PYTHONUNBUFFERED"] = "1"
+    environ["PYTHONNOUSERSITE"] = "1"
+    return environ
+
+
+@dataclass
+class ServerProcess:
+    """A running server, started by us (``popen`` set) or found through its connection file."""
+
+    conn_path: Path
+    info: ConnectionInfo
+    popen: subprocess.Popen | None = None
+    owned: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen is not None else self.info.pid
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return pid_alive(self.info.pid)
+
+    def exit_code(self) -> int | None:
+        return self.popen.poll() if self.popen is not None else None
+
+    def stderr_tail(self, lines: int = 30) -> str:
+        return log_tail(self.info.log_path, lines)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the server has written ``ready`` into its connection file."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while time.monotonic() < deadline:
+            if not self.alive():
+                self._raise_start_failure()
+            try:
+                info = read_connection_file(self.conn_path)
+            except ConnectionFileError:
+                info = None
+            if info is not None and info.ready:
+                self.info = info
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        self.kill()
+        raise ServerStartFailed(
+            f"the server in {self.info.python} did not become ready within {timeout:.0f}s",
+            self.stderr_tail(),
+        )
+
+    def _raise_start_failure(self) -> None:
+        tail = self.stderr_tail()
+        code = self.exit_code()
+        for line in tail.splitlines():
+            if line.startswith(BOOT_ERROR_MARKER):
+                what, *rest = line[len(BOOT_ERROR_MARKER):].split()
+                if what == "missing-packages":
+                    raise EnvMissingPackages(self.info.env, self.info.python, rest)
+                if what == "python-too-old":
+                    raise EnvNotUsable(
+                        f"the env {self.info.env!r} ({self.info.python}) has Python {rest[0]}; "
+                        "the slicebridge server needs Python 3.10 or newer"
+                    )
+        raise ServerStartFailed(
+            f"the server in {self.info.python} exited while starting (exit code {code})", tail
+        )
+
+    def kill(self) -> None:
+        if self.popen is not None:
+            if self.popen.poll() is None:
+                self.popen.kill()
+            self.popen.wait()
+        elif self.alive():
+            try:
+                os.kill(self.info.pid, 9)
+            except OSError:
+                pass
+
+    def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            time.sleep(0.02)
+        return not self.alive()
+
+
+def log_tail(path: str, lines: int = 30, max_bytes: int = 16384) -> str:
+    """The last ``lines`` lines of a log file (empty if unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def start_server(
+    env: PythonEnv,
+    *,
+    detached: bool = False,
+    transport: str = "ipc",
+    ip: str = "127.0.0.1",
+    max_message_bytes: int | None = None,
+    debug_ops: bool | None = None,
+    ready_timeout: float = 120.0,
+) -> ServerProcess:
+    """Start a server in ``env`` and wait until it listens.
+
+    An owned server (``detached=False``) watches this process and exits when it is gone.
+    A detached one starts in its own session, keeps its connection file in the runtime
+    dir's ``servers/`` for other clients, and runs until stopped.
+    """
+    if transport not in ("ipc", "tcp"):
+        raise ValueError(f"transport must be 'ipc' or 'tcp', not {transport!r}")
+    if transport == "tcp" and not ip.startswith("127.") and ip not in ("::1", "localhost"):
+        if os.environ.get("SLICEBRIDGE_ALLOW_REMOTE") != "1":
+            raise ValueError(
+                f"refusing to listen on {ip}: the bridge binds loopback only unless "
+                "SLICEBRIDGE_ALLOW_REMOTE=1 is set"
+            )
+    code_dir = stage_server_code()
+    run_dir = runtime_dir()
+    server_id = uuid.uuid4().hex[:12]
+    if detached:
+        conn_path = detached_connection_path(env.python)
+    else:
+        conn_path = ensure_private_dir(run_dir / "owned") / f"server-{server_id}.json"
+    logs_dir = ensure_private_dir(run_dir / "logs")
+    log_path = logs_dir / f"server-{server_id}.log"
+    if debug_ops is None:
+        debug_ops = os.environ.get("SLICEBRIDGE_DEBUG_OPS") == "1"
+    info = ConnectionInfo(
+        key=new_key(),
+        transport=transport,
+        ip=ip,
+        endpoint=ipc_endpoint(f"s-{server_id}") if transport == "ipc" else "",
+        env=env.spec,
+        python=env.python,
+        log_path=str(log_path),
+        detached=detached,
+        owner_pid=0 if detached else os.getpid(),
+        owner_start="" if detached else process_start_time(os.getpid()),
+        debug_ops=debug_ops,
+    )
+    if max_message_bytes:
+        info.max_message_bytes = int(max_message_bytes)
+    write_connection_file(info, conn_path)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        popen = subprocess.Popen(
+            [env.python, "-I", "-c", _BOOT_SCRIPT, str(code_dir), str(conn_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            env=server_environ(env),
+            cwd=str(run_dir),
+            start_new_session=True,  # Ctrl-C in the user's terminal must not reach the server
+            close_fds=True,
+        )
+    except OSError as exc:
+        conn_path.unlink(missing_ok=True)
+        raise ServerStartFailed(f"could not run {env.python}: {exc.strerror}") from None
+    finally:
+        os.close(log_fd)
+    log.info("started server pid %d in %s (%s)", popen.pid, env.python,
+             "detached" if detached else "owned")
+    server = ServerProcess(conn_path, info, popen, owned=not detached)
+    try:
+        server.wait_ready(ready_timeout)
+    except BaseException:
+        server.kill()
+        conn_path.unlink(missing_ok=True)
+        raise
+    return server
+
+
+def find_detached(env: PythonEnv) -> ServerProcess | None:
+    """The detached server running for ``env``, if its connection file names a live process."""
+    path = detached_connection_path(env.python)
+    return attach(path, quiet=True)
+
+
+def attach(conn_path: Path, quiet: bool = False) -> ServerProcess | None:
+    """A handle on the server behind a connection file; None (when ``quiet``) if it is not running."""
+    try:
+        info = read_connection_file(conn_path)
+    except ConnectionFileError:
+        if quiet:
+            return None
+        raise
+    if not info.ready or not pid_alive(info.pid):
+        if quiet:
+            return None
+        raise ConnectionFileError(f"the server of {conn_path} (pid {info.pid}) is not running")
+    return ServerProcess(Path(conn_path), info)
+
+
+def list_detached() -> list[Path]:
+    return sorted(p for p in (runtime_dir() / "servers").glob("server-*.json"))
+
+
+def current_python_env() -> PythonEnv:
+    """This interpreter as a PythonEnv (for tests and ``doctor``)."""
+    return PythonEnv(sys.executable, sys.executable, sys.prefix, "this interpreter")

@@ -1,0 +1,461 @@
+"""The wire protocol: the single source of truth for what travels between client and server.
+
+A message is a ZeroMQ multipart message::
+
+    [MAGIC, signature, header, buffer_0, buffer_1, ...]
+
+- ``MAGIC`` names the protocol and its version (``b"SLB1"``).
+- ``signature`` is the hex HMAC-SHA256 of the header and every buffer (see ``signing``).
+- ``header`` is a msgpack map: ``v`` (protocol version), ``kind``, ``id`` (unique per
+  message, for replay protection), ``rid`` (the request it belongs to), ``ts``
+  (sender's wall clock), ``body`` (a msgpack value) and ``tensors`` (one
+  ``{dtype, shape, nbytes}`` entry per buffer).
+- Tensors inside ``body`` are msgpack extension values that point at a buffer;
+  their bytes travel as separate raw frames, never pickled.
+
+Kinds: a client sends ``request``, ``cancel`` and ``heartbeat``; the server answers a
+``request`` with any number of ``progress`` and ``log`` events and then exactly one
+``result`` or ``error``, and answers every ``heartbeat`` with a ``heartbeat``.
+
+Operations (``request`` bodies) and their argument and result types are the
+dataclasses at the bottom of this module, registered in :data:`OPERATIONS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import struct
+import time
+import typing
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import msgpack
+
+from slicebridge.bridge.errors import MessageTooLarge, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"SLB1"
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024**3
+_TENSOR_EXT = 1
+
+# Message kinds.
+REQUEST = "request"
+CANCEL = "cancel"
+HEARTBEAT = "heartbeat"
+PROGRESS = "progress"
+LOG = "log"
+RESULT = "result"
+ERROR = "error"
+CLIENT_KINDS = frozenset({REQUEST, CANCEL, HEARTBEAT})
+SERVER_KINDS = frozenset({PROGRESS, LOG, RESULT, ERROR, HEARTBEAT})
+FINAL_KINDS = frozenset({RESULT, ERROR})
+
+# Element sizes of the dtypes a tensor may have on the wire (torch's names).
+DTYPE_SIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+@dataclass
+class TensorFrame:
+    """A tensor as it travels: dtype name, shape and the raw bytes (C order, no copy)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: Any  # a buffer: bytes, memoryview, zmq.Frame buffer, numpy array
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    @classmethod
+    def from_tensor(cls, tensor: Any) -> "TensorFrame":
+        """Wrap a torch tensor or numpy array without copying (after making it contiguous on CPU)."""
+        module = type(tensor).__module__
+        if module.startswith("torch"):
+            t = tensor.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.contiguous()
+            dtype = str(t.dtype).removeprefix("torch.")
+            if dtype not in DTYPE_SIZES:
+                raise ProtocolError(f"tensors of dtype {dtype} cannot travel over the bridge")
+            raw = t.reshape(-1).view(_torch().uint8).numpy() if t.numel() else b""
+            return cls(dtype, tuple(t.shape), raw)
+        if module.startswith("numpy"):
+            import numpy as np
+
+            a = np.ascontiguousarray(tensor)
+            dtype = "bool" if a.dtype == np.bool_ else str(a.dtype)
+            if dtype not in DTYPE_SIZES:
+                raise ProtocolError(f"arrays of dtype {dtype} cannot travel over the bridge")
+            return cls(dtype, tuple(a.shape), a.reshape(-1).view(np.uint8))
+        raise ProtocolError(f"cannot send an object of type {type(tensor).__name__} as a tensor")
+
+    def to_torch(self):
+        """The tensor as a torch tensor that shares the received buffer (no copy)."""
+        torch = _torch()
+        dtype = getattr(torch, self.dtype)
+        if self.nbytes == 0:
+            return torch.empty(self.shape, dtype=dtype)
+        import warnings
+
+        with warnings.catch_warnings():
+            # Received buffers are read-only; torch warns but shares them, which is what we want.
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self.data, dtype=torch.uint8)
+        return flat.view(dtype).reshape(self.shape)
+
+    def to_numpy(self):
+        import numpy as np
+
+        if self.dtype == "bfloat16":
+            raise ProtocolError("numpy has no bfloat16: use to_torch()")
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def is_tensor_like(obj: Any) -> bool:
+    module = type(obj).__module__
+    return (module.startswith("torch") and type(obj).__name__ in ("Tensor", "Parameter")) or (
+        module.startswith("numpy") and type(obj).__name__ == "ndarray"
+    )
+
+
+# --------------------------------------------------------------------------- envelopes
+
+
+@dataclass
+class Message:
+    """One decoded message (kind, ids, body with tensors restored)."""
+
+    kind: str
+    request_id: str
+    body: Any = None
+    msg_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ts: float = field(default_factory=time.time)
+
+
+def encode(message: Message, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list:
+    """Header and buffer frames of a message (without MAGIC and signature)."""
+    frames: list[TensorFrame] = []
+
+    def default(obj):
+        if isinstance(obj, TensorFrame):
+            frames.append(obj)
+        elif is_tensor_like(obj):
+            frames.append(TensorFrame.from_tensor(obj))
+        elif isinstance(obj, (tuple, set, frozenset)):
+            return list(obj)
+        else:
+            raise ProtocolError(f"cannot send an object of type {type(obj).__name__}")
+        return msgpack.ExtType(_TENSOR_EXT, struct.pack("<I", len(frames) - 1))
+
+    body = msgpack.packb(message.body, default=default, use_bin_type=True)
+    header = {
+        "v": PROTOCOL_VERSION,
+        "kind": message.kind,
+        "id": message.msg_id,
+        "rid": message.request_id,
+        "ts": message.ts,
+        "body": body,
+        "tensors": [{"dtype": f.dtype, "shape": list(f.shape), "nbytes": f.nbytes} for f in frames],
+    }
+    header_bytes = msgpack.packb(header, use_bin_type=True)
+    total = len(header_bytes) + sum(f.nbytes for f in frames)
+    if total > max_bytes:
+        raise MessageTooLarge(
+            f"message of {total} bytes exceeds the bridge's maximum of {max_bytes} bytes "
+            "(raise max_message_bytes when starting the server)"
+        )
+    return [header_bytes, *(f.data for f in frames)]
+
+
+def decode(header_bytes: Any, buffers: list) -> Message:
+    """Decode a header and its buffer frames; raises ProtocolError on anything malformed."""
+    try:
+        header = msgpack.unpackb(bytes(header_bytes), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"malformed header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    kind, msg_id, rid, ts, specs = (header.get(k) for k in ("kind", "id", "rid", "ts", "tensors"))
+    if not (isinstance(kind, str) and isinstance(msg_id, str) and isinstance(rid, str)):
+        raise ProtocolError("header lacks kind, id or rid")
+    if not isinstance(ts, (int, float)) or not isinstance(specs, list):
+        raise ProtocolError("header lacks ts or tensors")
+    if len(specs) != len(buffers):
+        raise ProtocolError(f"header announces {len(specs)} tensors, {len(buffers)} frames came")
+    tensors = [_tensor_from_spec(spec, buf) for spec, buf in zip(specs, buffers)]
+
+    def ext_hook(code, data):
+        if code != _TENSOR_EXT or len(data) != 4:
+            raise ProtocolError(f"unknown extension type {code}")
+        (index,) = struct.unpack("<I", data)
+        if index >= len(tensors):
+            raise ProtocolError(f"tensor reference {index} out of range")
+        return tensors[index]
+
+    raw_body = header.get("body")
+    if not isinstance(raw_body, bytes):
+        raise ProtocolError("header body is not bytes")
+    try:
+        body = msgpack.unpackb(raw_body, raw=False, ext_hook=ext_hook, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed body: {exc}") from None
+    return Message(kind=kind, request_id=rid, body=body, msg_id=msg_id, ts=float(ts))
+
+
+def _tensor_from_spec(spec: Any, buffer: Any) -> TensorFrame:
+    if not isinstance(spec, dict):
+        raise ProtocolError("tensor spec is not a map")
+    dtype, shape = spec.get("dtype"), spec.get("shape")
+    if dtype not in DTYPE_SIZES:
+        raise ProtocolError(f"unknown tensor dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"bad tensor shape {shape!r}")
+    frame = TensorFrame(dtype, tuple(shape), buffer)
+    size = len(buffer) if isinstance(buffer, (bytes, bytearray)) else memoryview(buffer).nbytes
+    if frame.nbytes != size:
+        raise ProtocolError(f"tensor of {frame.nbytes} bytes announced, {size} bytes came")
+    return frame
+
+
+def new_request(op: str, args: Any) -> Message:
+    """A request message with a fresh request id."""
+    payload = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args or {})
+    return Message(kind=REQUEST, request_id=uuid.uuid4().hex, body={"op": op, "args": payload})
+
+
+# --------------------------------------------------------------------------- events and errors
+
+
+@dataclass
+class Progress:
+    """A step of long work: ``done`` of ``total`` ``unit`` in ``stage``."""
+
+    stage: str
+    done: float = 0
+    total: Optional[float] = None
+    unit: str = ""
+    message: str = ""
+
+
+@dataclass
+class LogRecord:
+    level: str
+    message: str
+    logger: str = "slicebridge.server"
+
+
+@dataclass
+class ErrorInfo:
+    error_type: str
+    message: str
+    traceback: str = ""
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@dataclass
+class PingArgs:
+    pass
+
+
+@dataclass
+class PingResult:
+    pid: int
+    ts: float
+    busy: bool
+    queued: int
+
+
+@dataclass
+class HelloArgs:
+    client_protocol: int = PROTOCOL_VERSION
+
+
+@dataclass
+class HelloResult:
+    """What the server tells a client about itself in the handshake."""
+
+    protocol: int
+    pid: int
+    python: str
+    executable: str
+    prefix: str
+    versions: dict  # package -> version or None: torch, transformers, slicegpt, dill, zmq, msgpack
+    module_files: dict  # package -> file it was imported from
+    sys_path: list
+    device: str  # "cuda" or "cpu": where models are computed by default
+    cuda_devices: list  # names of visible CUDA devices
+    started_at: float
+    detached: bool
+
+
+@dataclass
+class StatsArgs:
+    pass
+
+
+@dataclass
+class StatsResult:
+    pid: int
+    uptime_s: float
+    counters: dict  # requests, replies, dropped_bad_signature, dropped_replay, dropped_malformed, ...
+    busy: bool
+    queued: int
+    detached: bool
+
+
+@dataclass
+class EchoArgs:
+    """Send values (tensors included) and get them back unchanged: a transport check."""
+
+    payload: Any = None
+
+
+@dataclass
+class EchoResult:
+    payload: Any = None
+
+
+@dataclass
+class SleepArgs:
+    """Diagnostic: hold the worker for ``seconds``, emitting progress every ``step``."""
+
+    seconds: float = 1.0
+    step: float = 0.1
+
+
+@dataclass
+class SleepResult:
+    slept: float
+    cancelled: bool = False
+
+
+@dataclass
+class FailArgs:
+    """Diagnostic: raise an exception of the named kind inside the handler."""
+
+    kind: str = "RuntimeError"  # RuntimeError | MemoryError | CudaOutOfMemory | KeyboardInterrupt
+    message: str = "failure requested by the client"
+
+
+@dataclass
+class ShutdownArgs:
+    pass
+
+
+@dataclass
+class ShutdownResult:
+    pid: int
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    args: type
+    result: type
+    immediate: bool = False  # answered by the I/O thread at once, never queued
+    diagnostic: bool = False  # only served when the server runs with debug operations enabled
+
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in [
+        Operation("ping", PingArgs, PingResult, immediate=True),
+        Operation("stats", StatsArgs, StatsResult, immediate=True),
+        Operation("shutdown", ShutdownArgs, ShutdownResult, immediate=True),
+        Operation("hello", HelloArgs, HelloResult),
+        Operation("echo", EchoArgs, EchoResult),
+        Operation("sleep", SleepArgs, SleepResult, diagnostic=True),
+        Operation("fail", FailArgs, EchoResult, diagnostic=True),
+    ]
+}
+
+
+# --------------------------------------------------------------------------- typed (de)serialisation
+
+
+def from_wire(cls: type, data: Any) -> Any:
+    """Build dataclass ``cls`` from a decoded map, checking every field's type.
+
+    Raises ``TypeError`` (for a request: a BadRequest reply) naming the field at fault.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected a map, got {type(data).__name__}")
+    hints, fields = _field_types(cls)
+    names = hints.keys()
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TypeError(f"{cls.__name__}: unknown field(s) {', '.join(map(str, unknown))}")
+    values = {}
+    for f in fields:
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise TypeError(f"{cls.__name__}: missing field {f.name!r}")
+            continue
+        value = data[f.name]
+        if not _matches(value, hints[f.name]):
+            raise TypeError(
+                f"{cls.__name__}.{f.name}: expected {_type_name(hints[f.name])}, "
+                f"got {type(value).__name__}"
+            )
+        values[f.name] = value
+    return cls(**values)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> tuple[dict, tuple]:
+    """Resolved field annotations and fields of a dataclass (resolving them is slow: cache it)."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    return {f.name: hints[f.name] for f in fields}, fields
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(
+            _matches(v, typing.get_args(annotation)[0]) for v in value
+        ) if typing.get_args(annotation) else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (list, tuple):
+        return isinstance(value, list)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

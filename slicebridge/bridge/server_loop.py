@@ -1,0 +1,387 @@
+"""The server's event loop: a ROUTER socket in front of one worker thread.
+
+The I/O thread (the caller of :meth:`ServerLoop.run`) owns the ROUTER socket. It
+verifies every message, answers heartbeats and the immediate operations (``ping``,
+``stats``, ``shutdown``) at once, even while the worker is busy, queues the other
+requests in arrival order, and forwards what the worker sends back to the client that
+asked (each reply carries the routing identity of its request, so several clients
+never see each other's replies).
+
+The worker thread runs one handler at a time. A handler gets its typed arguments and a
+:class:`RequestContext` through which it streams ``progress`` and ``log`` events and
+notices cancellation. Exceptions become ``error`` replies with type, message and
+traceback; the server keeps serving. A server owned by a client exits when that
+client's process is gone; a detached one runs until ``shutdown`` or SIGTERM.
+
+This module is stdlib + pyzmq + msgpack; it runs in the slicegpt env.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from slicebridge.bridge import protocol
+from slicebridge.bridge.connection import (
+    ConnectionInfo,
+    ipc_endpoint,
+    pid_alive,
+    write_connection_file,
+)
+from slicebridge.bridge.transport import Codec, Dropped
+
+log = logging.getLogger("slicebridge.server")
+
+_OUTBOX = "inproc://slicebridge-outbox"
+_POLL_MS = 100
+_OWNER_CHECK_S = 0.5
+_PROGRESS_MIN_INTERVAL_S = 0.05
+_SHUTDOWN_GRACE_S = 10.0
+
+Handler = Callable[[Any, "RequestContext"], Any]
+
+
+class Cancelled(Exception):
+    """Raised inside a handler by :meth:`RequestContext.check_cancelled`."""
+
+
+class HandlerError(Exception):
+    """An error a handler raises on purpose: its class name and message reach the user as they are.
+
+    Subclasses name the error type the client sees (``error_type`` defaults to the class name).
+    """
+
+    error_type: str = ""
+
+
+@dataclasses.dataclass
+class ServerState:
+    info: ConnectionInfo
+    started_at: float = dataclasses.field(default_factory=time.time)
+    counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    busy: bool = False
+    queued: int = 0
+
+
+class RequestContext:
+    """What a handler may do besides returning: report progress, log, notice cancellation."""
+
+    def __init__(self, request_id: str, identity: bytes, op: str, send: Callable, state: ServerState):
+        self.request_id = request_id
+        self.identity = identity
+        self.op = op
+        self.state = state
+        self.cancelled = threading.Event()
+        self._send = send
+        self._last_progress = 0.0
+
+    def progress(self, stage: str, done: float = 0, total: float | None = None,
+                 unit: str = "", message: str = "") -> None:
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if not final and now - self._last_progress < _PROGRESS_MIN_INTERVAL_S:
+            return
+        self._last_progress = now
+        event = protocol.Progress(stage, done, total, unit, message)
+        self._send(self, protocol.PROGRESS, dataclasses.asdict(event))
+        self.check_cancelled()
+
+    def log(self, level: str, message: str, logger: str = "slicebridge.server") -> None:
+        self._send(self, protocol.LOG, dataclasses.asdict(protocol.LogRecord(level, message, logger)))
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled(f"request {self.op} was cancelled")
+
+
+class _ForwardLogs(logging.Handler):
+    """Sends records logged by slicebridge code during a request to that request's client."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.current = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ctx = getattr(self.current, "ctx", None)
+        if ctx is not None and record.name.startswith("slicebridge"):
+            try:
+                ctx.log(record.levelname, record.getMessage(), record.name)
+            except Exception:  # a log event must never break the request
+                pass
+
+
+@dataclasses.dataclass
+class _Job:
+    ctx: RequestContext
+    args: Any
+
+
+class ServerLoop:
+    """Serves requests on the endpoint described by a connection file until told to stop."""
+
+    def __init__(self, conn_path: Path, info: ConnectionInfo, handlers: dict[str, Handler]):
+        self.conn_path = Path(conn_path)
+        self.info = info
+        self.handlers = handlers
+        self.state = ServerState(info)
+        self.codec = Codec(info.key, info.max_message_bytes)
+        self.context = zmq.Context.instance()
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._jobs_cv = threading.Condition()
+        self._running: _Job | None = None
+        self._stopping = threading.Event()
+        self._forward_logs = _ForwardLogs()
+        self._socket_path: str | None = None
+        self._thread_sockets = threading.local()  # each worker thread's PUSH socket to the outbox
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def bind(self) -> None:
+        """Bind the ROUTER socket and tell clients (through the connection file) that we are ready."""
+        router = self.context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 1000)
+        router.setsockopt(zmq.MAXMSGSIZE, self.info.max_message_bytes + 65536)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.info.transport == "tcp":
+            router.bind(f"tcp://{self.info.ip}:*")
+        else:
+            endpoint = self.info.endpoint or ipc_endpoint(f"server-{os.getpid()}")
+            self._socket_path = endpoint[len("ipc://"):]
+            old_umask = os.umask(0o177)
+            try:
+                router.bind(endpoint)
+            finally:
+                os.umask(old_umask)
+            os.chmod(self._socket_path, 0o600)
+        self.router = router
+        self.info.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.info.pid = os.getpid()
+        self.info.ready = True
+        self.outbox = self.context.socket(zmq.PULL)
+        self.outbox.bind(_OUTBOX)
+        write_connection_file(self.info, self.conn_path)
+        log.info("listening on %s (pid %d, %s)", self.info.endpoint, self.info.pid,
+                 "detached" if self.info.detached else f"owned by pid {self.info.owner_pid}")
+
+    def run(self) -> None:
+        self.bind()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        logging.getLogger("slicebridge").addHandler(self._forward_logs)
+        worker = threading.Thread(target=self._work, name="slicebridge-worker", daemon=True)
+        worker.start()
+        try:
+            self._serve()
+        finally:
+            self._shut_down(worker)
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        next_owner_check = 0.0
+        while not self._stopping.is_set():
+            events = dict(poller.poll(_POLL_MS))
+            if self.outbox in events:
+                self._flush_outbox()
+            if self.router in events:
+                self._receive()
+            now = time.monotonic()
+            if self.info.owner_pid and now >= next_owner_check:
+                next_owner_check = now + _OWNER_CHECK_S
+                if not pid_alive(self.info.owner_pid, self.info.owner_start):
+                    log.info("owner pid %d is gone; exiting", self.info.owner_pid)
+                    self._stopping.set()
+
+    def _shut_down(self, worker: threading.Thread) -> None:
+        log.info("shutting down")
+        with self._jobs_cv:
+            pending, self._jobs = list(self._jobs), collections.deque()
+            if self._running is not None:
+                self._running.ctx.cancelled.set()
+            self._jobs_cv.notify_all()
+        for job in pending:
+            self._send_error(job.ctx, "RequestCancelled", "the server is shutting down")
+        worker.join(_SHUTDOWN_GRACE_S)
+        self._flush_outbox()
+        self.router.close(linger=1000)
+        self.outbox.close(linger=0)
+        if self._socket_path:
+            Path(self._socket_path).unlink(missing_ok=True)
+        try:
+            self.conn_path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        log.info("stopped")
+
+    # ------------------------------------------------------------------ receiving
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity, rest = frames[0].bytes, frames[1:]
+            try:
+                message = self.codec.unpack(rest, protocol.CLIENT_KINDS)
+            except Dropped as dropped:
+                self.state.counters[dropped.reason] += 1
+                log.warning("dropped a message: %s", dropped.reason)
+                continue
+            self.state.counters["received"] += 1
+            if message.kind == protocol.HEARTBEAT:
+                self._send_now(identity, protocol.Message(protocol.HEARTBEAT, message.request_id, {}))
+            elif message.kind == protocol.CANCEL:
+                self._cancel(message.request_id)
+            else:
+                self._accept_request(identity, message)
+
+    def _accept_request(self, identity: bytes, message: protocol.Message) -> None:
+        ctx = RequestContext(message.request_id, identity, "?", self._send_from_worker, self.state)
+        body = message.body
+        if not isinstance(body, dict) or not isinstance(body.get("op"), str):
+            return self._send_error(ctx, "BadRequest", "a request needs an 'op' name and 'args' map")
+        op_name = body["op"]
+        ctx.op = op_name
+        operation = protocol.OPERATIONS.get(op_name)
+        if operation is None or (operation.diagnostic and not self.info.debug_ops) or (
+            not operation.immediate and op_name not in self.handlers
+        ):
+            known = sorted(n for n, o in protocol.OPERATIONS.items()
+                           if (o.immediate or n in self.handlers) and (self.info.debug_ops or not o.diagnostic))
+            return self._send_error(ctx, "BadRequest",
+                                    f"unknown operation {op_name!r}; this server knows {', '.join(known)}")
+        try:
+            args = protocol.from_wire(operation.args, body.get("args", {}))
+        except TypeError as exc:
+            return self._send_error(ctx, "BadRequest", str(exc))
+        self.state.counters["requests"] += 1
+        if operation.immediate:
+            return self._answer_immediately(ctx, op_name)
+        if self._stopping.is_set():
+            return self._send_error(ctx, "RequestCancelled", "the server is shutting down")
+        with self._jobs_cv:
+            self._jobs.append(_Job(ctx, args))
+            self.state.queued = len(self._jobs)
+            self._jobs_cv.notify()
+
+    def _answer_immediately(self, ctx: RequestContext, op_name: str) -> None:
+        state = self.state
+        if op_name == "ping":
+            result = protocol.PingResult(os.getpid(), time.time(), state.busy, state.queued)
+        elif op_name == "stats":
+            result = protocol.StatsResult(os.getpid(), time.time() - state.started_at,
+                                          dict(state.counters), state.busy, state.queued,
+                                          self.info.detached)
+        else:  # shutdown
+            result = protocol.ShutdownResult(os.getpid())
+            self._stopping.set()
+        self._send_now(ctx.identity, protocol.Message(protocol.RESULT, ctx.request_id,
+                                                      dataclasses.asdict(result)))
+
+    def _cancel(self, request_id: str) -> None:
+        with self._jobs_cv:
+            for job in list(self._jobs):
+                if job.ctx.request_id == request_id:
+                    self._jobs.remove(job)
+                    self.state.queued = len(self._jobs)
+                    self._send_error(job.ctx, "RequestCancelled", "cancelled before it started")
+                    return
+            if self._running is not None and self._running.ctx.request_id == request_id:
+                self._running.ctx.cancelled.set()
+                log.info("cancelling %s", self._running.ctx.op)
+
+    # ------------------------------------------------------------------ sending
+
+    def _send_now(self, identity: bytes, message: protocol.Message) -> None:
+        """Send from the I/O thread."""
+        self.router.send_multipart([identity, *self.codec.pack(message)], copy=False)
+        self.state.counters["sent"] += 1
+
+    def _flush_outbox(self) -> None:
+        while True:
+            try:
+                frames = self.outbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.router.send_multipart(frames, copy=False)
+            self.state.counters["sent"] += 1
+
+    def _send_from_worker(self, ctx: RequestContext, kind: str, body: Any) -> None:
+        """Send from the worker thread, through the inproc outbox to the I/O thread."""
+        frames = self.codec.pack(protocol.Message(kind, ctx.request_id, body))
+        sock = getattr(self._thread_sockets, "push", None)
+        if sock is None:
+            sock = self.context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 5000)
+            sock.connect(_OUTBOX)
+            self._thread_sockets.push = sock
+        sock.send_multipart([ctx.identity, *frames], copy=False)
+
+    def _send_error(self, ctx: RequestContext, error_type: str, message: str, tb: str = "") -> None:
+        body = dataclasses.asdict(protocol.ErrorInfo(error_type, message, tb))
+        self.state.counters["errors"] += 1
+        if threading.current_thread() is threading.main_thread():
+            self._send_now(ctx.identity, protocol.Message(protocol.ERROR, ctx.request_id, body))
+        else:
+            self._send_from_worker(ctx, protocol.ERROR, body)
+
+    # ------------------------------------------------------------------ the worker
+
+    def _work(self) -> None:
+        while True:
+            with self._jobs_cv:
+                while not self._jobs and not self._stopping.is_set():
+                    self._jobs_cv.wait(0.5)
+                if self._stopping.is_set() and not self._jobs:
+                    return
+                job = self._jobs.popleft()
+                self._running = job
+                self.state.queued = len(self._jobs)
+                self.state.busy = True
+            try:
+                self._run_job(job)
+            finally:
+                with self._jobs_cv:
+                    self._running = None
+                    self.state.busy = False
+
+    def _run_job(self, job: _Job) -> None:
+        ctx = job.ctx
+        handler = self.handlers[ctx.op]
+        self._forward_logs.current.ctx = ctx
+        started = time.perf_counter()
+        try:
+            result = handler(job.args, ctx)
+        except Cancelled as exc:
+            self._send_error(ctx, "RequestCancelled", str(exc))
+        except MemoryError:
+            self._send_error(ctx, "OutOfMemory",
+                             f"the server ran out of memory serving {ctx.op}; it freed what it could "
+                             "and keeps serving", traceback.format_exc())
+        except Exception as exc:  # every failure becomes an error reply; the server lives on
+            error_type = getattr(exc, "error_type", "") or type(exc).__name__
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+                error_type = "OutOfMemory"
+            log.debug("%s failed: %s", ctx.op, exc)
+            self._send_error(ctx, error_type, str(exc), traceback.format_exc())
+        except KeyboardInterrupt:
+            self._send_error(ctx, "RequestCancelled", "interrupted")
+        else:
+            body = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+            self._send_from_worker(ctx, protocol.RESULT, body)
+            self.state.counters["completed"] += 1
+            log.debug("%s done in %.3fs", ctx.op, time.perf_counter() - started)
+        finally:
+            self._forward_logs.current.ctx = None

@@ -1,0 +1,182 @@
+"""``Bridge``: a connection from the base env to a slicebridge server in another env.
+
+    with Bridge(env="slicegpt") as bridge:
+        bridge.hello().versions["transformers"]   # '4.41.0': the slicegpt env's own
+
+On entry it attaches to the detached server of that env if one is running (see
+``slicebridge server start``), and otherwise starts a server that it owns and that
+exits with it. A connection file can be named instead of an env to attach to any
+running server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from slicebridge.bridge import protocol
+from slicebridge.bridge.channel import Channel, EventCallback
+from slicebridge.bridge.envs import PythonEnv, find_env
+from slicebridge.bridge.errors import ProtocolError, SlicebridgeError
+from slicebridge.bridge.launcher import ServerProcess, attach, find_detached, start_server
+from slicebridge.bridge.protocol import TensorFrame
+
+log = logging.getLogger("slicebridge.client")
+
+DEFAULT_ENV = "slicegpt"
+_SHUTDOWN_WAIT_S = 10.0
+
+
+def default_env() -> str:
+    return os.environ.get("SLICEBRIDGE_ENV", DEFAULT_ENV)
+
+
+class Bridge:
+    """A client of one slicebridge server.
+
+    Args:
+        env: conda env name, env prefix or python executable of the slicegpt env.
+        connection_file: attach to the server behind this file instead (``env`` is then ignored).
+        attach: use the env's detached server when one is running (default True).
+        transport: ``"ipc"`` (default) or ``"tcp"`` (loopback) for a server this bridge starts.
+        heartbeat_timeout: seconds of silence after which the server is declared dead.
+        ready_timeout: seconds to wait for a new server to listen.
+        max_message_bytes: largest message either side accepts (a new server only).
+        debug_ops: serve the diagnostic operations (``sleep``, ``fail``); default from
+            ``SLICEBRIDGE_DEBUG_OPS=1``.
+    """
+
+    def __init__(self, env: str | os.PathLike | None = None, *, connection_file: str | os.PathLike | None = None,
+                 attach: bool = True, transport: str = "ipc", heartbeat_timeout: float = 10.0,
+                 ready_timeout: float = 120.0, max_message_bytes: int | None = None,
+                 debug_ops: bool | None = None):
+        self.env_spec = os.fspath(env) if env is not None else default_env()
+        self.connection_file = Path(connection_file) if connection_file else None
+        self.attach_detached = attach
+        self.transport = transport
+        self.heartbeat_timeout = heartbeat_timeout
+        self.ready_timeout = ready_timeout
+        self.max_message_bytes = max_message_bytes
+        self.debug_ops = debug_ops
+        self.env: PythonEnv | None = None
+        self.server: ServerProcess | None = None
+        self.channel: Channel | None = None
+        self.server_hello: protocol.HelloResult | None = None
+
+    # ------------------------------------------------------------------ lifetime
+
+    def __enter__(self) -> "Bridge":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def owns_server(self) -> bool:
+        return self.server is not None and self.server.owned
+
+    def start(self) -> "Bridge":
+        """Attach to or start the server and do the handshake (idempotent)."""
+        if self.channel is not None:
+            return self
+        if self.connection_file is not None:
+            self.server = attach(self.connection_file)
+        else:
+            self.env = find_env(self.env_spec)
+            self.server = find_detached(self.env) if self.attach_detached else None
+            if self.server is None:
+                self.server = start_server(self.env, transport=self.transport,
+                                           max_message_bytes=self.max_message_bytes,
+                                           debug_ops=self.debug_ops, ready_timeout=self.ready_timeout)
+        self.channel = Channel(self.server, heartbeat_timeout=self.heartbeat_timeout)
+        try:
+            self.server_hello = self.hello()
+        except BaseException:
+            self.close()
+            raise
+        if self.server_hello.protocol != protocol.PROTOCOL_VERSION:
+            self.close()
+            raise ProtocolError(
+                f"the server speaks protocol {self.server_hello.protocol}, this client "
+                f"{protocol.PROTOCOL_VERSION}; stop it (slicebridge server stop) and start it again"
+            )
+        return self
+
+    def close(self) -> None:
+        """Disconnect; a server this bridge owns is shut down (killed if it does not stop)."""
+        server, channel = self.server, self.channel
+        self.channel = None
+        if channel is not None and server is not None and server.owned and server.alive():
+            try:
+                channel.request("shutdown", protocol.ShutdownArgs(), timeout=_SHUTDOWN_WAIT_S)
+            except SlicebridgeError:
+                pass
+        if channel is not None:
+            channel.close()
+        if server is not None and server.owned:
+            if not server.wait_exit(_SHUTDOWN_WAIT_S):
+                log.warning("server pid %d did not stop; killing it", server.pid)
+                server.kill()
+            server.wait_exit(_SHUTDOWN_WAIT_S)
+            server.conn_path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ requests
+
+    def request(self, op: str, args: Any = None, on_event: EventCallback | None = None,
+                timeout: float | None = None) -> Any:
+        """Send one request and return its result as the operation's result dataclass."""
+        if self.channel is None:
+            self.start()
+        body = self.channel.request(op, args, on_event=on_event, timeout=timeout)
+        operation = protocol.OPERATIONS.get(op)
+        result = protocol.from_wire(operation.result, body) if operation else body
+        return _tensors_to_torch(result)
+
+    def ping(self) -> float:
+        """Round-trip time of one ``ping`` in seconds."""
+        started = time.perf_counter()
+        self.request("ping", protocol.PingArgs())
+        return time.perf_counter() - started
+
+    def hello(self) -> protocol.HelloResult:
+        return self.request("hello", protocol.HelloArgs())
+
+    def stats(self) -> protocol.StatsResult:
+        return self.request("stats", protocol.StatsArgs())
+
+    def echo(self, payload: Any) -> Any:
+        """Send ``payload`` (tensors included) through the server and return what comes back."""
+        return self.request("echo", protocol.EchoArgs(payload=payload)).payload
+
+    def shutdown(self) -> None:
+        """Stop the server, even a detached one, and close this bridge."""
+        if self.channel is None:
+            self.start()
+        self.channel.request("shutdown", protocol.ShutdownArgs(), timeout=_SHUTDOWN_WAIT_S)
+        server = self.server
+        self.server = None
+        self.channel.close()
+        self.channel = None
+        if server is not None:
+            server.wait_exit(_SHUTDOWN_WAIT_S)
+
+
+def _tensors_to_torch(value: Any) -> Any:
+    """Turn received tensor frames into torch tensors (numpy arrays when torch is missing)."""
+    if isinstance(value, TensorFrame):
+        try:
+            return value.to_torch()
+        except ImportError:
+            return value.to_numpy()
+    if isinstance(value, dict):
+        return {k: _tensors_to_torch(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tensors_to_torch(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            setattr(value, name, _tensors_to_torch(getattr(value, name)))
+    return value

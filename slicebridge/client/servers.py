@@ -1,0 +1,129 @@
+"""Managing detached servers: start one per env, list them with their health, stop them.
+
+A detached server outlives the command that started it; any number of clients attach
+to it through its connection file in the runtime dir. ``Bridge(env=...)`` uses it
+automatically when one is running for that env.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slicebridge.bridge import protocol
+from slicebridge.bridge.channel import Channel
+from slicebridge.bridge.connection import detached_connection_path, pid_alive, read_connection_file
+from slicebridge.bridge.envs import find_env
+from slicebridge.bridge.errors import ConnectionFileError, ServerNotRunning, SlicebridgeError
+from slicebridge.bridge.launcher import ServerProcess, attach, find_detached, list_detached, start_server
+
+log = logging.getLogger("slicebridge.servers")
+
+_STATUS_TIMEOUT_S = 5.0
+_STOP_WAIT_S = 15.0
+
+
+@dataclass
+class ServerStatus:
+    connection_file: str
+    state: str  # "running", "unresponsive" or "stale" (process gone; file removed)
+    pid: int = 0
+    env: str = ""
+    python: str = ""
+    endpoint: str = ""
+    log_path: str = ""
+    uptime_s: float | None = None
+    busy: bool | None = None
+    queued: int | None = None
+    counters: dict = field(default_factory=dict)
+
+
+def start_detached(env: str, transport: str = "ipc", debug_ops: bool | None = None,
+                   max_message_bytes: int | None = None) -> tuple[ServerProcess, bool]:
+    """Start the detached server for ``env``; returns (server, started) — started is False if one was running."""
+    python_env = find_env(env)
+    running = find_detached(python_env)
+    if running is not None and _ping(running) is not None:
+        return running, False
+    server = start_server(python_env, detached=True, transport=transport, debug_ops=debug_ops,
+                          max_message_bytes=max_message_bytes)
+    return server, True
+
+
+def _ping(server: ServerProcess, timeout: float = _STATUS_TIMEOUT_S) -> protocol.StatsResult | None:
+    channel = Channel(server, heartbeat_timeout=timeout)
+    try:
+        body = channel.request("stats", protocol.StatsArgs(), timeout=timeout)
+        return protocol.from_wire(protocol.StatsResult, body)
+    except SlicebridgeError:
+        return None
+    finally:
+        channel.close()
+
+
+def status(env: str | None = None) -> list[ServerStatus]:
+    """The detached servers (of ``env``, or all), removing files of servers that are gone."""
+    paths = list_detached()
+    if env is not None:
+        wanted = detached_connection_path(find_env(env).python)
+        paths = [p for p in paths if p == wanted]
+    found = []
+    for path in paths:
+        try:
+            info = read_connection_file(path)
+        except ConnectionFileError as exc:
+            log.warning("%s", exc)
+            continue
+        item = ServerStatus(str(path), "stale", info.pid, info.env, info.python, info.endpoint, info.log_path)
+        if not info.ready or not pid_alive(info.pid):
+            path.unlink(missing_ok=True)
+            found.append(item)
+            continue
+        stats = _ping(ServerProcess(path, info))
+        if stats is None:
+            item.state = "unresponsive"
+        else:
+            item.state = "running"
+            item.uptime_s, item.busy, item.queued = stats.uptime_s, stats.busy, stats.queued
+            item.counters = stats.counters
+        found.append(item)
+    return found
+
+
+def stop(env: str | None = None, connection_file: str | None = None) -> ServerStatus:
+    """Stop a detached server: ask it to shut down, then SIGTERM, then SIGKILL."""
+    if connection_file is not None:
+        path = Path(connection_file)
+    else:
+        path = detached_connection_path(find_env(env).python)
+    server = attach(path, quiet=True)
+    if server is None:
+        path.unlink(missing_ok=True)
+        raise ServerNotRunning(f"no slicebridge server is running for {env or connection_file!r}")
+    item = ServerStatus(str(path), "stopped", server.pid, server.info.env, server.info.python,
+                        server.info.endpoint, server.info.log_path)
+    channel = Channel(server, heartbeat_timeout=_STATUS_TIMEOUT_S)
+    try:
+        channel.request("shutdown", protocol.ShutdownArgs(), timeout=_STATUS_TIMEOUT_S)
+    except SlicebridgeError as exc:
+        log.warning("shutdown request failed (%s); sending SIGTERM", exc)
+        _signal(server.pid, signal.SIGTERM)
+    finally:
+        channel.close()
+    if not server.wait_exit(_STOP_WAIT_S):
+        log.warning("server pid %d ignored shutdown; killing it", server.pid)
+        _signal(server.pid, signal.SIGKILL)
+        server.wait_exit(_STOP_WAIT_S)
+    path.unlink(missing_ok=True)
+    return item
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+

@@ -1,0 +1,80 @@
+"""Request handlers of the server: one function per operation in ``bridge.protocol``.
+
+Each handler takes the operation's typed arguments and a ``RequestContext`` and
+returns the operation's result dataclass. ``ping``, ``stats`` and ``shutdown`` are
+answered by the event loop itself and have no handler here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from slicebridge.bridge import protocol
+from slicebridge.bridge.protocol import TensorFrame
+from slicebridge.bridge.server_loop import RequestContext
+from slicebridge.server import runtime_info
+
+
+def hello(args: protocol.HelloArgs, ctx: RequestContext) -> protocol.HelloResult:
+    versions, files = runtime_info.package_versions()
+    devices = runtime_info.cuda_devices() if versions.get("torch") else []
+    facts = runtime_info.python_facts()
+    return protocol.HelloResult(
+        protocol=protocol.PROTOCOL_VERSION,
+        pid=os.getpid(),
+        python=facts["python"],
+        executable=facts["executable"],
+        prefix=facts["prefix"],
+        versions=versions,
+        module_files=files,
+        sys_path=facts["sys_path"],
+        device="cuda" if devices else "cpu",
+        cuda_devices=devices,
+        started_at=ctx.state.started_at,
+        detached=ctx.state.info.detached,
+    )
+
+
+def echo(args: protocol.EchoArgs, ctx: RequestContext) -> protocol.EchoResult:
+    """Return the payload; tensors go through torch and back, to prove the frames are bit-exact."""
+    return protocol.EchoResult(payload=_through_torch(args.payload))
+
+
+def _through_torch(value):
+    if isinstance(value, TensorFrame):
+        return value.to_torch()
+    if isinstance(value, dict):
+        return {k: _through_torch(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_through_torch(v) for v in value]
+    return value
+
+
+def sleep(args: protocol.SleepArgs, ctx: RequestContext) -> protocol.SleepResult:
+    started = time.monotonic()
+    step = max(0.01, args.step)
+    while (elapsed := time.monotonic() - started) < args.seconds:
+        ctx.progress("sleeping", round(elapsed, 3), args.seconds, "s")
+        time.sleep(min(step, args.seconds - elapsed))
+    ctx.progress("sleeping", args.seconds, args.seconds, "s")
+    return protocol.SleepResult(slept=time.monotonic() - started)
+
+
+class OutOfMemoryError(RuntimeError):
+    """Stands in for torch.cuda.OutOfMemoryError, which needs a GPU to happen for real."""
+
+
+def fail(args: protocol.FailArgs, ctx: RequestContext):
+    kinds = {
+        "RuntimeError": RuntimeError,
+        "MemoryError": MemoryError,
+        "CudaOutOfMemory": OutOfMemoryError,
+        "KeyboardInterrupt": KeyboardInterrupt,
+        "ValueError": ValueError,
+    }
+    raise kinds.get(args.kind, RuntimeError)(args.message)
+
+
+def build_handlers() -> dict:
+    return {"hello": hello, "echo": echo, "sleep": sleep, "fail": fail}

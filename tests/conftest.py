@@ -1,0 +1,62 @@
+"""Shared fixtures: the stand-in slicegpt env, a private runtime dir, servers, the CLI.
+
+Tests start real servers in the second interpreter (``make test`` builds it at
+``.envs/slicegpt``; ``SLICEBRIDGE_TEST_SLICEGPT_ENV`` points elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = REPO.parent / "shared" / "fixtures" / "slicegpt-llama-tiny"
+
+
+def slicegpt_env_path() -> Path:
+    return Path(os.environ.get("SLICEBRIDGE_TEST_SLICEGPT_ENV", REPO / ".envs" / "slicegpt"))
+
+
+@pytest.fixture(scope="session")
+def slicegpt_env() -> Path:
+    path = slicegpt_env_path()
+    if not (path / "bin" / "python").exists():
+        pytest.fail(f"the stand-in slicegpt env is missing at {path}: run `make test`, which builds it")
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_runtime_dir():
+    """Every test session gets its own runtime dir (short, for ipc socket paths)."""
+    path = tempfile.mkdtemp(prefix="sbt-", dir="/tmp")
+    os.environ["SLICEBRIDGE_RUNTIME_DIR"] = path
+    os.environ["SLICEBRIDGE_DEBUG_OPS"] = "1"
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bridge(slicegpt_env):
+    """An owned server in the stand-in env, shared by the tests of one module."""
+    from slicebridge import Bridge
+
+    with Bridge(env=str(slicegpt_env), attach=False, debug_ops=True) as b:
+        yield b
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``slicebridge ARGS`` in a fresh process of the base env."""
+    return subprocess.run([sys.executable, "-m", "slicebridge.client.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_python(code: str, *args: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:
+    """Run a snippet in a fresh process of the base env."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
