@@ -1,0 +1,56 @@
+"""The portable sliced model: torch + transformers only, runs in the base env and the slicegpt env.
+
+- ``configuration_sliced_llama`` / ``modeling_sliced_llama``: ``SlicedLlamaConfig`` and
+  ``SlicedLlamaForCausalLM``, a transformers causal LM for SliceGPT-sliced Llamas (works with
+  transformers 4.41 and 5.x; copied verbatim into exported directories as remote code);
+  ``build_sliced_llama`` builds it from a state dict without random init.
+- ``checkpoint``: ``read_checkpoint`` finds, loads and validates what run_slicegpt wrote.
+- ``errors``: the ``CheckpointError`` family the reader raises.
+
+Names are imported on first use, so ``import slicebridge.model`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SlicedLlamaConfig": "configuration_sliced_llama",
+    "SlicedLlamaModel": "modeling_sliced_llama",
+    "SlicedLlamaForCausalLM": "modeling_sliced_llama",
+    "SlicedLlamaPreTrainedModel": "modeling_sliced_llama",
+    "SlicedParameterCount": "modeling_sliced_llama",
+    "build_sliced_llama": "modeling_sliced_llama",
+    "count_sliced_parameters": "modeling_sliced_llama",
+    "dense_llama_parameter_count": "modeling_sliced_llama",
+    "SliceGPTCheckpoint": "checkpoint",
+    "SlicedWidths": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "sliced_width": "checkpoint",
+    "CheckpointError": "errors",
+    "CheckpointNotFound": "errors",
+    "AmbiguousCheckpoint": "errors",
+    "NotASliceGPTCheckpoint": "errors",
+    "TruncatedCheckpoint": "errors",
+    "BaseConfigMissing": "errors",
+    "BaseConfigMismatch": "errors",
+    "SlicingConfigMismatch": "errors",
+    "SparsityMismatch": "errors",
+    "UnsupportedArchitecture": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'slicebridge.model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module_name}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

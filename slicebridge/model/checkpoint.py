@@ -1,0 +1,684 @@
+"""Reader for SliceGPT checkpoints: find, load and validate what ``run_slicegpt --save-dir`` wrote.
+
+A SliceGPT run for a local model writes, into its save directory:
+
+- ``{model_stem}_{sparsity}.pt``: the state dict after layer-norm fusion, rotation and slicing
+  (``torch.save(model.state_dict())``), where ``sparsity`` is the ``--sparsity`` value as Python
+  prints it (``0.25``, ``0.2``);
+- ``{model_stem}_{sparsity}.json``: the SlicingConfig (per-layer widths);
+- the base model's ``config.json`` (and tokenizer files).
+
+``read_checkpoint`` accepts that directory, or a bare ``.pt`` plus the base model directory,
+and returns a ``SliceGPTCheckpoint`` describing it. Widths come from the SlicingConfig when
+present, else from the tensor shapes; they are checked against the tensors, the base config,
+and the sparsity / round_interval (SliceGPT slices to ``int((1 - sparsity) * hidden)`` rounded
+down to a multiple of ``round_interval``). Problems raise the ``errors`` module's exceptions,
+worded for the user. Needs torch (imported lazily), not slicegpt nor transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    SUPPORTED_ARCHITECTURES,
+    SUPPORTED_MODEL_TYPES,
+    AmbiguousCheckpoint,
+    BaseConfigMismatch,
+    BaseConfigMissing,
+    CheckpointNotFound,
+    NotASliceGPTCheckpoint,
+    SlicingConfigMismatch,
+    SparsityMismatch,
+    TruncatedCheckpoint,
+    UnsupportedArchitecture,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .configuration_sliced_llama import SlicedLlamaConfig
+    from .modeling_sliced_llama import SlicedLlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# run_slicegpt.py's --round-interval default.
+DEFAULT_ROUND_INTERVAL = 8
+# Intervals tried, in this order, when explaining a width nobody gave an interval for.
+_CANDIDATE_ROUND_INTERVALS = (8, 1, 16, 32, 64, 128, 2, 4)
+
+_CHECKPOINT_NAME = re.compile(r"^(?P<stem>.+)_(?P<sparsity>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\.pt$")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+_LAYER_TENSORS = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "attn_shortcut_Q",
+    "mlp_shortcut_Q",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# What a checkpoint is
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlicedWidths:
+    """Per-layer widths of a sliced Llama, named as in SliceGPT's SlicingConfig."""
+
+    embedding: int
+    attention_input: tuple[int, ...]
+    attention_output: tuple[int, ...]
+    mlp_input: tuple[int, ...]
+    mlp_output: tuple[int, ...]
+    lm_head: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention_input)
+
+    def constant_width(self) -> int | None:
+        """The single sliced width of a constant-sparsity run (what run_slicegpt does), else None.
+
+        The last layer's MLP output feeds the head and is exempt: it is the head width.
+        """
+        widths = {self.embedding, *self.attention_input, *self.attention_output, *self.mlp_input, *self.mlp_output[:-1]}
+        if len(widths) == 1 and self.mlp_output[-1] == self.lm_head:
+            return widths.pop()
+        return None
+
+    def as_slicing_config(self, hidden_size: int) -> dict[str, Any]:
+        """The SlicingConfig dict (as its ``.json`` holds it) that these widths correspond to."""
+
+        def by_layer(values: tuple[int, ...]) -> dict[str, int]:
+            return {str(idx): width for idx, width in enumerate(values)}
+
+        return {
+            "hidden_size": hidden_size,
+            "layers_num": self.num_layers,
+            "do_slice_head": self.lm_head != hidden_size,
+            "parallel_blocks": False,
+            "embedding_dimensions": {"0": self.embedding},
+            "attention_input_dimensions": by_layer(self.attention_input),
+            "attention_output_dimensions": by_layer(self.attention_output),
+            "mlp_input_dimensions": by_layer(self.mlp_input),
+            "mlp_output_dimensions": by_layer(self.mlp_output),
+            "head_dimension": self.lm_head,
+            "const_dimension": None,
+        }
+
+
+@dataclass(frozen=True)
+class SliceGPTCheckpoint:
+    """A located and validated SliceGPT checkpoint (paths and facts, no tensors).
+
+    ``round_interval`` is the one the caller gave, else run_slicegpt's default (8) when that
+    reproduces the widths, else None. ``sparsity`` is the caller's, else the file name's.
+    """
+
+    checkpoint_path: Path
+    base_dir: Path
+    slicing_config_path: Path | None
+    model_stem: str
+    sparsity: float | None
+    round_interval: int | None
+    widths: SlicedWidths
+    base_config: dict[str, Any] = field(repr=False, compare=False)
+    slicing_config: dict[str, Any] | None = field(repr=False, compare=False)
+    dtype: str
+    parameter_count: int
+    shortcut_parameter_count: int
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.base_config["hidden_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return self.widths.num_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description (paths as strings, widths as lists)."""
+        described = asdict(self)
+        for key in ("checkpoint_path", "base_dir", "slicing_config_path"):
+            described[key] = str(described[key]) if described[key] is not None else None
+        described["widths"] = {
+            name: list(value) if isinstance(value, tuple) else value for name, value in described["widths"].items()
+        }
+        return described
+
+    def dense_parameter_count(self) -> int:
+        """Parameters of the dense base model (from its config)."""
+        from .modeling_sliced_llama import dense_llama_parameter_count
+
+        return dense_llama_parameter_count(self.base_config)
+
+    def actual_ratio(self) -> float:
+        """Fraction of the dense parameters removed: ``1 - sliced / dense`` (shortcut Qs count as kept)."""
+        return 1.0 - self.parameter_count / self.dense_parameter_count()
+
+    def load_tensors(self) -> dict[str, "torch.Tensor"]:
+        """The state dict, memory-mapped (cheap: tensors are read when touched)."""
+        return _unwrap_state_dict(load_checkpoint_file(self.checkpoint_path), self.checkpoint_path)
+
+    def sliced_config(self) -> "SlicedLlamaConfig":
+        """The ``SlicedLlamaConfig`` for this checkpoint (imports transformers)."""
+        from .configuration_sliced_llama import SlicedLlamaConfig
+
+        return SlicedLlamaConfig.from_base_and_slicing(
+            self.base_config,
+            self.widths.as_slicing_config(self.hidden_size),
+            sparsity=self.sparsity,
+            round_interval=self.round_interval,
+        )
+
+    def build_model(self, dtype: "torch.dtype | None" = None) -> "SlicedLlamaForCausalLM":
+        """The portable model with this checkpoint's weights (imports transformers)."""
+        from .modeling_sliced_llama import build_sliced_llama
+
+        return build_sliced_llama(self.load_tensors(), self.sliced_config(), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# SliceGPT's width arithmetic
+# --------------------------------------------------------------------------------------------
+
+
+def sliced_width(hidden_size: int, sparsity: float, round_interval: int) -> int:
+    """The width run_slicegpt slices to: ``int((1 - sparsity) * hidden)`` rounded down to ``round_interval``."""
+    width = int((1 - sparsity) * hidden_size)
+    return width - width % round_interval
+
+
+def sparsity_range(width: int, hidden_size: int, round_interval: int) -> tuple[float, float]:
+    """The half-open range (low, high] of sparsities that slice ``hidden_size`` to ``width``."""
+    return 1 - (width + round_interval) / hidden_size, 1 - width / hidden_size
+
+
+def _roundest_sparsity(width: int, hidden_size: int, round_interval: int) -> float | None:
+    """The sparsity with the fewest decimals (up to 3) that gives ``width``, nearest the exact ratio."""
+    if width % round_interval:
+        return None
+    exact = 1 - width / hidden_size
+    for decimals in (1, 2, 3):
+        scale = 10**decimals
+        matches = [k / scale for k in range(scale) if sliced_width(hidden_size, k / scale, round_interval) == width]
+        if matches:
+            return round(min(matches, key=lambda value: abs(value - exact)), decimals)
+    return None
+
+
+def explain_width(width: int, hidden_size: int, round_interval: int | None = None) -> str:
+    """Say in words which sparsity / round_interval give ``width`` from ``hidden_size``."""
+    intervals = (round_interval,) if round_interval else _CANDIDATE_ROUND_INTERVALS
+    for interval in intervals:
+        sparsity = _roundest_sparsity(width, hidden_size, interval)
+        if sparsity is not None:
+            low, high = sparsity_range(width, hidden_size, interval)
+            return (
+                f"that is sparsity {sparsity:g} with round_interval {interval} (hidden {hidden_size}; "
+                f"any sparsity in ({max(low, 0):.4g}, {high:.4g}] gives {width} with that interval)"
+            )
+    if round_interval and width % round_interval:
+        divisors = [r for r in _CANDIDATE_ROUND_INTERVALS if width % r == 0]
+        return f"{width} is not a multiple of round_interval {round_interval} (it is of {max(divisors)})"
+    return f"that is {1 - width / hidden_size:.4g} of hidden {hidden_size} sliced away"
+
+
+# --------------------------------------------------------------------------------------------
+# Locating the files
+# --------------------------------------------------------------------------------------------
+
+
+def parse_checkpoint_name(path: Path) -> tuple[str, float | None]:
+    """``Meta-Llama-3-8B_0.25.pt`` -> ("Meta-Llama-3-8B", 0.25); a name without ``_{sparsity}`` gives (stem, None)."""
+    match = _CHECKPOINT_NAME.match(path.name)
+    if not match:
+        return path.stem, None
+    return match["stem"], float(match["sparsity"])
+
+
+def _same_sparsity(first: float, second: float) -> bool:
+    return math.isclose(first, second, rel_tol=0, abs_tol=1e-9)
+
+
+def _choose_checkpoint_in_dir(directory: Path, sparsity: float | None) -> Path:
+    candidates = sorted(p for p in directory.glob("*.pt") if p.is_file())
+    if not candidates:
+        raise CheckpointNotFound(
+            f"{directory} holds no .pt file; pass the directory given to run_slicegpt --save-dir "
+            "(it holds {model}_{sparsity}.pt) or the .pt file itself"
+        )
+    if sparsity is not None:
+        matching = [
+            p for p in candidates if (s := parse_checkpoint_name(p)[1]) is not None and _same_sparsity(s, sparsity)
+        ]
+        if len(matching) == 1:
+            return matching[0]
+        found = ", ".join(p.name for p in candidates)
+        if not matching:
+            raise SparsityMismatch(
+                f"{directory} has no checkpoint for sparsity {sparsity:g}; it holds: {found}. "
+                "Pass the sparsity that run_slicegpt was given (it is in the file name)."
+            )
+        candidates = matching
+    if len(candidates) > 1:
+        raise AmbiguousCheckpoint(
+            f"{directory} holds several checkpoints ({', '.join(p.name for p in candidates)}); "
+            "pass the .pt file itself, or the sparsity to pick one"
+        )
+    return candidates[0]
+
+
+def _read_base_config(base_dir: Path, checkpoint_path: Path) -> dict[str, Any]:
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise BaseConfigMissing(
+            f"no config.json in {base_dir}; pass the base model directory (the --model-path given to "
+            f"run_slicegpt, holding the dense model's config.json) for {checkpoint_path.name}"
+        )
+    try:
+        base_config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BaseConfigMissing(
+            f"{config_path} cannot be read as JSON ({error}); point base_dir at the dense model"
+        ) from None
+    if not isinstance(base_config, dict):
+        raise BaseConfigMissing(f"{config_path} is not a model config (a JSON object was expected)")
+    _check_architecture(base_config, config_path)
+    missing = [
+        key
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+        if key not in base_config
+    ]
+    if missing:
+        raise BaseConfigMismatch(f"{config_path} lacks {', '.join(missing)}; it is not a complete Llama config")
+    return base_config
+
+
+def _check_architecture(base_config: Mapping[str, Any], config_path: Path) -> None:
+    model_type = base_config.get("model_type")
+    architectures = base_config.get("architectures") or []
+    described = " / ".join(architectures) or "model"
+    described += f" (model_type {model_type!r})" if model_type is not None else ""
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitecture(described, str(config_path))
+    if architectures and not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+        raise UnsupportedArchitecture(described, str(config_path))
+    if model_type is None and not architectures:
+        raise UnsupportedArchitecture("model of unstated type (no model_type nor architectures)", str(config_path))
+
+
+def _read_slicing_config(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        slicing_config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SlicingConfigMismatch(
+            f"{path} is not a readable SlicingConfig ({error}); remove it to infer widths from the tensors"
+        ) from None
+    if not isinstance(slicing_config, dict) or "attention_input_dimensions" not in slicing_config:
+        logger.info("%s is not a SlicingConfig; widths will be read from the tensors", path)
+        return None
+    return slicing_config
+
+
+# --------------------------------------------------------------------------------------------
+# Loading the tensors
+# --------------------------------------------------------------------------------------------
+
+
+def load_checkpoint_file(path: Path) -> Any:
+    """``torch.load`` the file safely (weights_only, memory-mapped when possible), mapping failures to errors."""
+    import torch
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except FileNotFoundError:
+        raise CheckpointNotFound(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointNotFound(f"{path} is a directory, not a .pt file") from None
+    except OSError as error:
+        raise CheckpointNotFound(f"{path} cannot be read ({error.strerror or error})") from None
+    if size == 0:
+        raise TruncatedCheckpoint(f"{path} is empty (0 bytes); copy or download it again")
+
+    is_zip_archive = magic == b"PK\x03\x04"  # torch.save's format since torch 1.6
+    is_legacy_pickle = magic[:1] == b"\x80"  # older torch.save: a bare pickle stream
+    if not (is_zip_archive or is_legacy_pickle):
+        raise NotASliceGPTCheckpoint(
+            f"{path} is not a file written by torch.save (it starts with {magic!r}); pass the .pt that "
+            "run_slicegpt --save-dir writes"
+        )
+    if is_zip_archive and not zipfile.is_zipfile(path):
+        raise TruncatedCheckpoint(
+            f"{path} is cut short ({size:,} bytes): it is a torch.save archive whose index (at the end of "
+            "the file) is missing, as after an interrupted copy or download. Copy it again from the machine "
+            "that ran SliceGPT."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_archive)
+    except pickle.UnpicklingError:
+        raise NotASliceGPTCheckpoint(
+            f"{path} holds pickled Python objects (for example a whole model saved with torch.save(model) or "
+            "dill), not a plain state dict, and is not unpickled here since that would run code from the file. "
+            "Use the {model}_{sparsity}.pt that run_slicegpt --save-dir writes."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TruncatedCheckpoint(f"{path} is a damaged torch.save file ({reason}); copy it again") from None
+
+
+def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    if isinstance(loaded, Mapping):
+        for wrapper_key in ("state_dict", "model"):
+            inner = loaded.get(wrapper_key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                loaded = inner
+                break
+    if not isinstance(loaded, Mapping) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise NotASliceGPTCheckpoint(
+            f"{path} does not hold a state dict (a mapping of names to tensors) but {type(loaded).__name__}; "
+            "pass the .pt that run_slicegpt --save-dir writes"
+        )
+    return dict(loaded)
+
+
+def _layer_count(tensors: Mapping[str, Any]) -> int:
+    indices = {int(match[1]) for key in tensors if (match := _LAYER_INDEX.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def _check_is_sliced_llama(tensors: Mapping[str, "torch.Tensor"], path: Path) -> int:
+    """Check the keys look like SliceGPT's Llama output; return the layer count."""
+    num_layers = _layer_count(tensors)
+    has_shortcuts = any(key.endswith("_shortcut_Q") for key in tensors)
+    if "model.embed_tokens.weight" not in tensors or num_layers == 0:
+        sample = ", ".join(list(tensors)[:3])
+        raise NotASliceGPTCheckpoint(
+            f"{path} is a state dict but not of a Llama (no model.embed_tokens.weight / model.layers.N.*; "
+            f"its first keys are {sample}); pass the .pt that run_slicegpt --save-dir writes for a Llama model"
+        )
+    if not has_shortcuts:
+        dense_hint = (
+            " It still has RMSNorm weights (input_layernorm.weight): it is a plain, unsliced Llama."
+            if any(key.endswith("input_layernorm.weight") for key in tensors)
+            else ""
+        )
+        raise NotASliceGPTCheckpoint(
+            f"{path} is a Llama state dict without SliceGPT's shortcut matrices "
+            f"(model.layers.N.attn_shortcut_Q / mlp_shortcut_Q).{dense_hint} Pass the sliced model's .pt."
+        )
+    missing = [
+        f"model.layers.{idx}.{name}"
+        for idx in range(num_layers)
+        for name in _LAYER_TENSORS
+        if f"model.layers.{idx}.{name}" not in tensors
+    ]
+    if "lm_head.weight" not in tensors:
+        missing.append("lm_head.weight")
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise NotASliceGPTCheckpoint(f"{path} is missing tensors of a sliced Llama: {shown}")
+    return num_layers
+
+
+def widths_from_tensors(tensors: Mapping[str, "torch.Tensor"], num_layers: int) -> SlicedWidths:
+    """Read the per-layer widths off the weight shapes (Linear weights are [out, in])."""
+
+    def shape(name: str) -> tuple[int, ...]:
+        return tuple(tensors[name].shape)
+
+    layer = "model.layers.{}.".format
+    return SlicedWidths(
+        embedding=shape("model.embed_tokens.weight")[1],
+        attention_input=tuple(shape(layer(i) + "self_attn.q_proj.weight")[1] for i in range(num_layers)),
+        attention_output=tuple(shape(layer(i) + "self_attn.o_proj.weight")[0] for i in range(num_layers)),
+        mlp_input=tuple(shape(layer(i) + "mlp.gate_proj.weight")[1] for i in range(num_layers)),
+        mlp_output=tuple(shape(layer(i) + "mlp.down_proj.weight")[0] for i in range(num_layers)),
+        lm_head=shape("lm_head.weight")[1],
+    )
+
+
+def widths_from_slicing_config(slicing_config: Mapping[str, Any], num_layers: int, hidden_size: int) -> SlicedWidths:
+    """Read the widths a SlicingConfig dict records (string or int layer keys)."""
+
+    def per_layer(key: str) -> tuple[int, ...]:
+        values = slicing_config.get(key) or {}
+        by_index = {int(k): int(v) for k, v in values.items()}
+        const = slicing_config.get("const_dimension")
+        return tuple(by_index.get(idx, const if const is not None else -1) for idx in range(num_layers))
+
+    embedding_dims = slicing_config.get("embedding_dimensions") or {}
+    embedding = next(iter(embedding_dims.values()), slicing_config.get("const_dimension"))
+    head = slicing_config.get("head_dimension")
+    return SlicedWidths(
+        embedding=int(embedding) if embedding is not None else -1,
+        attention_input=per_layer("attention_input_dimensions"),
+        attention_output=per_layer("attention_output_dimensions"),
+        mlp_input=per_layer("mlp_input_dimensions"),
+        mlp_output=per_layer("mlp_output_dimensions"),
+        lm_head=int(head) if head is not None else hidden_size,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_against_base(
+    tensors: Mapping[str, "torch.Tensor"], num_layers: int, widths: SlicedWidths, base: Mapping[str, Any], path: Path
+) -> None:
+    hidden = int(base["hidden_size"])
+    heads = int(base["num_attention_heads"])
+    kv_heads = int(base.get("num_key_value_heads") or heads)
+    head_dim = int(base.get("head_dim") or hidden // heads)
+    problems: list[str] = []
+    if num_layers != int(base["num_hidden_layers"]):
+        problems.append(f"the checkpoint has {num_layers} layers, the base config {base['num_hidden_layers']}")
+    vocab_rows = tensors["model.embed_tokens.weight"].shape[0]
+    if vocab_rows != int(base["vocab_size"]):
+        problems.append(f"the embedding has {vocab_rows} rows, the base config's vocab_size is {base['vocab_size']}")
+    layer0 = "model.layers.0."
+    expected_rows = {
+        "self_attn.q_proj.weight": (heads * head_dim, f"num_attention_heads {heads} x head_dim {head_dim}"),
+        "self_attn.k_proj.weight": (kv_heads * head_dim, f"num_key_value_heads {kv_heads} x head_dim {head_dim}"),
+        "mlp.gate_proj.weight": (int(base["intermediate_size"]), "intermediate_size"),
+    }
+    for name, (rows, meaning) in expected_rows.items():
+        if num_layers and tensors[layer0 + name].shape[0] != rows:
+            problems.append(
+                f"{layer0 + name} has {tensors[layer0 + name].shape[0]} rows, the base config says {rows} ({meaning})"
+            )
+    too_wide = [
+        w for w in (widths.embedding, *widths.attention_input, *widths.mlp_output, widths.lm_head) if w > hidden
+    ]
+    if too_wide:
+        problems.append(f"widths up to {max(too_wide)} exceed the base hidden_size {hidden}")
+    if problems:
+        described_by = base.get("_name_or_path") or "the given config.json"
+        raise BaseConfigMismatch(
+            f"{path.name} was not sliced from the model that {described_by} describes: "
+            + "; ".join(problems)
+            + ". Pass the base model directory that run_slicegpt was given."
+        )
+
+
+def _check_shortcuts(tensors: Mapping[str, "torch.Tensor"], widths: SlicedWidths, path: Path) -> None:
+    problems = []
+    for idx in range(widths.num_layers):
+        for name, expected in (
+            ("attn_shortcut_Q", (widths.attention_input[idx], widths.attention_output[idx])),
+            ("mlp_shortcut_Q", (widths.mlp_input[idx], widths.mlp_output[idx])),
+        ):
+            actual = tuple(tensors[f"model.layers.{idx}.{name}"].shape)
+            if actual != expected:
+                problems.append(
+                    f"model.layers.{idx}.{name} is {list(actual)}, the layer's projections need {list(expected)}"
+                )
+    if problems:
+        raise NotASliceGPTCheckpoint(f"{path} has inconsistent shapes: " + "; ".join(problems))
+
+
+def _compare_widths(recorded: SlicedWidths, actual: SlicedWidths, json_path: Path) -> None:
+    differences = []
+    for name in ("embedding", "lm_head"):
+        if getattr(recorded, name) != getattr(actual, name):
+            differences.append(f"{name} {getattr(recorded, name)} vs {getattr(actual, name)}")
+    for name in ("attention_input", "attention_output", "mlp_input", "mlp_output"):
+        for idx, (said, seen) in enumerate(zip(getattr(recorded, name), getattr(actual, name), strict=True)):
+            if said != seen:
+                differences.append(f"{name}_dimensions[{idx}] {said} vs {seen}")
+    if differences:
+        shown = "; ".join(differences[:5]) + (f" and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise SlicingConfigMismatch(
+            f"{json_path.name} does not describe the tensors next to it (json vs tensors: {shown}); it belongs to "
+            "another run. Remove or replace it; the widths can be read from the tensors alone."
+        )
+
+
+def _check_sparsity(
+    widths: SlicedWidths,
+    vocab_rows: int,
+    hidden: int,
+    sparsity: float | None,
+    round_interval: int | None,
+    name_sparsity: float | None,
+    path: Path,
+) -> int | None:
+    """Check the sparsity / round_interval against the widths; return the round_interval to record."""
+    width = widths.constant_width()
+    embedding_shape = f"the checkpoint's embedding is [{vocab_rows}, {widths.embedding}]"
+    if sparsity is not None and name_sparsity is not None and not _same_sparsity(sparsity, name_sparsity):
+        intervals = (round_interval,) if round_interval else _CANDIDATE_ROUND_INTERVALS
+        name_fits = next((r for r in intervals if width and sliced_width(hidden, name_sparsity, r) == width), None)
+        evidence = (
+            f"; {embedding_shape}, which is what sparsity {name_sparsity:g} gives "
+            f"(round_interval {name_fits}, hidden {hidden})"
+            if name_fits
+            else ""
+        )
+        raise SparsityMismatch(
+            f"{path.name} is named for sparsity {name_sparsity:g}, not the {sparsity:g} you passed{evidence}. "
+            f"Pass {name_sparsity:g}, or the checkpoint made with {sparsity:g}."
+        )
+    effective = sparsity if sparsity is not None else name_sparsity
+    if width is None:
+        logger.info("%s has per-layer widths (not a constant-sparsity run); sparsity not checked", path.name)
+        return round_interval
+    if effective is None:
+        return round_interval
+    source = "you passed" if sparsity is not None else "its file name says"
+    if round_interval is not None:
+        if sliced_width(hidden, effective, round_interval) == width:
+            return round_interval
+        fitting = [r for r in _CANDIDATE_ROUND_INTERVALS if sliced_width(hidden, effective, r) == width]
+        if fitting:
+            raise SparsityMismatch(
+                f"{embedding_shape}: sparsity {effective:g} gives that with round_interval {fitting[0]}, not the "
+                f"{round_interval} you passed (hidden {hidden}: int((1 - {effective:g}) * {hidden}) = "
+                f"{int((1 - effective) * hidden)}, rounded down to a multiple of {round_interval} is "
+                f"{sliced_width(hidden, effective, round_interval)})"
+            )
+        explained = explain_width(width, hidden, round_interval if width % round_interval == 0 else None)
+        raise SparsityMismatch(
+            f"{embedding_shape}: {explained}, not the {effective:g} {source} "
+            f"(which gives {sliced_width(hidden, effective, round_interval)})"
+        )
+    if sliced_width(hidden, effective, DEFAULT_ROUND_INTERVAL) == width:
+        return DEFAULT_ROUND_INTERVAL
+    if any(sliced_width(hidden, effective, r) == width for r in _CANDIDATE_ROUND_INTERVALS):
+        return None
+    raise SparsityMismatch(
+        f"{embedding_shape}: {explain_width(width, hidden)}, not the {effective:g} {source} "
+        f"(which gives {sliced_width(hidden, effective, DEFAULT_ROUND_INTERVAL)} "
+        f"with round_interval {DEFAULT_ROUND_INTERVAL})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    sparsity: float | None = None,
+    round_interval: int | None = None,
+) -> SliceGPTCheckpoint:
+    """Locate, load (memory-mapped) and validate a SliceGPT checkpoint.
+
+    ``path`` is a run_slicegpt save directory or a ``.pt`` file. ``base_dir`` holds the base
+    model's ``config.json`` (default: the checkpoint's directory, where run_slicegpt copies it
+    for local models). ``sparsity`` picks the checkpoint in a directory and, like
+    ``round_interval``, is checked against the widths. Raises a ``CheckpointError`` subclass.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointNotFound(f"{path} does not exist; pass the run_slicegpt --save-dir directory or the .pt file")
+    checkpoint_path = _choose_checkpoint_in_dir(path, sparsity) if path.is_dir() else path
+    model_stem, name_sparsity = parse_checkpoint_name(checkpoint_path)
+    resolved_base_dir = Path(base_dir).expanduser() if base_dir is not None else checkpoint_path.parent
+    if base_dir is not None and not resolved_base_dir.is_dir():
+        raise BaseConfigMissing(f"the base model directory {resolved_base_dir} does not exist")
+    base_config = _read_base_config(resolved_base_dir, checkpoint_path)
+    hidden = int(base_config["hidden_size"])
+
+    tensors = _unwrap_state_dict(load_checkpoint_file(checkpoint_path), checkpoint_path)
+    num_layers = _check_is_sliced_llama(tensors, checkpoint_path)
+    widths = widths_from_tensors(tensors, num_layers)
+    _check_shortcuts(tensors, widths, checkpoint_path)
+    _check_against_base(tensors, num_layers, widths, base_config, checkpoint_path)
+
+    slicing_config_path = checkpoint_path.with_suffix(".json")
+    slicing_config = _read_slicing_config(slicing_config_path)
+    if slicing_config is not None:
+        recorded_hidden = slicing_config.get("hidden_size")
+        if recorded_hidden not in (None, 0, hidden):
+            raise SlicingConfigMismatch(
+                f"{slicing_config_path.name} was made for hidden_size {recorded_hidden}, the base config has {hidden}"
+            )
+        _compare_widths(widths_from_slicing_config(slicing_config, num_layers, hidden), widths, slicing_config_path)
+
+    embedding = tensors["model.embed_tokens.weight"]
+    recorded_interval = _check_sparsity(
+        widths, embedding.shape[0], hidden, sparsity, round_interval, name_sparsity, checkpoint_path
+    )
+    shortcut_count = sum(t.numel() for k, t in tensors.items() if k.endswith("_shortcut_Q"))
+    return SliceGPTCheckpoint(
+        checkpoint_path=checkpoint_path,
+        base_dir=resolved_base_dir,
+        slicing_config_path=slicing_config_path if slicing_config is not None else None,
+        model_stem=model_stem,
+        sparsity=sparsity if sparsity is not None else name_sparsity,
+        round_interval=recorded_interval,
+        widths=widths,
+        base_config=base_config,
+        slicing_config=slicing_config,
+        dtype=str(embedding.dtype).removeprefix("torch."),
+        parameter_count=sum(t.numel() for t in tensors.values()),
+        shortcut_parameter_count=shortcut_count,
+    )

@@ -1,0 +1,59 @@
+"""Errors raised when reading a SliceGPT checkpoint.
+
+Every error's message is meant for the person who passed the paths: it says what was found,
+what was expected, and what to pass instead. Callers show ``str(error)``; no traceback is
+needed to act on it. All derive from ``CheckpointError``. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+class CheckpointError(Exception):
+    """A SliceGPT checkpoint (or its base model config) could not be used as given."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist, cannot be read, or the directory holds no checkpoint."""
+
+
+class AmbiguousCheckpoint(CheckpointError):
+    """A directory holds several checkpoints and nothing says which one to use."""
+
+
+class NotASliceGPTCheckpoint(CheckpointError):
+    """The file is readable but is not a state dict written by SliceGPT (run_slicegpt --save-dir)."""
+
+
+class TruncatedCheckpoint(CheckpointError):
+    """The file is a torch.save archive that ends early (an interrupted copy or download)."""
+
+
+class BaseConfigMissing(CheckpointError):
+    """No base model ``config.json`` was found for the checkpoint."""
+
+
+class BaseConfigMismatch(CheckpointError):
+    """The base model config does not describe the model the checkpoint was sliced from."""
+
+
+class SlicingConfigMismatch(CheckpointError):
+    """The SlicingConfig ``.json`` next to the checkpoint disagrees with the tensors."""
+
+
+class SparsityMismatch(CheckpointError):
+    """The sparsity / round_interval given (or in the file name) do not produce the checkpoint's widths."""
+
+
+class UnsupportedArchitecture(CheckpointError):
+    """The base model is not an architecture this package can rebuild."""
+
+    def __init__(self, found: str, config_path: str) -> None:
+        super().__init__(
+            f"{config_path} describes a {found} model; slicebridge rebuilds SliceGPT checkpoints of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)}) only "
+            "(Llama-2 and Llama-3 families). Point base_dir at the Llama model you sliced."
+        )
+        self.found = found

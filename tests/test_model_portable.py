@@ -1,0 +1,398 @@
+"""The portable sliced Llama: fidelity to the official SliceGPT logits, transformers features,
+Llama config variants, under transformers 5.x (this interpreter) and 4.41 (the slicegpt env)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slicebridge.model.checkpoint import read_checkpoint
+from slicebridge.model.configuration_sliced_llama import SlicedLlamaConfig
+from slicebridge.model.modeling_sliced_llama import (
+    CACHE_OUTPUT_FIELD,
+    SlicedLlamaForCausalLM,
+    build_sliced_llama,
+    count_sliced_parameters,
+    dense_llama_parameter_count,
+    rope_inverse_frequencies,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = REPO.parent / "shared" / "fixtures" / "slicegpt-llama-tiny"
+HELPER = REPO / "tests" / "helpers" / "portable_check.py"
+MODEL_SOURCES = REPO / "slicebridge" / "model"
+
+NMSE_LIMIT = 1e-8
+
+
+def _load_helper():
+    spec = importlib.util.spec_from_file_location("portable_check", HELPER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _slicegpt_python() -> Path:
+    env = Path(os.environ.get("SLICEBRIDGE_TEST_SLICEGPT_ENV", REPO / ".envs" / "slicegpt"))
+    return env / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return torch.load(FIXTURE / "reference.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def fixture_checkpoint():
+    return read_checkpoint(FIXTURE / "sliced")
+
+
+@pytest.fixture(scope="module")
+def model_fp32(fixture_checkpoint) -> SlicedLlamaForCausalLM:
+    return fixture_checkpoint.build_model(dtype=torch.float32)
+
+
+def _assert_fidelity(report: dict) -> None:
+    for name in ("probe", "text"):
+        fp32 = report["fp32"][name]
+        assert fp32["nmse"] <= NMSE_LIMIT, (name, fp32)
+        assert fp32["top1_agreement"] == 1.0, (name, fp32)
+    assert all(report["generate"].values()), report["generate"]
+    assert all(report["variant"].values()), report["variant"]
+
+
+# --------------------------------------------------------------------------------------------
+# Fidelity to the official model, under both transformers versions
+# --------------------------------------------------------------------------------------------
+
+
+def test_matches_official_logits_in_base_env():
+    report = _load_helper().run(FIXTURE)
+    assert report["transformers"].startswith("5."), report["transformers"]
+    _assert_fidelity(report)
+    for name in ("probe", "text"):  # fp16 only needs fp16-level agreement
+        assert report["fp16"][name]["nmse"] < 1e-5, report["fp16"]
+
+
+def test_matches_official_logits_under_transformers_4_41():
+    python = _slicegpt_python()
+    if not python.exists():
+        pytest.fail(f"the stand-in slicegpt env is missing ({python}): run `make envs`")
+    completed = subprocess.run(
+        [str(python), str(HELPER), str(FIXTURE)], capture_output=True, text=True, timeout=240, cwd="/"
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    assert report["transformers"] == "4.41.0", report["transformers"]
+    _assert_fidelity(report)
+
+
+# --------------------------------------------------------------------------------------------
+# transformers features
+# --------------------------------------------------------------------------------------------
+
+
+def test_loss_is_shifted_cross_entropy(model_fp32, reference):
+    ids = reference["probe_ids"][:, :20]
+    labels = ids.clone()
+    labels[0, :5] = -100
+    with torch.no_grad():
+        output = model_fp32(ids, labels=labels)
+    manual = F.cross_entropy(output.logits[:, :-1].reshape(-1, output.logits.shape[-1]), labels[:, 1:].reshape(-1))
+    assert torch.allclose(output.loss, manual, atol=1e-6)
+
+
+def test_left_and_right_padding_match_unpadded(model_fp32, reference):
+    short = reference["probe_ids"][1:2, :9]
+    pad = 5
+    left = torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)
+    right = torch.cat([short, torch.zeros(1, pad, dtype=torch.long)], dim=1)
+    left_mask = (torch.arange(left.shape[1]) >= pad).long()[None]
+    right_mask = (torch.arange(right.shape[1]) < short.shape[1]).long()[None]
+    with torch.no_grad():
+        alone = model_fp32(short).logits
+        left_logits = model_fp32(left, attention_mask=left_mask).logits
+        right_logits = model_fp32(right, attention_mask=right_mask).logits
+    assert torch.allclose(left_logits[:, -1], alone[:, -1], atol=1e-5)
+    assert torch.allclose(right_logits[:, : short.shape[1]], alone, atol=1e-5)
+    assert torch.isfinite(left_logits).all()
+
+
+def test_legacy_tuple_cache_continues_decoding(model_fp32, reference):
+    ids = reference["probe_ids"][:, :16]
+    with torch.no_grad():
+        full = model_fp32(ids, use_cache=False).logits
+        first = model_fp32(ids[:, :10], use_cache=True)
+        cache = getattr(first, CACHE_OUTPUT_FIELD)
+        legacy = tuple((layer_keys, layer_values) for layer_keys, layer_values in _cache_tensors(cache))
+        rest = model_fp32(ids[:, 10:], past_key_values=legacy, use_cache=True)
+    assert isinstance(getattr(rest, CACHE_OUTPUT_FIELD), tuple)
+    assert torch.allclose(rest.logits, full[:, 10:], atol=1e-5)
+
+
+def _cache_tensors(cache):
+    if hasattr(cache, "layers"):  # transformers 5.x
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def test_dtype_and_device_moves(fixture_checkpoint, reference):
+    model = fixture_checkpoint.build_model()
+    assert model.dtype == torch.float16
+    ids = reference["probe_ids"][:, :8]
+    with torch.no_grad():
+        assert model.float()(ids).logits.dtype == torch.float32
+        assert model.half()(ids).logits.dtype == torch.float16
+        assert model.to("cpu", torch.float32)(ids).logits.dtype == torch.float32
+    assert model.config.model_type == "sliced_llama"
+
+
+def test_build_uses_given_tensors_without_init(fixture_checkpoint):
+    compact = {name: tensor.clone() for name, tensor in fixture_checkpoint.load_tensors().items()}
+    model = build_sliced_llama(compact, fixture_checkpoint.sliced_config())
+    assert model.lm_head.weight.data_ptr() == compact["lm_head.weight"].data_ptr()
+    assert not any(param.is_meta for param in model.parameters())
+    assert not model.training
+
+
+def test_build_names_misfitting_tensors(fixture_checkpoint):
+    tensors = dict(fixture_checkpoint.load_tensors())
+    tensors["model.layers.1.attn_shortcut_Q"] = torch.zeros(96, 88, dtype=torch.float16)
+    del tensors["model.layers.2.mlp_shortcut_Q"]
+    with pytest.raises(ValueError) as raised:
+        build_sliced_llama(tensors, fixture_checkpoint.sliced_config())
+    message = str(raised.value)
+    assert "model.layers.1.attn_shortcut_Q is (96, 88), expected (96, 96)" in message
+    assert "missing model.layers.2.mlp_shortcut_Q" in message
+
+
+def test_save_and_reload_with_remote_code(model_fp32, reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_fp32.save_pretrained(tmp_path)
+    for source in ("configuration_sliced_llama.py", "modeling_sliced_llama.py"):
+        shutil.copy(MODEL_SOURCES / source, tmp_path / source)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_sliced_llama.SlicedLlamaConfig",
+        "AutoModelForCausalLM": "modeling_sliced_llama.SlicedLlamaForCausalLM",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    direct = SlicedLlamaForCausalLM.from_pretrained(tmp_path)
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    ids = reference["probe_ids"][:, :12]
+    with torch.no_grad():
+        expected = model_fp32(ids).logits
+        assert torch.equal(direct(ids).logits, expected)
+        assert torch.equal(remote(ids).logits, expected)
+    assert remote.config.attention_input_dimensions == [96, 96, 96, 96]
+    assert remote.config.mlp_output_dimensions == [96, 96, 96, 128]
+
+
+def test_parameter_counts_on_fixture(fixture_checkpoint, model_fp32):
+    from safetensors.torch import load_file
+
+    dense_actual = sum(tensor.numel() for tensor in load_file(str(FIXTURE / "base" / "model.safetensors")).values())
+    dense = dense_llama_parameter_count(fixture_checkpoint.base_config)
+    assert dense == dense_actual == 982_144
+
+    counts = count_sliced_parameters(model_fp32)
+    assert counts.total == fixture_checkpoint.parameter_count == 855_552
+    assert counts.shortcut == fixture_checkpoint.shortcut_parameter_count == 3 * 2 * 96 * 96 + 96 * 96 + 96 * 128
+    assert count_sliced_parameters(fixture_checkpoint.load_tensors()) == counts
+    assert fixture_checkpoint.actual_ratio() == pytest.approx(1 - 855_552 / 982_144)
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+def test_config_from_base_and_slicing_and_json_round_trip(fixture_checkpoint, tmp_path):
+    config = SlicedLlamaConfig.from_base_and_slicing(
+        fixture_checkpoint.base_config, fixture_checkpoint.slicing_config, sparsity=0.25, round_interval=8
+    )
+    assert config.hidden_size == 128 and config.embedding_dimension == 96 and config.lm_head_dimension == 128
+    assert config.num_key_value_heads == 2 and config.head_dim == 32 and config.rope_theta == 500000.0
+    assert config.fused_norm_eps == 1e-5 and config.tie_word_embeddings is False
+    assert config.residual_width_errors() == []
+    config.save_pretrained(tmp_path)
+    reloaded = SlicedLlamaConfig.from_pretrained(tmp_path)
+    for field in ("mlp_output_dimensions", "attention_input_dimensions", "rope_theta", "rotary_scaling", "sparsity"):
+        assert getattr(reloaded, field) == getattr(config, field)
+
+
+def test_config_accepts_transformers_5_rope_parameters():
+    base = {
+        "vocab_size": 50,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    }
+    config = SlicedLlamaConfig.from_base_and_slicing(base, {"const_dimension": 48})
+    assert config.rope_theta == 500000.0 and config.rotary_scaling["rope_type"] == "llama3"
+    assert config.embedding_dimension == 48 and config.mlp_output_dimensions == [48, 64]
+    bad = SlicedLlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, attention_input_dimensions=[48, 40]
+    )
+    assert any("attention_input_dimensions[0]" in error for error in bad.residual_width_errors())
+    with pytest.raises(ValueError, match="yarn"):
+        SlicedLlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+# --------------------------------------------------------------------------------------------
+# Llama variants: rotated dense Llamas must equal transformers' own LlamaForCausalLM
+# --------------------------------------------------------------------------------------------
+
+ROPE_VARIANTS = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+    },
+}
+
+
+def _dense_llama(rope_scaling, tie_word_embeddings: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_theta": 10000.0, **(rope_scaling or {"rope_type": "default"})}
+    config = LlamaConfig(
+        vocab_size=61,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        rms_norm_eps=1e-5,
+        rope_parameters=rope,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") and not (tie_word_embeddings and name == "model.norm.weight"):
+                param.copy_(1 + 0.3 * torch.randn_like(param))
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(25)  # sharp attention, so that positions (RoPE) visibly matter
+    return model
+
+
+def _rotate_dense_llama(dense, shared_rotation: bool) -> dict[str, torch.Tensor]:
+    """SliceGPT's transformation without slicing: fuse norms, rotate each residual segment."""
+    hidden = dense.config.hidden_size
+    layers = dense.config.num_hidden_layers
+    generator = torch.Generator().manual_seed(1)
+    one = torch.linalg.qr(torch.randn(hidden, hidden, generator=generator))[0]
+    rotations = [
+        one if shared_rotation else torch.linalg.qr(torch.randn(hidden, hidden, generator=generator))[0]
+        for _ in range(2 * layers + 1)
+    ]
+    weights = {name: tensor.detach().clone() for name, tensor in dense.state_dict().items()}
+    sliced = {"model.embed_tokens.weight": weights["model.embed_tokens.weight"] @ rotations[0]}
+    for idx in range(layers):
+        prefix = f"model.layers.{idx}."
+        before, middle, after = rotations[2 * idx], rotations[2 * idx + 1], rotations[2 * idx + 2]
+        norm1 = torch.diag(weights[prefix + "input_layernorm.weight"])
+        norm2 = torch.diag(weights[prefix + "post_attention_layernorm.weight"])
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            sliced[prefix + f"self_attn.{proj}.weight"] = weights[prefix + f"self_attn.{proj}.weight"] @ norm1 @ before
+        sliced[prefix + "self_attn.o_proj.weight"] = middle.T @ weights[prefix + "self_attn.o_proj.weight"]
+        sliced[prefix + "attn_shortcut_Q"] = before.T @ middle
+        for proj in ("gate_proj", "up_proj"):
+            sliced[prefix + f"mlp.{proj}.weight"] = weights[prefix + f"mlp.{proj}.weight"] @ norm2 @ middle
+        sliced[prefix + "mlp.down_proj.weight"] = after.T @ weights[prefix + "mlp.down_proj.weight"]
+        sliced[prefix + "mlp_shortcut_Q"] = middle.T @ after
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    sliced["lm_head.weight"] = head @ torch.diag(weights["model.norm.weight"]) @ rotations[-1]
+    return sliced
+
+
+@pytest.mark.parametrize("rope_name", sorted(ROPE_VARIANTS))
+def test_rotated_llama_equals_transformers_llama(rope_name):
+    dense = _dense_llama(ROPE_VARIANTS[rope_name], tie_word_embeddings=False)
+    base_config = dense.config.to_dict()
+    layers = dense.config.num_hidden_layers
+    config = SlicedLlamaConfig.from_base_and_slicing(base_config, {"const_dimension": 64}, fused_norm_eps=1e-5)
+    assert config.num_key_value_heads == 2
+    sliced = build_sliced_llama(_rotate_dense_llama(dense, shared_rotation=False), config)
+    assert config.mlp_output_dimensions == [64] * layers
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(2))  # longer than 16: dynamic kicks in
+    with torch.no_grad():
+        expected = dense(ids).logits
+        actual = sliced(ids).logits
+    assert torch.allclose(actual, expected, atol=2e-4, rtol=1e-4), float((actual - expected).abs().max())
+
+
+def test_rope_frequencies_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for rope_name in ("linear", "llama3"):
+        scaling = ROPE_VARIANTS[rope_name]
+        hf_config = LlamaConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            rope_parameters={"rope_theta": 10000.0, **scaling},
+        )
+        expected, _ = ROPE_INIT_FUNCTIONS[rope_name](hf_config, "cpu")
+        ours = rope_inverse_frequencies(
+            SlicedLlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=16, rope_scaling=scaling)
+        )
+        assert torch.allclose(ours, expected.float(), rtol=1e-6), rope_name
+
+
+def test_tied_embeddings_variant_equals_transformers_llama():
+    dense = _dense_llama(ROPE_VARIANTS["llama3"], tie_word_embeddings=True)
+    tensors = _rotate_dense_llama(dense, shared_rotation=True)
+    assert torch.allclose(tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"])
+    config = SlicedLlamaConfig.from_base_and_slicing(
+        dense.config.to_dict(), {"const_dimension": 64}, fused_norm_eps=1e-5, tie_word_embeddings=True
+    )
+    sliced = build_sliced_llama(tensors, config)
+    assert sliced.lm_head.weight is sliced.model.embed_tokens.weight
+    ids = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(sliced(ids).logits, dense(ids).logits, atol=2e-4, rtol=1e-4)
+
+
+def test_random_sliced_gqa_llama3_tied_model_generates():
+    helper = _load_helper()
+    config = helper.variant_config()
+    model = build_sliced_llama(helper.random_sliced_tensors(config), config)
+    assert model.model.layers[0].attn_shortcut_Q.shape == (40, 56)
+    assert model.model.layers[2].mlp_shortcut_Q.shape == (48, 40)
+    with torch.no_grad():
+        assert all(helper.variant_checks().values())
+        prompt = torch.randint(3, 53, (2, 6), generator=torch.Generator().manual_seed(5))
+        sampled = model.generate(prompt, max_new_tokens=5, do_sample=True, top_p=0.9)
+    assert sampled.shape == (2, 11)
