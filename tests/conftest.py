@@ -60,3 +60,24 @@ def run_python(code: str, *args: str, timeout: float = 180, **kwargs) -> subproc
     """Run a snippet in a fresh process of the base env."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def official_env(slicegpt_env, tmp_path_factory) -> Path:
+    """The stand-in env plus the test stand-in of the official ``slicegpt`` package.
+
+    A venv without packages of its own whose ``.pth`` file adds the stand-in env's
+    site-packages and ``tests/standin``: a second "slicegpt env" in which
+    ``import slicegpt`` works, built in a fraction of a second.
+    """
+    path = tmp_path_factory.mktemp("official") / "slicegpt-official"
+    python = slicegpt_env / "bin" / "python"
+    subprocess.run([str(python), "-m", "venv", "--without-pip", str(path)], check=True)
+    site_packages = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    own = subprocess.run(
+        [str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    Path(own, "slicebridge-standin.pth").write_text(f"{site_packages}\n{REPO / 'tests' / 'standin'}\n")
+    return path

@@ -18,8 +18,14 @@ import transformers
 from slicebridge import Bridge
 from slicebridge.bridge import protocol
 from slicebridge.bridge.connection import read_connection_file
-from slicebridge.bridge.errors import BadRequest, MessageTooLarge, RemoteError, RemoteOutOfMemory, \
-    RequestCancelled, RequestTimeout
+from slicebridge.bridge.errors import (
+    BadRequest,
+    MessageTooLarge,
+    RemoteError,
+    RemoteOutOfMemory,
+    RequestCancelled,
+    RequestTimeout,
+)
 
 
 def base_site_packages() -> set[str]:

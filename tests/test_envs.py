@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from slicebridge import Bridge
 from slicebridge.bridge.envs import find_env
 from slicebridge.bridge.errors import EnvMissingPackages, EnvNotFound
-
-from conftest import run_cli
 
 
 @pytest.fixture

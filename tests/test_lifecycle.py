@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+from conftest import run_cli
 
 from slicebridge import Bridge
 from slicebridge.bridge import protocol
@@ -20,8 +21,6 @@ from slicebridge.bridge.connection import detached_connection_path, pid_alive, r
 from slicebridge.bridge.errors import ServerDied
 from slicebridge.bridge.signing import Signer, new_key
 from slicebridge.bridge.transport import Codec
-
-from conftest import run_cli
 
 # A client process: attaches to the env's detached server, checks N echo round trips
 # (each payload unique to this client), and prints what it saw as JSON.
