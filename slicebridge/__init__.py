@@ -11,7 +11,20 @@ The heavy parts live in subpackages and are imported on first use, so that
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Bridge", "client"]
+__all__ = ["__version__", "Bridge", "client", "load"]
+
+
+def load(path, *, map_location="cpu", trust_pickle=False):
+    """Load a slicebridge ``.bin`` safely: only slicebridge's rebuild functions may run.
+
+    Returns the seed's dict (``model``, ``tokenizer``, ``method``, ``pruning_ratio``,
+    ``actual_ratio``, ``config``, ...). A file that references anything else (the
+    seed's own pickles included) is refused with an explanation; ``trust_pickle=True``
+    loads it anyway, for files you trust.
+    """
+    from slicebridge.model.binfile import load as load_bin
+
+    return load_bin(path, map_location=map_location, trust_pickle=trust_pickle)
 
 
 def __getattr__(name):

@@ -93,7 +93,9 @@ class RemoteError(SlicebridgeError):
         self.error_type = error_type
         self.remote_message = message
         self.remote_traceback = remote_traceback
-        super().__init__(f"{error_type}: {message}" if error_type else message)
+        # Exception's own __init__: a registered local error type mixed in (see
+        # register_remote_errors) may take other arguments.
+        Exception.__init__(self, f"{error_type}: {message}" if error_type else message)
 
 
 class BadRequest(RemoteError):
@@ -114,6 +116,18 @@ REMOTE_ERROR_TYPES: dict[str, type[RemoteError]] = {
     "RequestCancelled": RequestCancelled,
     "OutOfMemory": RemoteOutOfMemory,
 }
+
+
+def register_remote_errors(*classes: type[Exception]) -> None:
+    """Raise errors of these types' names as ``RemoteError`` subclasses that are also these types.
+
+    So a client can catch ``SparsityMismatch`` from a remote request as it would a local one.
+    """
+    for cls in classes:
+        if cls.__name__ not in REMOTE_ERROR_TYPES:
+            REMOTE_ERROR_TYPES[cls.__name__] = type(cls.__name__, (RemoteError, cls), {
+                "__init__": RemoteError.__init__, "__str__": RemoteError.__str__,
+                "__doc__": cls.__doc__, "__module__": cls.__module__})
 
 
 def remote_error(error_type: str, message: str, remote_traceback: str = "") -> RemoteError:

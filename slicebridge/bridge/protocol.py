@@ -372,6 +372,62 @@ class ShutdownResult:
     pid: int
 
 
+@dataclass
+class ConvertArgs:
+    """Turn a SliceGPT checkpoint into a ``.bin`` in the seed's dict format (paths are absolute)."""
+
+    slicegpt_model: str  # a run_slicegpt output dir, or a .pt file
+    output: str  # the .bin to write
+    base_model: Optional[str] = None  # base model dir (config, tokenizer); default: beside the checkpoint
+    sparsity: Optional[float] = None  # default: from the SlicingConfig or the file name
+    round_interval: Optional[int] = None
+    loader: str = "auto"  # auto | official | builtin
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    overwrite: bool = False
+    pickle_module: str = "auto"  # auto (dill when installed, as the seed does) | dill | pickle
+
+
+@dataclass
+class ConvertResult:
+    output: str
+    bytes: int
+    loader: str  # the loader that was used: official | builtin
+    cache_hit: bool  # the model came from the server's warm cache
+    device: str  # where the model was computed / held in the server
+    dtype: str
+    sparsity: float
+    round_interval: Optional[int]
+    actual_ratio: float  # 1 - params(sliced, shortcut Qs included) / params(dense base)
+    params: dict  # dense, sliced, shortcut_q
+    timings: dict  # seconds: load, save, total
+    pickle_module: str
+    format_version: int
+
+
+@dataclass
+class UpgradeArgs:
+    """Turn a ``.bin`` made the seed's way (a dill pickle of the slicegpt model) into ours."""
+
+    source: str
+    output: str
+    overwrite: bool = False
+    pickle_module: str = "auto"
+
+
+@dataclass
+class CacheInfoArgs:
+    pass
+
+
+@dataclass
+class CacheInfoResult:
+    entries: list  # one map per cached model: checkpoint, loader, device, bytes
+    used_bytes: int
+    budget_bytes: int
+    hits: int
+    misses: int
+
+
 @dataclass(frozen=True)
 class Operation:
     name: str
@@ -389,6 +445,9 @@ OPERATIONS: dict[str, Operation] = {
         Operation("shutdown", ShutdownArgs, ShutdownResult, immediate=True),
         Operation("hello", HelloArgs, HelloResult),
         Operation("echo", EchoArgs, EchoResult),
+        Operation("convert", ConvertArgs, ConvertResult),
+        Operation("upgrade", UpgradeArgs, ConvertResult),
+        Operation("cache_info", CacheInfoArgs, CacheInfoResult),
         Operation("sleep", SleepArgs, SleepResult, diagnostic=True),
         Operation("fail", FailArgs, EchoResult, diagnostic=True),
     ]

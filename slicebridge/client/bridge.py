@@ -152,6 +152,29 @@ class Bridge:
         """Send ``payload`` (tensors included) through the server and return what comes back."""
         return self.request("echo", protocol.EchoArgs(payload=payload)).payload
 
+    def convert(self, slicegpt_model: str | os.PathLike, output: str | os.PathLike, *,
+                base_model: str | os.PathLike | None = None, sparsity: float | None = None,
+                round_interval: int | None = None, loader: str = "auto", device: str = "auto",
+                overwrite: bool = False, pickle_module: str = "auto",
+                on_event: EventCallback | None = None) -> protocol.ConvertResult:
+        """Convert a SliceGPT checkpoint (run_slicegpt dir or ``.pt``) into a portable ``.bin``."""
+        args = protocol.ConvertArgs(
+            slicegpt_model=_absolute(slicegpt_model), output=_absolute(output),
+            base_model=_absolute(base_model) if base_model is not None else None,
+            sparsity=float(sparsity) if sparsity is not None else None, round_interval=round_interval,
+            loader=loader, device=device, overwrite=overwrite, pickle_module=pickle_module)
+        return self.request("convert", args, on_event=on_event)
+
+    def upgrade(self, source: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False,
+                pickle_module: str = "auto", on_event: EventCallback | None = None) -> protocol.ConvertResult:
+        """Turn a ``.bin`` made the seed's way into a portable one (read in the slicegpt env)."""
+        args = protocol.UpgradeArgs(source=_absolute(source), output=_absolute(output), overwrite=overwrite,
+                                    pickle_module=pickle_module)
+        return self.request("upgrade", args, on_event=on_event)
+
+    def cache_info(self) -> protocol.CacheInfoResult:
+        return self.request("cache_info", protocol.CacheInfoArgs())
+
     def shutdown(self) -> None:
         """Stop the server, even a detached one, and close this bridge."""
         if self.channel is None:
@@ -163,6 +186,11 @@ class Bridge:
         self.channel = None
         if server is not None:
             server.wait_exit(_SHUTDOWN_WAIT_S)
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    """Paths travel absolute: the server's working directory is not the caller's."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 def _tensors_to_torch(value: Any) -> Any:
@@ -180,3 +208,18 @@ def _tensors_to_torch(value: Any) -> Any:
         for name in value.__dataclass_fields__:
             setattr(value, name, _tensors_to_torch(getattr(value, name)))
     return value
+
+
+def _register_remote_errors() -> None:
+    """Errors the server raises on purpose come back as the same types (no torch needed)."""
+    import inspect
+
+    from slicebridge.bridge.errors import register_remote_errors
+    from slicebridge.model import atomic, binfile, errors
+
+    for module in (errors, atomic, binfile):
+        register_remote_errors(*(cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                                 if issubclass(cls, Exception) and cls.__module__ == module.__name__))
+
+
+_register_remote_errors()

@@ -617,6 +617,31 @@ def _check_sparsity(
     )
 
 
+def sliced_config_from_tensors(
+    tensors: Mapping[str, "torch.Tensor"],
+    base_config: Mapping[str, Any],
+    *,
+    source: Path,
+    sparsity: float | None = None,
+    round_interval: int | None = None,
+) -> "SlicedLlamaConfig":
+    """The ``SlicedLlamaConfig`` of a sliced Llama state dict that did not come from a run_slicegpt
+    directory (e.g. the model object inside a seed ``.bin``): widths are read off the tensors and
+    checked against ``base_config`` like ``read_checkpoint`` does for files."""
+    from .configuration_sliced_llama import SlicedLlamaConfig
+
+    num_layers = _check_is_sliced_llama(tensors, source)
+    widths = widths_from_tensors(tensors, num_layers)
+    _check_shortcuts(tensors, widths, source)
+    _check_against_base(tensors, num_layers, widths, base_config, source)
+    return SlicedLlamaConfig.from_base_and_slicing(
+        dict(base_config),
+        widths.as_slicing_config(int(base_config["hidden_size"])),
+        sparsity=sparsity,
+        round_interval=round_interval,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------

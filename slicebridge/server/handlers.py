@@ -77,4 +77,8 @@ def fail(args: protocol.FailArgs, ctx: RequestContext):
 
 
 def build_handlers() -> dict:
-    return {"hello": hello, "echo": echo, "sleep": sleep, "fail": fail}
+    from slicebridge.server.convert import ConvertService
+
+    service = ConvertService()
+    return {"hello": hello, "echo": echo, "sleep": sleep, "fail": fail,
+            "convert": service.convert, "upgrade": service.upgrade, "cache_info": service.cache_info}

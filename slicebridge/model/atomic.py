@@ -1,0 +1,133 @@
+"""Writing artifacts atomically: a file or directory appears whole, or not at all.
+
+Every output slicebridge writes goes through here. The bytes go to a hidden temporary
+sibling (``.NAME.<id>.partial``) in the same directory, are flushed to disk, and the
+temporary is renamed over the target in one step. If anything fails (a bad model, a
+full disk, ``RLIMIT_FSIZE``, Ctrl-C) the temporary is removed and the target is left as
+it was. Checks that need no work (directory missing or read-only, target exists
+without ``overwrite``) run first, so bad input fails before any expensive step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputError(Exception):
+    """The output path cannot be written; nothing was written."""
+
+
+class OutputExists(OutputError):
+    """The output exists and ``overwrite`` was not given."""
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, directory: bool = False) -> Path:
+    """Refuse an output path that cannot be written, before any work is done."""
+    path = Path(path).expanduser().absolute()
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"the output directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"the output directory {parent} is not writable by you")
+    try:  # access() says yes to root on read-only mounts and pseudo file systems: try for real
+        with tempfile.TemporaryFile(dir=parent, prefix=".slicebridge-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot create files in the output directory {parent}: {exc.strerror}") from None
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExists(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        if path.is_dir() != directory:
+            kind = "a directory" if path.is_dir() else "a file"
+            raise OutputError(f"{path} is {kind}; refusing to replace it with a {'directory' if directory else 'file'}")
+    return path
+
+
+def _partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` in one rename."""
+    path = check_output(path, overwrite)
+    tmp = _partial_path(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        if not overwrite and path.exists():
+            raise OutputExists(f"{path} appeared while it was being written; not replacing it")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise _explained(exc, path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory to fill; on success it takes the place of ``path``."""
+    path = check_output(path, overwrite, directory=True)
+    tmp = _partial_path(path)
+    tmp.mkdir()
+    old = None
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                _fsync_file(child)
+        if path.exists():
+            if not overwrite:
+                raise OutputExists(f"{path} appeared while it was being written; not replacing it")
+            old = _partial_path(path)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        if old is not None and not path.exists():
+            os.rename(old, path)  # put the previous version back
+            old = None
+        raise _explained(exc, path) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _explained(exc: OSError, path: Path) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"no space left on the device while writing {path}; nothing was written")
+    if exc.errno == errno.EFBIG:
+        return OutputError(f"{path} would exceed the file size limit (ulimit -f); nothing was written")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {path}: {exc.strerror}; nothing was written")
+    return OutputError(f"writing {path} failed: {exc.strerror or exc}; nothing was written")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

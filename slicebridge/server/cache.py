@@ -1,0 +1,104 @@
+"""The warm model cache: a checkpoint is loaded once and reused until evicted.
+
+Entries are keyed by what determines the loaded model (the checkpoint file's real
+path, size and mtime, the base model dir, the loader and the device), so a
+checkpoint rewritten on disk is loaded again. Least recently used entries are
+evicted when the total size of the cached models' tensors exceeds the budget
+(``SLICEBRIDGE_CACHE_BYTES``, default: half of the host memory, or of the GPU's for
+models on CUDA). An entry larger than the whole budget is still served, and
+dropped once the next model is loaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("slicebridge.server.cache")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    checkpoint: str
+    size: int
+    mtime_ns: int
+    base_model: str
+    loader: str
+    device: str
+
+    @classmethod
+    def for_file(cls, checkpoint: str, base_model: str, loader: str, device: str) -> "CacheKey":
+        real = os.path.realpath(checkpoint)
+        st = os.stat(real)
+        return cls(real, st.st_size, st.st_mtime_ns, os.path.realpath(base_model) if base_model else "",
+                   loader, device)
+
+
+def default_budget_bytes() -> int:
+    override = os.environ.get("SLICEBRIDGE_CACHE_BYTES")
+    if override:
+        return int(override)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * 1024**3
+    return total // 2
+
+
+class ModelCache:
+    """An LRU of loaded models under a byte budget. ``get_or_load`` says whether it was a hit."""
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget_bytes = default_budget_bytes() if budget_bytes is None else budget_bytes
+        self._entries: collections.OrderedDict[CacheKey, tuple[Any, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(size for _, size in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[CacheKey]:
+        return list(self._entries)
+
+    def get_or_load(self, key: CacheKey, load: Callable[[], Any], size_of: Callable[[Any], int]) -> tuple[Any, bool]:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key][0], True
+        value = load()  # outside the lock; a failure leaves the cache as it was
+        size = size_of(value)
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = (value, size)
+            self._entries.move_to_end(key)
+            self._evict(keep=key)
+        return value, False
+
+    def discard(self, key: CacheKey) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def _evict(self, keep: CacheKey) -> None:
+        while self.used_bytes > self.budget_bytes and len(self._entries) > 1:
+            oldest = next(iter(self._entries))
+            if oldest == keep:
+                break
+            del self._entries[oldest]
+            log.info("evicted %s from the model cache", os.path.basename(oldest.checkpoint))
+        if self.used_bytes > self.budget_bytes and len(self._entries) == 1:
+            log.warning("one model (%d MB) exceeds the cache budget (%d MB); it stays only until the next model is loaded",
+                        self.used_bytes >> 20, self.budget_bytes >> 20)

@@ -1,0 +1,199 @@
+"""The ``convert``, ``upgrade`` and ``cache_info`` requests.
+
+``convert`` loads a checkpoint (from the warm cache when it is there) and writes a
+``.bin`` in the seed's dict format (see ``model.binfile``). ``upgrade`` reads a
+``.bin`` made the seed's way — a dill pickle of the slicegpt model object, which only
+this env can unpickle — and writes ours from the tensors inside. Output paths are
+checked before anything is loaded, and written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from slicebridge.bridge import protocol
+from slicebridge.bridge.server_loop import HandlerError, RequestContext
+from slicebridge.model.atomic import check_output
+from slicebridge.server.cache import CacheKey, ModelCache
+from slicebridge.server.loaders import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_loader
+
+log = logging.getLogger("slicebridge.server.convert")
+
+
+class NotASeedBin(HandlerError):
+    """``upgrade`` was given something that is not a .bin made the seed's way."""
+
+
+class ConvertService:
+    """Holds the warm model cache and serves the requests that use it."""
+
+    def __init__(self, cache: ModelCache | None = None):
+        self.cache = cache if cache is not None else ModelCache()
+
+    # ------------------------------------------------------------------ loading through the cache
+
+    def load(self, slicegpt_model: str, base_model: str | None, sparsity: float | None,
+             round_interval: int | None, loader: str, device: str,
+             ctx: RequestContext) -> tuple[LoadedCheckpoint, bool]:
+        loader = resolve_loader(loader)
+        device = resolve_device(device)
+        from slicebridge.model.checkpoint import read_checkpoint
+
+        # The reader is cheap (tensors are memory-mapped) and validates sparsity and
+        # round_interval, so it runs on every request, cached or not.
+        checkpoint = read_checkpoint(slicegpt_model, base_dir=base_model, sparsity=sparsity,
+                                     round_interval=round_interval)
+        key = CacheKey.for_file(str(checkpoint.checkpoint_path), str(checkpoint.base_dir), loader, device)
+
+        def progress(stage, done, total):
+            ctx.progress(stage, done, total, "steps")
+
+        def load():
+            return load_checkpoint(checkpoint, loader, device, progress)
+
+        return self.cache.get_or_load(key, load, lambda loaded: loaded.nbytes)
+
+    # ------------------------------------------------------------------ requests
+
+    def convert(self, args: protocol.ConvertArgs, ctx: RequestContext) -> protocol.ConvertResult:
+        started = time.perf_counter()
+        check_output(args.output, args.overwrite)
+        loaded, hit = self.load(args.slicegpt_model, args.base_model, args.sparsity, args.round_interval,
+                                args.loader, args.device, ctx)
+        loaded_at = time.perf_counter()
+        ctx.check_cancelled()
+        checkpoint = loaded.checkpoint
+        from slicebridge.model.binfile import save_bin, tokenizer_files
+
+        ctx.progress("save", 0, 1, "files")
+        params = _param_counts(loaded.model, checkpoint.base_config)
+        summary = save_bin(
+            args.output,
+            model=loaded.model,
+            tokenizer_files=tokenizer_files(checkpoint.base_dir),
+            pruning_ratio=checkpoint.sparsity if checkpoint.sparsity is not None else 0.0,
+            actual_ratio=params["actual_ratio"],
+            config={"base_model": str(checkpoint.base_dir), "slicegpt_model": str(checkpoint.checkpoint_path),
+                    "sparsity": checkpoint.sparsity, "round_interval": checkpoint.round_interval},
+            extra={"loader": loaded.loader, "params": params, "widths": checkpoint.widths.as_slicing_config(
+                checkpoint.hidden_size)},
+            overwrite=args.overwrite,
+            pickle_module=args.pickle_module,
+        )
+        ctx.progress("save", 1, 1, "files")
+        done = time.perf_counter()
+        return self._result(args.output, loaded.loader, hit, loaded.device, loaded.model, checkpoint.sparsity,
+                            checkpoint.round_interval, params, summary,
+                            {"load": 0.0 if hit else loaded.load_seconds, "save": done - loaded_at,
+                             "total": done - started})
+
+    def upgrade(self, args: protocol.UpgradeArgs, ctx: RequestContext) -> protocol.ConvertResult:
+        started = time.perf_counter()
+        check_output(args.output, args.overwrite)
+        seed = _read_seed_bin(Path(args.source))
+        ctx.progress("read", 1, 2, "steps")
+        model = seed["model"]
+        base_config = model.config.to_dict()
+        seed_config = seed.get("config") if isinstance(seed.get("config"), dict) else {}
+        sparsity = seed_config.get("sparsity", seed.get("pruning_ratio"))
+        round_interval = seed_config.get("round_interval")
+        from slicebridge.model.binfile import save_bin
+        from slicebridge.model.checkpoint import sliced_config_from_tensors
+        from slicebridge.model.modeling_sliced_llama import build_sliced_llama
+
+        tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+        config = sliced_config_from_tensors(tensors, base_config, source=Path(args.source),
+                                            sparsity=sparsity, round_interval=round_interval)
+        portable = build_sliced_llama(tensors, config).eval()
+        params = _param_counts(portable, base_config)
+        summary = save_bin(
+            args.output,
+            model=portable,
+            tokenizer_files=_tokenizer_files_of(seed.get("tokenizer")),
+            pruning_ratio=seed.get("pruning_ratio", sparsity or 0.0),
+            actual_ratio=params["actual_ratio"],
+            config={"base_model": seed_config.get("base_model"), "slicegpt_model": seed_config.get("slicegpt_model"),
+                    "sparsity": sparsity, "round_interval": round_interval},
+            extra={"loader": "upgrade", "upgraded_from": os.path.abspath(args.source), "params": params},
+            overwrite=args.overwrite,
+            pickle_module=args.pickle_module,
+        )
+        ctx.progress("save", 2, 2, "steps")
+        done = time.perf_counter()
+        return self._result(args.output, "upgrade", False, "cpu", portable, sparsity, round_interval, params,
+                            summary, {"load": 0.0, "save": done - started, "total": done - started})
+
+    def cache_info(self, args: protocol.CacheInfoArgs, ctx: RequestContext) -> protocol.CacheInfoResult:
+        entries = [{"checkpoint": key.checkpoint, "loader": key.loader, "device": key.device, "bytes": size}
+                   for key, (_, size) in self.cache._entries.items()]
+        return protocol.CacheInfoResult(entries, self.cache.used_bytes, self.cache.budget_bytes,
+                                        self.cache.hits, self.cache.misses)
+
+    @staticmethod
+    def _result(output, loader, hit, device, model, sparsity, round_interval, params, summary, timings):
+        return protocol.ConvertResult(
+            output=str(output),
+            bytes=os.path.getsize(output),
+            loader=loader,
+            cache_hit=hit,
+            device=device,
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            sparsity=float(sparsity) if sparsity is not None else 0.0,
+            round_interval=round_interval,
+            actual_ratio=params["actual_ratio"],
+            params={k: v for k, v in params.items() if k != "actual_ratio"},
+            timings=timings,
+            pickle_module=summary["pickle_module"],
+            format_version=summary["format_version"],
+        )
+
+
+def _param_counts(model, base_config: dict) -> dict:
+    from slicebridge.model.modeling_sliced_llama import count_sliced_parameters, dense_llama_parameter_count
+
+    counted = count_sliced_parameters(model)
+    dense = dense_llama_parameter_count(base_config)
+    return {"dense": dense, "sliced": counted.total, "shortcut_q": counted.shortcut,
+            "actual_ratio": 1.0 - counted.total / dense}
+
+
+def _read_seed_bin(path: Path) -> dict:
+    """Unpickle a seed-format .bin (a file the user named, on this machine: never wire data)."""
+    import torch
+
+    if not path.is_file():
+        raise NotASeedBin(f"{path} does not exist")
+    try:
+        import dill
+    except ImportError:
+        raise NotASeedBin("reading a seed .bin needs dill in the slicegpt env: pip install dill") from None
+    try:
+        seed = torch.load(path, map_location="cpu", weights_only=False, pickle_module=dill)
+    except ModuleNotFoundError as exc:
+        raise NotASeedBin(
+            f"{path} pickles objects of the {exc.name!r} package, which the server's env lacks; run upgrade "
+            "with the env where the file was made (the slicegpt env)"
+        ) from None
+    except Exception as exc:
+        raise NotASeedBin(f"{path} could not be read as a torch file: {type(exc).__name__}: {exc}") from None
+    if not isinstance(seed, dict) or "model" not in seed:
+        raise NotASeedBin(f"{path} is not a model .bin (no 'model' entry)")
+    if seed.get("format") == "slicebridge.bin":
+        raise NotASeedBin(f"{path} is already a portable slicebridge .bin; nothing to upgrade")
+    if not hasattr(seed["model"], "state_dict") or not hasattr(seed["model"], "config"):
+        raise NotASeedBin(f"{path}: its 'model' is a {type(seed['model']).__name__}, not a model object")
+    return seed
+
+
+def _tokenizer_files_of(tokenizer) -> dict[str, bytes]:
+    from slicebridge.model.binfile import tokenizer_files
+
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        return {}
+    with tempfile.TemporaryDirectory(prefix="slicebridge-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return tokenizer_files(tmp)

@@ -1,0 +1,185 @@
+"""Loading a SliceGPT checkpoint in the server: the official way or our own.
+
+Both loaders start from what our reader (``model.checkpoint.read_checkpoint``) has
+validated, so bad input gets the same clear errors whichever loader is used. Then:
+
+- ``builtin``: the portable model is built straight from the checkpoint's tensors.
+- ``official``: ``slicegpt.hf_utils.load_sliced_model`` loads it, and the portable model
+  is built from the official model's own tensors (sharing their memory). Its quirks are
+  handled here: adapters are chosen by model-name prefix (``meta-llama/Llama-2``,
+  ``meta-llama/Meta-Llama-3``), which a local base model dir does not match, and file
+  names derive from that name, so the files are linked into a staging directory under a
+  name the official code accepts; older releases take the ``.pt`` path, newer ones a
+  directory, so the directory form is tried first and the path form second.
+
+``auto`` is ``official`` when ``slicegpt`` can be imported, else ``builtin``. Every
+result says which loader was used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from slicebridge.bridge.server_loop import HandlerError
+
+log = logging.getLogger("slicebridge.server.loaders")
+
+LOADERS = ("auto", "official", "builtin")
+
+
+class LoaderUnavailable(HandlerError):
+    """The official loader was asked for but slicegpt cannot be imported in the server's env."""
+
+
+class DeviceUnavailable(HandlerError):
+    """A CUDA device was asked for but the server's env has none."""
+
+
+class OfficialLoaderFailed(HandlerError):
+    """slicegpt's own loader could not load the checkpoint."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint loaded into the server: the portable model and what is known about it."""
+
+    model: Any  # SlicedLlamaForCausalLM, on ``device``
+    checkpoint: Any  # model.checkpoint.SliceGPTCheckpoint
+    loader: str
+    device: str
+    load_seconds: float
+    official_model: Any = None  # the slicegpt model object, when loaded officially
+    tokenizer_dir: Path = field(default=None)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = {id(t): t for t in self.model.state_dict().values()}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def official_available() -> bool:
+    return importlib.util.find_spec("slicegpt") is not None
+
+
+def resolve_loader(requested: str) -> str:
+    if requested not in LOADERS:
+        raise ValueError(f"loader must be one of {', '.join(LOADERS)}, not {requested!r}")
+    if requested == "auto":
+        return "official" if official_available() else "builtin"
+    if requested == "official" and not official_available():
+        raise LoaderUnavailable(
+            "loader='official' needs the slicegpt package in the server's env, and it is not importable "
+            "there; install it in that env or use loader='builtin' (no slicegpt needed)"
+        )
+    return requested
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"device={requested!r} was asked for, but the server's env sees no CUDA device")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"device={requested!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+        return requested
+    if requested != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {requested!r}")
+    return requested
+
+
+Progress = Callable[[str, float, float], None]
+
+
+def load_checkpoint(checkpoint, loader: str, device: str,
+                    progress: Progress = lambda *a: None) -> LoadedCheckpoint:
+    """Load a checkpoint the reader has validated, with a resolved loader, onto ``device``."""
+    started = time.perf_counter()
+    progress("load", 1, 3)
+    official_model = None
+    if loader == "official":
+        official_model = _load_official(checkpoint)
+        model = _portable_from_official(official_model, checkpoint)
+    else:
+        model = checkpoint.build_model()
+    progress("load", 2, 3)
+    model = model.to(device).eval()
+    if official_model is not None:
+        official_model.to(device).eval()
+    progress("load", 3, 3)
+    seconds = time.perf_counter() - started
+    log.info("loaded %s with the %s loader on %s in %.2fs", checkpoint.checkpoint_path.name, loader, device, seconds)
+    return LoadedCheckpoint(model, checkpoint, loader, device, seconds, official_model, checkpoint.base_dir)
+
+
+# ---------------------------------------------------------------------------------- official
+
+
+def official_model_name(checkpoint) -> str:
+    """A model name that slicegpt's Llama adapter accepts (it matches on these prefixes)."""
+    config = checkpoint.base_config
+    is_llama3 = float(config.get("rope_theta", 10000.0)) >= 500000.0 or int(config.get("vocab_size", 0)) >= 128000
+    family = "Meta-Llama-3" if is_llama3 else "Llama-2"
+    stem = checkpoint.model_stem
+    name = stem if stem.startswith(family) else f"{family}-{stem}"
+    return f"meta-llama/{name}"
+
+
+def _stage_for_official(checkpoint, model_name: str, staging: Path) -> Path:
+    """Link the checkpoint, its SlicingConfig and the base model's files under official names."""
+    stem = f"{Path(model_name).name}_{checkpoint.sparsity}"
+    os.symlink(checkpoint.checkpoint_path.resolve(), staging / f"{stem}.pt")
+    if checkpoint.slicing_config_path is not None:
+        os.symlink(checkpoint.slicing_config_path.resolve(), staging / f"{stem}.json")
+    for item in Path(checkpoint.base_dir).iterdir():  # config.json, tokenizer files
+        target = staging / item.name
+        if item.suffix in (".json", ".model", ".txt") and not target.exists():
+            os.symlink(item.resolve(), target)
+    return staging / f"{stem}.pt"
+
+
+def _load_official(checkpoint):
+    from slicegpt import hf_utils
+
+    if checkpoint.sparsity is None:
+        raise OfficialLoaderFailed(
+            f"slicegpt's loader needs the sparsity, and {checkpoint.checkpoint_path.name} does not say it; "
+            "pass sparsity=..."
+        )
+    model_name = official_model_name(checkpoint)
+    kwargs = {"sparsity": checkpoint.sparsity}
+    if checkpoint.round_interval is not None:
+        kwargs["round_interval"] = checkpoint.round_interval
+    with tempfile.TemporaryDirectory(prefix="slicebridge-official-") as staging:
+        pt_path = _stage_for_official(checkpoint, model_name, Path(staging))
+        attempts = []
+        for style, location in (("directory (newer releases)", staging), (".pt path (older releases)", str(pt_path))):
+            try:
+                model_adapter, _tokenizer = hf_utils.load_sliced_model(model_name, location, **kwargs)
+                log.info("slicegpt.load_sliced_model took the %s form", style)
+                return model_adapter.model
+            except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
+                attempts.append(f"{style}: {type(exc).__name__}: {exc}")
+        raise OfficialLoaderFailed(
+            f"slicegpt.hf_utils.load_sliced_model could not load {checkpoint.checkpoint_path} as {model_name!r}:\n  "
+            + "\n  ".join(attempts) + "\nloader='builtin' loads it without slicegpt."
+        )
+
+
+def _portable_from_official(official_model, checkpoint):
+    """The portable model over the official model's tensors (no copy where they are compact)."""
+    from slicebridge.model.modeling_sliced_llama import build_sliced_llama
+
+    state = {k: v for k, v in official_model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    return build_sliced_llama(state, checkpoint.sliced_config())
+
