@@ -415,6 +415,42 @@ class UpgradeArgs:
 
 
 @dataclass
+class ReferenceArgs:
+    """Logits of the checkpoint's model in the server, for verification in the caller's env."""
+
+    slicegpt_model: str
+    inputs: list  # token-id tensors, each [batch, seq]
+    base_model: Optional[str] = None
+    sparsity: Optional[float] = None
+    round_interval: Optional[int] = None
+    loader: str = "auto"
+    device: str = "auto"
+
+
+@dataclass
+class ReferenceResult:
+    logits: list  # float32 tensors, one [batch, seq, vocab] per input
+    loader: str  # official when slicegpt computed them
+    device: str
+    dtype: str
+    cache_hit: bool
+    seconds: float
+    versions: dict  # torch, transformers, slicegpt of the server
+
+
+@dataclass
+class InfoArgs:
+    """Facts about a seed-format .bin (only the slicegpt env can unpickle it)."""
+
+    path: str
+
+
+@dataclass
+class InfoResult:
+    facts: dict  # the fields of slicebridge.model.facts.ArtifactInfo
+
+
+@dataclass
 class CacheInfoArgs:
     pass
 
@@ -447,6 +483,8 @@ OPERATIONS: dict[str, Operation] = {
         Operation("echo", EchoArgs, EchoResult),
         Operation("convert", ConvertArgs, ConvertResult),
         Operation("upgrade", UpgradeArgs, ConvertResult),
+        Operation("reference", ReferenceArgs, ReferenceResult),
+        Operation("info", InfoArgs, InfoResult),
         Operation("cache_info", CacheInfoArgs, CacheInfoResult),
         Operation("sleep", SleepArgs, SleepResult, diagnostic=True),
         Operation("fail", FailArgs, EchoResult, diagnostic=True),

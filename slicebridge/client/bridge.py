@@ -172,6 +172,22 @@ class Bridge:
                                     pickle_module=pickle_module)
         return self.request("upgrade", args, on_event=on_event)
 
+    def verify(self, artifact: str | os.PathLike, checkpoint: str | os.PathLike, **options):
+        """Verify ``artifact`` (loaded in this env) against ``checkpoint`` (run in the server).
+
+        Options: base_model, sparsity, round_interval, text, loader, device, artifact_device,
+        on_event. Returns a ``VerifyReport`` (``.passed``, ``.table()``, ``.as_dict()``).
+        """
+        from slicebridge.client.verify import verify_artifact
+
+        return verify_artifact(self, artifact, checkpoint, **options)
+
+    def info(self, path: str | os.PathLike, *, base_model: str | os.PathLike | None = None):
+        """Facts about a checkpoint, ``.bin`` or export dir (seed-format files are read in the server)."""
+        from slicebridge.client.info import info
+
+        return info(path, base_model=base_model, bridge=self)
+
     def cache_info(self) -> protocol.CacheInfoResult:
         return self.request("cache_info", protocol.CacheInfoArgs())
 

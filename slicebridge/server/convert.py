@@ -96,19 +96,10 @@ class ConvertService:
         check_output(args.output, args.overwrite)
         seed = _read_seed_bin(Path(args.source))
         ctx.progress("read", 1, 2, "steps")
-        model = seed["model"]
-        base_config = model.config.to_dict()
-        seed_config = seed.get("config") if isinstance(seed.get("config"), dict) else {}
-        sparsity = seed_config.get("sparsity", seed.get("pruning_ratio"))
-        round_interval = seed_config.get("round_interval")
+        portable, base_config, seed_config = _portable_from_seed(seed, Path(args.source))
+        sparsity, round_interval = seed_config["sparsity"], seed_config["round_interval"]
         from slicebridge.model.binfile import save_bin
-        from slicebridge.model.checkpoint import sliced_config_from_tensors
-        from slicebridge.model.modeling_sliced_llama import build_sliced_llama
 
-        tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-        config = sliced_config_from_tensors(tensors, base_config, source=Path(args.source),
-                                            sparsity=sparsity, round_interval=round_interval)
-        portable = build_sliced_llama(tensors, config).eval()
         params = _param_counts(portable, base_config)
         summary = save_bin(
             args.output,
@@ -126,6 +117,46 @@ class ConvertService:
         done = time.perf_counter()
         return self._result(args.output, "upgrade", False, "cpu", portable, sparsity, round_interval, params,
                             summary, {"load": 0.0, "save": done - started, "total": done - started})
+
+    def reference(self, args: protocol.ReferenceArgs, ctx: RequestContext) -> protocol.ReferenceResult:
+        """Run the reference model (the official one when it was loaded officially) on the inputs."""
+        import torch
+
+        from slicebridge.bridge.protocol import TensorFrame
+        from slicebridge.server.runtime_info import package_versions
+
+        started = time.perf_counter()
+        loaded, hit = self.load(args.slicegpt_model, args.base_model, args.sparsity, args.round_interval,
+                                args.loader, args.device, ctx)
+        model = loaded.official_model if loaded.official_model is not None else loaded.model
+        logits = []
+        with torch.no_grad():
+            for index, ids in enumerate(args.inputs):
+                if not isinstance(ids, TensorFrame) or ids.dtype not in ("int64", "int32") or len(ids.shape) != 2:
+                    raise ValueError(f"inputs[{index}] must be a [batch, seq] integer tensor")
+                ctx.progress("reference", index, len(args.inputs), "inputs")
+                out = model(ids.to_torch().to(loaded.device, torch.long)).logits
+                logits.append(out.float().cpu())
+        ctx.progress("reference", len(args.inputs), len(args.inputs), "inputs")
+        versions, _ = package_versions()
+        return protocol.ReferenceResult(
+            logits=logits, loader=loaded.loader, device=loaded.device,
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."), cache_hit=hit,
+            seconds=time.perf_counter() - started,
+            versions={k: versions.get(k) for k in ("torch", "transformers", "slicegpt")})
+
+    def info(self, args: protocol.InfoArgs, ctx: RequestContext) -> protocol.InfoResult:
+        """Facts about a seed-format .bin, which only this env can unpickle."""
+        from slicebridge.model.facts import model_info
+
+        path = Path(args.path)
+        seed = _read_seed_bin(path)
+        portable, _, seed_config = _portable_from_seed(seed, path)
+        facts = model_info(path, "seed-bin", portable, {
+            "sparsity": seed_config["sparsity"], "round_interval": seed_config["round_interval"],
+            "loader": "unpickled in the slicegpt env (seed format)"})
+        facts.architecture = f"{type(seed['model']).__name__} (slicegpt model object, pickled with dill)"
+        return protocol.InfoResult(facts=facts.as_dict())
 
     def cache_info(self, args: protocol.CacheInfoArgs, ctx: RequestContext) -> protocol.CacheInfoResult:
         entries = [{"checkpoint": key.checkpoint, "loader": key.loader, "device": key.device, "bytes": size}
@@ -187,6 +218,22 @@ def _read_seed_bin(path: Path) -> dict:
     if not hasattr(seed["model"], "state_dict") or not hasattr(seed["model"], "config"):
         raise NotASeedBin(f"{path}: its 'model' is a {type(seed['model']).__name__}, not a model object")
     return seed
+
+
+def _portable_from_seed(seed: dict, source: Path):
+    """The portable model over the tensors of a seed .bin's model object, its base config and settings."""
+    from slicebridge.model.checkpoint import sliced_config_from_tensors
+    from slicebridge.model.modeling_sliced_llama import build_sliced_llama
+
+    model = seed["model"]
+    base_config = model.config.to_dict()
+    seed_config = dict(seed.get("config")) if isinstance(seed.get("config"), dict) else {}
+    seed_config.setdefault("sparsity", seed.get("pruning_ratio"))
+    seed_config.setdefault("round_interval", None)
+    tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    config = sliced_config_from_tensors(tensors, base_config, source=source, sparsity=seed_config["sparsity"],
+                                        round_interval=seed_config["round_interval"])
+    return build_sliced_llama(tensors, config).eval(), base_config, seed_config
 
 
 def _tokenizer_files_of(tokenizer) -> dict[str, bytes]:

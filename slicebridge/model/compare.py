@@ -1,0 +1,110 @@
+"""Comparing two models' logits: the numbers verification reports, and its tolerances.
+
+For each input (fixed token ids, a text window) we compare the artifact's logits with
+the reference's: max |Δlogit|, NMSE (sum of squared differences over sum of squared
+reference logits), top-1 agreement, and the perplexity of each side on the input's
+own next tokens.
+
+Default tolerances, by the lower precision of the two sides:
+
+| dtype | NMSE ≤ | top-1 ≥ | |Δppl| / ppl ≤ |
+| --- | --- | --- | --- |
+| float32 | 1e-6 | 0.99 | 1e-3 |
+| float16 | 1e-4 | 0.95 | 1e-2 |
+| bfloat16 | 1e-3 | 0.90 | 3e-2 |
+
+Why: an artifact built from the same tensors computes the same function, and differs
+from the reference by rounding only. Measured on the shared fixture: the official fp16
+model against itself cast to fp32 gives NMSE 6.5e-7 (100 % top-1); our portable model
+against the official one gives 1.7e-11 in fp32 and 7.7e-7 in fp16 (reference made on
+another CPU), and exactly 0 when both sides run fp16 on the same CPU. fp16 rounds at
+2^-11 per operation, bf16 at 2^-8, and GPUs accumulate in other orders than CPUs, so
+the fp16 bound leaves two orders of magnitude for other hardware, bf16 ten times more.
+
+What it catches: one flipped exponent bit in a single fp16 weight (bit rot, a bad
+copy) gives NMSE 0.08 to 1.9 and top-1 down to 0 % on the fixture. What it does not: a
+small nudge to one weight (+1.0 on one q_proj entry) gives NMSE 5.6e-6 and passes in
+fp16. Verification proves the function is the same within rounding, not that every
+byte is; compare checksums for that. Top-1 allows a few flips between near-tied logits
+at low precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float32": {"nmse": 1e-6, "top1": 0.99, "ppl_rel": 1e-3},
+    "float16": {"nmse": 1e-4, "top1": 0.95, "ppl_rel": 1e-2},
+    "bfloat16": {"nmse": 1e-3, "top1": 0.90, "ppl_rel": 3e-2},
+}
+_PRECISION_ORDER = ["bfloat16", "float16", "float32"]  # lowest first
+
+
+def comparison_dtype(*dtypes: str) -> str:
+    """The lowest precision among the sides (float64 counts as float32)."""
+    names = [d.removeprefix("torch.").replace("float64", "float32") for d in dtypes]
+    return min(names, key=lambda d: _PRECISION_ORDER.index(d) if d in _PRECISION_ORDER else 2)
+
+
+@dataclass
+class InputComparison:
+    name: str
+    tokens: int
+    max_abs_diff: float
+    nmse: float
+    top1: float
+    ppl_artifact: float
+    ppl_reference: float
+
+    @property
+    def ppl_rel_diff(self) -> float:
+        return abs(self.ppl_artifact - self.ppl_reference) / self.ppl_reference
+
+    def failures(self, tolerance: dict[str, float]) -> list[str]:
+        problems = []
+        if not self.nmse <= tolerance["nmse"]:  # "not <=" also catches NaN
+            problems.append(f"{self.name}: NMSE {self.nmse:.3g} > {tolerance['nmse']:g}")
+        if not self.top1 >= tolerance["top1"]:
+            problems.append(f"{self.name}: top-1 agreement {self.top1:.1%} < {tolerance['top1']:.0%}")
+        if not self.ppl_rel_diff <= tolerance["ppl_rel"]:
+            problems.append(f"{self.name}: perplexity {self.ppl_artifact:.4g} vs {self.ppl_reference:.4g} "
+                            f"(relative difference {self.ppl_rel_diff:.3g} > {tolerance['ppl_rel']:g})")
+        return problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ppl_rel_diff": self.ppl_rel_diff}
+
+
+def compare_logits(name: str, input_ids, artifact_logits, reference_logits) -> InputComparison:
+    """Metrics of one input: ``*_logits`` are [batch, seq, vocab] (any float dtype)."""
+    import torch
+
+    got = artifact_logits.detach().to("cpu", torch.float64)
+    want = reference_logits.detach().to("cpu", torch.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"{name}: artifact logits {tuple(got.shape)} vs reference {tuple(want.shape)}")
+    diff = got - want
+    nmse = float((diff ** 2).sum() / (want ** 2).sum())
+    return InputComparison(
+        name=name,
+        tokens=int(input_ids.numel()),
+        max_abs_diff=float(diff.abs().max()),
+        nmse=nmse,
+        top1=float((got.argmax(-1) == want.argmax(-1)).double().mean()),
+        ppl_artifact=perplexity(got, input_ids),
+        ppl_reference=perplexity(want, input_ids),
+    )
+
+
+def perplexity(logits, input_ids) -> float:
+    """exp of the mean next-token cross entropy of ``input_ids`` under ``logits``."""
+    import torch
+
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.float64)
+    targets = input_ids[:, 1:].reshape(-1).to(shifted.device)
+    loss = torch.nn.functional.cross_entropy(shifted, targets)
+    value = float(loss)
+    return math.exp(value) if value < 700 else math.inf
