@@ -405,6 +405,39 @@ class ConvertResult:
 
 
 @dataclass
+class ExportArgs:
+    """Write a pickle-free Hugging Face directory for a SliceGPT checkpoint (paths are absolute)."""
+
+    slicegpt_model: str
+    output: str  # the directory to create
+    base_model: Optional[str] = None
+    sparsity: Optional[float] = None
+    round_interval: Optional[int] = None
+    loader: str = "auto"
+    device: str = "auto"
+    overwrite: bool = False
+    max_shard_size: int = 5 * 1024**3
+
+
+@dataclass
+class ExportResult:
+    output: str
+    bytes: int
+    files: list
+    sharded: bool
+    loader: str
+    cache_hit: bool
+    device: str
+    dtype: str
+    sparsity: float
+    round_interval: Optional[int]
+    actual_ratio: float
+    params: dict
+    timings: dict
+    verification: dict  # the in-server check written into the model card
+
+
+@dataclass
 class UpgradeArgs:
     """Turn a ``.bin`` made the seed's way (a dill pickle of the slicegpt model) into ours."""
 
@@ -482,6 +515,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("hello", HelloArgs, HelloResult),
         Operation("echo", EchoArgs, EchoResult),
         Operation("convert", ConvertArgs, ConvertResult),
+        Operation("export", ExportArgs, ExportResult),
         Operation("upgrade", UpgradeArgs, ConvertResult),
         Operation("reference", ReferenceArgs, ReferenceResult),
         Operation("info", InfoArgs, InfoResult),

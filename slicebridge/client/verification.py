@@ -25,12 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from slicebridge.bridge import protocol
-from slicebridge.model.compare import TOLERANCES, compare_logits, comparison_dtype
-
-PROBE_SHAPE = (2, 48)
-PROBE_SEED = 1234
-TEXT_WINDOW = 128
-
+from slicebridge.model.compare import TOLERANCES, compare_logits, comparison_dtype, verification_inputs
 
 @dataclass
 class VerifyReport:
@@ -83,27 +78,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def default_text() -> str:
-    from slicebridge.model.dense import embedded_text
-
-    return embedded_text()
-
-
-def probe_ids(vocab_size: int, first_regular_id: int = 3):
-    """Fixed token ids: the same for every run, spread over the vocabulary."""
-    import torch
-
-    generator = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.randint(first_regular_id, vocab_size, PROBE_SHAPE, generator=generator)
-
-
-def text_ids(tokenizer, text: str, window: int = TEXT_WINDOW):
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :window]
-    if ids.shape[1] < 2:
-        raise ValueError("the verification text gives fewer than 2 tokens; pass a longer text")
-    return ids
-
-
 def load_artifact(path: Path) -> tuple[str, dict]:
     """Load an artifact the way a user would: ``slicebridge.load`` (safe for .bin files)."""
     import slicebridge
@@ -146,8 +120,7 @@ def verify_artifact(bridge, artifact: str | os.PathLike, checkpoint: str | os.Pa
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(base_model or Path(checkpoint_path).parent)
-    inputs = {"probe": probe_ids(model.config.vocab_size),
-              "text": text_ids(tokenizer, text if text is not None else default_text())}
+    inputs = verification_inputs(model.config.vocab_size, tokenizer, text)
 
     reference = bridge.request("reference", protocol.ReferenceArgs(
         slicegpt_model=checkpoint_path, inputs=list(inputs.values()),

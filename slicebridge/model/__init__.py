@@ -6,6 +6,8 @@
   ``build_sliced_llama`` builds it from a state dict without random init.
 - ``checkpoint``: ``read_checkpoint`` finds, loads and validates what run_slicegpt wrote.
 - ``errors``: the ``CheckpointError`` family the reader raises.
+- ``export``: ``export_model`` writes the pickle-free Hugging Face directory (safetensors, config,
+  remote code, tokenizer, model card); ``load_export`` reads it back without remote code.
 
 Names are imported on first use, so ``import slicebridge.model`` does not import torch.
 """
@@ -28,6 +30,10 @@ _EXPORTS = {
     "SlicedWidths": "checkpoint",
     "read_checkpoint": "checkpoint",
     "sliced_width": "checkpoint",
+    "ExportError": "export",
+    "ExportSummary": "export",
+    "export_model": "export",
+    "load_export": "export",
     "CheckpointError": "errors",
     "CheckpointNotFound": "errors",
     "AmbiguousCheckpoint": "errors",

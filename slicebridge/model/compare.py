@@ -42,6 +42,11 @@ TOLERANCES: dict[str, dict[str, float]] = {
 }
 _PRECISION_ORDER = ["bfloat16", "float16", "float32"]  # lowest first
 
+# The inputs every verification uses: fixed token ids, and a window of text.
+PROBE_SHAPE = (2, 48)
+PROBE_SEED = 1234
+TEXT_WINDOW = 128
+
 
 def comparison_dtype(*dtypes: str) -> str:
     """The lowest precision among the sides (float64 counts as float32)."""
@@ -108,3 +113,29 @@ def perplexity(logits, input_ids) -> float:
     loss = torch.nn.functional.cross_entropy(shifted, targets)
     value = float(loss)
     return math.exp(value) if value < 700 else math.inf
+
+
+def default_text() -> str:
+    from slicebridge.model.dense import embedded_text
+
+    return embedded_text()
+
+
+def probe_ids(vocab_size: int, first_regular_id: int = 3):
+    """Fixed token ids: the same for every run, spread over the vocabulary."""
+    import torch
+
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randint(first_regular_id, vocab_size, PROBE_SHAPE, generator=generator)
+
+
+def text_ids(tokenizer, text: str, window: int = TEXT_WINDOW):
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :window]
+    if ids.shape[1] < 2:
+        raise ValueError("the verification text gives fewer than 2 tokens; pass a longer text")
+    return ids
+
+
+def verification_inputs(vocab_size: int, tokenizer, text: str | None = None) -> dict:
+    """The named inputs of a verification: ``probe`` (fixed ids) and ``text`` (a window of text)."""
+    return {"probe": probe_ids(vocab_size), "text": text_ids(tokenizer, text if text is not None else default_text())}

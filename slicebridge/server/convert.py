@@ -91,6 +91,35 @@ class ConvertService:
                             {"load": 0.0 if hit else loaded.load_seconds, "save": done - loaded_at,
                              "total": done - started})
 
+    def export(self, args: protocol.ExportArgs, ctx: RequestContext) -> protocol.ExportResult:
+        started = time.perf_counter()
+        check_output(args.output, args.overwrite, directory=True)
+        loaded, hit = self.load(args.slicegpt_model, args.base_model, args.sparsity, args.round_interval,
+                                args.loader, args.device, ctx)
+        loaded_at = time.perf_counter()
+        checkpoint = loaded.checkpoint
+        from slicebridge.model.binfile import producer_versions, tokenizer_files
+        from slicebridge.model.export import checkpoint_provenance, export_model
+
+        ctx.progress("check", 0, 1, "steps")
+        verification = _check_against_official(loaded)
+        ctx.progress("check", 1, 1, "steps")
+        ctx.progress("write", 0, 1, "dirs")
+        provenance = {**checkpoint_provenance(checkpoint, loader=loaded.loader), "producer": producer_versions()}
+        summary = export_model(loaded.model, args.output, tokenizer_files=tokenizer_files(checkpoint.base_dir),
+                               provenance=provenance, verification=verification,
+                               max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        ctx.progress("write", 1, 1, "dirs")
+        done = time.perf_counter()
+        return protocol.ExportResult(
+            output=str(summary.path), bytes=summary.size_bytes, files=list(summary.files), sharded=summary.sharded,
+            loader=loaded.loader, cache_hit=hit, device=loaded.device, dtype=summary.dtype,
+            sparsity=float(checkpoint.sparsity or 0.0), round_interval=checkpoint.round_interval,
+            actual_ratio=provenance["actual_ratio"], params=provenance["params"],
+            timings={"load": 0.0 if hit else loaded.load_seconds, "save": done - loaded_at,
+                     "total": done - started},
+            verification=verification)
+
     def upgrade(self, args: protocol.UpgradeArgs, ctx: RequestContext) -> protocol.ConvertResult:
         started = time.perf_counter()
         check_output(args.output, args.overwrite)
@@ -181,6 +210,35 @@ class ConvertService:
             pickle_module=summary["pickle_module"],
             format_version=summary["format_version"],
         )
+
+
+def _check_against_official(loaded: LoadedCheckpoint) -> dict:
+    """Compare the portable model with the official one, here, before writing: the model card's check."""
+    if loaded.official_model is None:
+        return {"status": "not checked here: the server's env has no slicegpt (builtin loader); "
+                          "run `slicebridge verify` on the export"}
+    import torch
+    from transformers import AutoTokenizer
+
+    from slicebridge.model.compare import TOLERANCES, compare_logits, comparison_dtype, verification_inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(loaded.checkpoint.base_dir)
+    inputs = verification_inputs(loaded.model.config.vocab_size, tokenizer)
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    tolerance = TOLERANCES[comparison_dtype(dtype)]
+    results = {}
+    with torch.no_grad():
+        for name, ids in inputs.items():
+            ids = ids.to(loaded.device)
+            got = loaded.model(ids).logits
+            want = loaded.official_model(ids).logits
+            comparison = compare_logits(name, ids, got, want)
+            results[name] = {k: v for k, v in comparison.as_dict().items() if k != "name"}
+            results[name]["passed"] = not comparison.failures(tolerance)
+    passed = all(r["passed"] for r in results.values())
+    return {"status": "passed" if passed else "FAILED",
+            "against": "the official slicegpt model, in the slicegpt env", "dtype": dtype,
+            "tolerance": tolerance, "inputs": results}
 
 
 def _param_counts(model, base_config: dict) -> dict:

@@ -81,6 +81,6 @@ def build_handlers() -> dict:
 
     service = ConvertService()
     return {"hello": hello, "echo": echo, "sleep": sleep, "fail": fail,
-            "convert": service.convert, "upgrade": service.upgrade, "reference": service.reference,
+            "convert": service.convert, "export": service.export, "upgrade": service.upgrade, "reference": service.reference,
             "info": service.info,
             "cache_info": service.cache_info}
