@@ -2,6 +2,9 @@
 #   make test    build both envs, run the test suite
 #   make demo    build both envs, run the main job on a small embedded model
 #   make bench   build both envs, run the benchmarks into bench/results/
+#   make convert SLICEGPT_MODEL=... [BASE_MODEL=...] [OUTPUT=...] [ENV=slicegpt]
+#   make convert SWEEP=dir [OUTPUT_DIR=...] [ENV=slicegpt]
+#                convert through a detached warm server that later make calls reuse
 
 PYTHON   ?= python3.11
 ENVS     ?= .envs
@@ -9,10 +12,14 @@ BASE     := $(ENVS)/base
 SLICEGPT := $(ENVS)/slicegpt
 PIP      := pip install --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
+# The slicegpt env for `make convert`: a conda env name, a prefix or a python. Default: the
+# stand-in env this Makefile builds (no slicegpt in it: the builtin loader is used).
+ENV      ?= $(SLICEGPT)
+SB       := $(BASE)/bin/slicebridge
 
 export SLICEBRIDGE_TEST_SLICEGPT_ENV := $(abspath $(SLICEGPT))
 
-.PHONY: envs test demo bench clean-envs
+.PHONY: envs test demo bench convert stop clean-envs
 
 envs: $(BASE)/.ready $(SLICEGPT)/.ready
 
@@ -40,6 +47,20 @@ demo: envs
 
 bench: envs
 	$(BASE)/bin/python bench/run.py --env $(SLICEGPT)
+
+convert: envs
+	@if [ -z "$(SLICEGPT_MODEL)$(SWEEP)" ]; then \
+	  echo "usage: make convert SLICEGPT_MODEL=ckpt.pt [BASE_MODEL=dir] [OUTPUT=out.bin] [ENV=slicegpt]"; \
+	  echo "       make convert SWEEP=dir [OUTPUT_DIR=dir] [ENV=slicegpt]"; exit 2; fi
+	@$(SB) server start --env "$(ENV)" >/dev/null
+	$(SB) convert --env "$(ENV)" \
+	  $(if $(SLICEGPT_MODEL),--slicegpt_model "$(SLICEGPT_MODEL)") $(if $(SWEEP),"$(SWEEP)") \
+	  $(if $(BASE_MODEL),--base_model "$(BASE_MODEL)") $(if $(OUTPUT),--output "$(OUTPUT)") \
+	  $(if $(OUTPUT_DIR),--output-dir "$(OUTPUT_DIR)") $(if $(OVERWRITE),--overwrite) $(if $(VERIFY),--verify)
+
+# Stop the detached server that `make convert` started.
+stop:
+	-$(SB) server stop --env "$(ENV)"
 
 clean-envs:
 	rm -rf $(ENVS)

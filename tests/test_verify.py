@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from slicebridge.client.info import info
+from slicebridge.client.artifact_info import info
 from slicebridge.model.binfile import load, save_bin, tokenizer_files
 from slicebridge.model.compare import TOLERANCES
 

@@ -1,10 +1,126 @@
-"""The base-env side of slicebridge: ``Bridge`` (explicit lifetime) and the CLI.
+"""The base-env API: one call per job, one warm server per env for the life of the process.
 
-    from slicebridge.client import Bridge
-    with Bridge(env="slicegpt") as bridge:
-        bridge.hello()
+    from slicebridge import client
+    client.convert(slicegpt_model="results/Llama-3-8B-Instruct_0.2.pt",
+                   base_model="/models/Llama-3-8B-Instruct", output="pruned_model.bin", env="slicegpt")
+    client.verify("pruned_model.bin", checkpoint="results/Llama-3-8B-Instruct_0.2.pt", env="slicegpt")
+
+The first call for an env attaches to its detached server (``slicebridge server start``)
+or starts one owned by this process; later calls reuse it, so a loop over many
+checkpoints pays start-up and model loading once. If the server dies, the next call
+starts a fresh one, up to ``MAX_RESTARTS`` times, then raises ``ServerKeepsDying``.
+``Bridge(env=...)`` gives the same with an explicit lifetime.
 """
 
-from slicebridge.client.bridge import Bridge
+from __future__ import annotations
 
-__all__ = ["Bridge"]
+import atexit
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from slicebridge.bridge.envs import find_env
+from slicebridge.bridge.errors import SlicebridgeError
+from slicebridge.client.bridge import Bridge, default_env
+
+__all__ = ["Bridge", "convert", "export", "verify", "info", "upgrade", "bridge_for", "close", "ServerKeepsDying"]
+
+MAX_RESTARTS = 3
+
+
+class ServerKeepsDying(SlicebridgeError):
+    """The server of an env died again after ``MAX_RESTARTS`` fresh starts."""
+
+
+_bridges: dict[str, Bridge] = {}
+_restarts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def bridge_for(env: str | os.PathLike | None = None) -> Bridge:
+    """The process-wide warm bridge of ``env`` (started, or restarted after a death, on demand)."""
+    spec = os.fspath(env) if env is not None else default_env()
+    key = find_env(spec).python
+    with _lock:
+        bridge = _bridges.get(key)
+        if bridge is not None and bridge.server is not None and bridge.server.alive():
+            return bridge
+        if bridge is not None:  # it died since the last call
+            bridge.close()
+            _restarts[key] = _restarts.get(key, 0) + 1
+            if _restarts[key] > MAX_RESTARTS:
+                tail = bridge.server.stderr_tail() if bridge.server else ""
+                del _bridges[key]
+                raise ServerKeepsDying(
+                    f"the slicebridge server for {spec!r} died {_restarts[key]} times in this process; "
+                    f"not starting it again.\n--- server stderr (last lines) ---\n{tail}")
+        bridge = Bridge(env=spec).start()
+        if not _bridges:
+            atexit.register(close)
+        _bridges[key] = bridge
+        return bridge
+
+
+def _call(env, method: str, *args, **kwargs) -> Any:
+    """Run one Bridge method on the env's warm bridge (a ServerDied propagates; the next call restarts)."""
+    return getattr(bridge_for(env), method)(*args, **kwargs)
+
+
+def close() -> None:
+    """Close every bridge this process opened (servers it owns stop; detached ones stay)."""
+    with _lock:
+        for bridge in _bridges.values():
+            bridge.close()
+        _bridges.clear()
+
+
+def default_output(checkpoint: str | os.PathLike, suffix: str = ".bin") -> str:
+    """``<checkpoint dir>/<stem><suffix>`` for a ``.pt`` or a run_slicegpt dir's single checkpoint."""
+    path = Path(checkpoint).expanduser().absolute()
+    if path.is_dir():
+        from slicebridge.model.checkpoint import read_checkpoint
+
+        path = read_checkpoint(path).checkpoint_path
+    return str(path.with_suffix(suffix) if suffix else path.with_suffix(""))
+
+
+def convert(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | None = None,
+            output: str | os.PathLike | None = None, *, env: str | None = None, **options):
+    """Convert a SliceGPT checkpoint into a portable ``.bin``; returns a ``ConvertResult``.
+
+    Options: sparsity (default: from the checkpoint or its file name), round_interval,
+    loader ("auto" | "official" | "builtin"), device ("auto" | "cpu" | "cuda"), overwrite,
+    pickle_module, on_event. ``output`` defaults to ``<checkpoint>.bin`` beside it.
+    """
+    output = output if output is not None else default_output(slicegpt_model)
+    return _call(env, "convert", slicegpt_model, output, base_model=base_model, **options)
+
+
+def export(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | None = None,
+           output: str | os.PathLike | None = None, *, env: str | None = None, **options):
+    """Export a SliceGPT checkpoint as a pickle-free Hugging Face directory; returns an ``ExportResult``."""
+    output = output if output is not None else default_output(slicegpt_model, suffix="")
+    return _call(env, "export", slicegpt_model, output, base_model=base_model, **options)
+
+
+def verify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, base_model: str | os.PathLike | None = None,
+           *, env: str | None = None, **options):
+    """Verify an artifact in this env against the checkpoint in the server; returns a ``VerifyReport``."""
+    return _call(env, "verify", artifact, checkpoint, base_model=base_model, **options)
+
+
+def info(path: str | os.PathLike, base_model: str | os.PathLike | None = None, *, env: str | None = None):
+    """Describe a checkpoint, ``.bin`` or export dir; a seed-format ``.bin`` is read through ``env``."""
+    from slicebridge.client.artifact_info import info as local_info
+    from slicebridge.model.pickle_scan import diagnose_seed_bin
+
+    target = Path(path)
+    if env is not None and target.is_file() and target.suffix != ".pt" and diagnose_seed_bin(target).is_seed_format:
+        return _call(env, "info", path, base_model=base_model)
+    return local_info(path, base_model=base_model)
+
+
+def upgrade(source: str | os.PathLike, output: str | os.PathLike, *, env: str | None = None, **options):
+    """Turn a ``.bin`` made the seed's way into a portable one, in the slicegpt env."""
+    return _call(env, "upgrade", source, output, **options)

@@ -165,6 +165,19 @@ class Bridge:
             loader=loader, device=device, overwrite=overwrite, pickle_module=pickle_module)
         return self.request("convert", args, on_event=on_event)
 
+    def export(self, slicegpt_model: str | os.PathLike, output: str | os.PathLike, *,
+               base_model: str | os.PathLike | None = None, sparsity: float | None = None,
+               round_interval: int | None = None, loader: str = "auto", device: str = "auto",
+               overwrite: bool = False, max_shard_size: int = 5 * 1024**3,
+               on_event: EventCallback | None = None) -> protocol.ExportResult:
+        """Write a pickle-free Hugging Face directory (safetensors, config, remote code, card)."""
+        args = protocol.ExportArgs(
+            slicegpt_model=_absolute(slicegpt_model), output=_absolute(output),
+            base_model=_absolute(base_model) if base_model is not None else None,
+            sparsity=float(sparsity) if sparsity is not None else None, round_interval=round_interval,
+            loader=loader, device=device, overwrite=overwrite, max_shard_size=int(max_shard_size))
+        return self.request("export", args, on_event=on_event)
+
     def upgrade(self, source: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False,
                 pickle_module: str = "auto", on_event: EventCallback | None = None) -> protocol.ConvertResult:
         """Turn a ``.bin`` made the seed's way into a portable one (read in the slicegpt env)."""
@@ -178,13 +191,13 @@ class Bridge:
         Options: base_model, sparsity, round_interval, text, loader, device, artifact_device,
         on_event. Returns a ``VerifyReport`` (``.passed``, ``.table()``, ``.as_dict()``).
         """
-        from slicebridge.client.verify import verify_artifact
+        from slicebridge.client.verification import verify_artifact
 
         return verify_artifact(self, artifact, checkpoint, **options)
 
     def info(self, path: str | os.PathLike, *, base_model: str | os.PathLike | None = None):
         """Facts about a checkpoint, ``.bin`` or export dir (seed-format files are read in the server)."""
-        from slicebridge.client.info import info
+        from slicebridge.client.artifact_info import info
 
         return info(path, base_model=base_model, bridge=self)
 

@@ -5,7 +5,13 @@
     slicebridge server stop --env slicegpt      stop it (or --all)
     slicebridge doctor --env slicegpt [--fix]   what both envs have; --fix installs pyzmq/msgpack there
     slicebridge hello --env slicegpt            handshake: the server's python, packages, device
-    slicebridge demo --env slicegpt             the bridge at work on this machine
+    slicebridge convert CKPT... [--output-dir D] [--verify]   checkpoints -> portable .bin files
+    slicebridge convert --slicegpt_model P --base_model B --output O   (the seed script's flags)
+    slicebridge export CKPT... [--output-dir D]  checkpoints -> pickle-free Hugging Face dirs
+    slicebridge verify ARTIFACT --checkpoint CKPT   forward passes here vs the server; exit 1 on fail
+    slicebridge info PATH...                    widths, parameter counts, actual ratio, dtype
+    slicebridge upgrade SEED.bin OUT.bin        a .bin made the seed's way -> a portable one
+    slicebridge demo --env slicegpt             the main job on a small embedded model
 
 Errors print one sentence (no traceback; ``--debug`` shows it) and exit non-zero.
 """
@@ -61,9 +67,56 @@ def build_parser() -> argparse.ArgumentParser:
     _add_env(hello)
     hello.add_argument("--json", action="store_true")
 
-    demo = commands.add_parser("demo", help="show the bridge at work on this machine")
+    for name, what in (("convert", "checkpoints -> portable .bin files (the seed's dict format)"),
+                       ("export", "checkpoints -> pickle-free Hugging Face directories")):
+        job = commands.add_parser(name, help=what)
+        job.add_argument("checkpoints", nargs="*", help="run_slicegpt dirs, .pt files, globs or sweep dirs")
+        job.add_argument("--slicegpt_model", "--slicegpt-model", dest="slicegpt_model", action="append",
+                         default=[], help="a checkpoint (the seed script's flag; may repeat)")
+        job.add_argument("--base_model", "--base-model", dest="base_model", default=None,
+                         help="the dense base model dir (config, tokenizer); default: beside each checkpoint")
+        job.add_argument("--output", default=None, help="output path (one checkpoint only)")
+        job.add_argument("--output-dir", default=None, help="where outputs go (default: beside each checkpoint)")
+        job.add_argument("--sparsity", type=float, default=None, help="default: from the checkpoint's file name")
+        job.add_argument("--round-interval", "--round_interval", dest="round_interval", type=int, default=None)
+        job.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
+        job.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in the server)")
+        job.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        job.add_argument("--verify", action="store_true", help="verify each output in this env afterwards")
+        _add_env(job)
+        _add_output_flags(job)
+
+    verify = commands.add_parser("verify", help="check an artifact here against its checkpoint in the server")
+    verify.add_argument("artifact", help="a .bin or an export directory")
+    verify.add_argument("--checkpoint", required=True, help="the SliceGPT checkpoint (run_slicegpt dir or .pt)")
+    verify.add_argument("--base_model", "--base-model", dest="base_model", default=None)
+    verify.add_argument("--text", default=None, help="a text file for the text window (default: embedded text)")
+    verify.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
+    _add_env(verify)
+    _add_output_flags(verify)
+
+    info = commands.add_parser("info", help="describe checkpoints, .bin files and export dirs")
+    info.add_argument("paths", nargs="+")
+    info.add_argument("--base_model", "--base-model", dest="base_model", default=None)
+    info.add_argument("--env", default=None, help="read seed-format .bin files through this env's server")
+    _add_output_flags(info)
+
+    upgrade = commands.add_parser("upgrade", help="turn a .bin made the seed's way into a portable one")
+    upgrade.add_argument("source")
+    upgrade.add_argument("output")
+    upgrade.add_argument("--overwrite", action="store_true")
+    _add_env(upgrade)
+    _add_output_flags(upgrade)
+
+    demo = commands.add_parser("demo", help="the main job on a small embedded model")
     _add_env(demo)
+    demo.add_argument("--workdir", default=None, help="where the demo's models go (default: a temp dir)")
     return parser
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,14 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except SlicebridgeError as exc:
+    except _USER_ERRORS as exc:
         if args.debug:
             raise
         print(f"slicebridge: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         print("slicebridge: interrupted", file=sys.stderr)
         return 130
+
+
+def _user_errors() -> tuple:
+    from slicebridge.model import atomic, binfile, errors
+
+    return (SlicebridgeError, errors.CheckpointError, atomic.OutputError, binfile.BinFileError)
+
+
+_USER_ERRORS = _user_errors()
 
 
 def _print_json(data) -> None:
@@ -154,13 +216,122 @@ def cmd_hello(args) -> int:
     return 0
 
 
+def _progress(args, label: str):
+    from slicebridge.client.progress import ProgressPrinter
+
+    return ProgressPrinter(label, quiet=args.quiet or args.json)
+
+
+def cmd_job(args) -> int:
+    """convert / export: one or many checkpoints through one warm server."""
+    from slicebridge import client
+    from slicebridge.client.batch import BatchRow, expand_checkpoints, outputs_for, rows_as_dicts, run_batch, \
+        summary_table
+
+    specs = list(args.slicegpt_model) + list(args.checkpoints)
+    if not specs:
+        raise UsageError(f"{args.command}: name at least one checkpoint (or --slicegpt_model)")
+    checkpoints = expand_checkpoints(specs)
+    if args.output and len(checkpoints) > 1:
+        raise UsageError(f"--output names one file, but {len(checkpoints)} checkpoints were given; use --output-dir")
+    suffix = ".bin" if args.command == "convert" else ""
+    outputs = outputs_for(checkpoints, args.output, args.output_dir, suffix)
+    client.bridge_for(args.env)  # a missing env or a server that cannot start fails the command now
+
+    def one(checkpoint, output):
+        bridge = client.bridge_for(args.env)  # a fresh server if the last one died
+        progress = _progress(args, checkpoint.name)
+        try:
+            result = getattr(bridge, args.command)(
+                checkpoint, output, base_model=args.base_model, sparsity=args.sparsity,
+                round_interval=args.round_interval, loader=args.loader, device=args.device,
+                overwrite=args.overwrite, on_event=progress)
+            row = BatchRow(str(checkpoint), result.output, actual_ratio=result.actual_ratio,
+                           loader=result.loader, cache_hit=result.cache_hit)
+            if args.verify:
+                report = bridge.verify(result.output, checkpoint, base_model=args.base_model,
+                                       sparsity=args.sparsity, round_interval=args.round_interval,
+                                       on_event=progress)
+                row.verify = "pass" if report.passed else "FAIL"
+                if not report.passed:
+                    row.error = "; ".join(report.failures)
+            return row
+        finally:
+            progress.close()
+
+    rows = run_batch(checkpoints, outputs, one)
+    if args.json:
+        _print_json(rows_as_dicts(rows))
+    else:
+        print(summary_table(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def cmd_verify(args) -> int:
+    from slicebridge import client
+
+    text = None
+    if args.text:
+        try:
+            text = open(args.text, encoding="utf-8").read()
+        except OSError as exc:
+            raise UsageError(f"cannot read the text file {args.text}: {exc.strerror}") from None
+    progress = _progress(args, "verify")
+    try:
+        report = client.verify(args.artifact, args.checkpoint, args.base_model, env=args.env, text=text,
+                               loader=args.loader, on_event=progress)
+    finally:
+        progress.close()
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.passed else 1
+
+
+def cmd_info(args) -> int:
+    from slicebridge import client
+
+    reports, failed = [], False
+    for path in args.paths:
+        try:
+            reports.append(client.info(path, args.base_model, env=args.env))
+        except (SlicebridgeError, FileNotFoundError, ValueError) as exc:
+            failed = True
+            print(f"slicebridge: error: {path}: {exc}", file=sys.stderr)
+    if args.json:
+        _print_json([r.as_dict() for r in reports])
+    else:
+        print("\n\n".join(r.table() for r in reports))
+    return 1 if failed else 0
+
+
+def cmd_upgrade(args) -> int:
+    from slicebridge import client
+
+    progress = _progress(args, "upgrade")
+    try:
+        result = client.upgrade(args.source, args.output, env=args.env, overwrite=args.overwrite,
+                                on_event=progress)
+    finally:
+        progress.close()
+    if args.json:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(f"upgraded {args.source} -> {result.output} ({result.bytes / 1e6:.1f} MB, "
+              f"actual ratio {result.actual_ratio:.4f}); load it anywhere with slicebridge.load()")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from slicebridge.client.demo import run_demo
 
-    return run_demo(args.env)
+    return run_demo(args.env, workdir=args.workdir)
 
 
-COMMANDS = {"server": cmd_server, "doctor": cmd_doctor, "hello": cmd_hello, "demo": cmd_demo}
+class UsageError(SlicebridgeError):
+    """The command line asks for something that cannot be done."""
+
+
+COMMANDS = {"server": cmd_server, "doctor": cmd_doctor, "hello": cmd_hello, "demo": cmd_demo,
+            "convert": cmd_job, "export": cmd_job, "verify": cmd_verify, "info": cmd_info, "upgrade": cmd_upgrade}
 
 if __name__ == "__main__":
     sys.exit(main())

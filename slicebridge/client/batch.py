@@ -1,0 +1,126 @@
+"""Many checkpoints in one command: expand paths, globs and sweep dirs; run each; summarise.
+
+Every checkpoint goes through the same warm server; one that fails is reported and the
+rest go on. The summary has one row per checkpoint (checkpoint, output, seconds, actual
+ratio, verify result, error), and the command's exit status is non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from slicebridge.bridge.errors import SlicebridgeError
+from slicebridge.model import atomic, binfile
+from slicebridge.model import errors as checkpoint_errors
+
+# Errors that fail one checkpoint but not the batch (remote ones arrive as these types too).
+ITEM_ERRORS = (SlicebridgeError, checkpoint_errors.CheckpointError, atomic.OutputError, binfile.BinFileError,
+               FileNotFoundError, ValueError)
+
+
+@dataclass
+class BatchRow:
+    checkpoint: str
+    output: str
+    seconds: float = 0.0
+    actual_ratio: float | None = None
+    loader: str = ""
+    cache_hit: bool | None = None
+    verify: str = "-"  # "pass", "FAIL" or "-"
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.verify != "FAIL"
+
+
+def expand_checkpoints(specs: list[str]) -> list[Path]:
+    """Checkpoint ``.pt`` files from paths, globs and sweep directories, in a stable order.
+
+    A directory is a run_slicegpt save dir (its ``*.pt`` files) or a sweep of them (the
+    ``*.pt`` files of its subdirectories). A path that matches nothing is kept as it is,
+    so that its conversion fails with a clear error in the summary.
+    """
+    found: list[Path] = []
+    for spec in specs:
+        matches = sorted(glob.glob(os.path.expanduser(spec))) if glob.has_magic(spec) else [spec]
+        for match in matches:
+            path = Path(match).expanduser()
+            if path.is_dir():
+                inside = sorted(path.glob("*.pt")) or sorted(path.glob("*/*.pt"))
+                found += inside or [path]
+            else:
+                found.append(path)
+    unique = list(dict.fromkeys(p.absolute() for p in found))
+    return unique
+
+
+def output_for(checkpoint: Path, output: str | None, output_dir: str | None, suffix: str) -> Path:
+    if output is not None:
+        return Path(output).expanduser().absolute()
+    directory = Path(output_dir).expanduser().absolute() if output_dir else checkpoint.parent
+    name = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
+    return directory / f"{name}{suffix}"
+
+
+def outputs_for(checkpoints: list[Path], output: str | None, output_dir: str | None, suffix: str) -> list[Path]:
+    """One output per checkpoint; checkpoints with the same name get their directory's name in front."""
+    outputs = [output_for(c, output, output_dir, suffix) for c in checkpoints]
+    for index, path in enumerate(outputs):
+        if outputs.count(path) > 1:
+            clashing = [i for i, p in enumerate(outputs) if p == path]
+            for i in clashing:
+                outputs[i] = path.with_name(f"{checkpoints[i].parent.name}-{path.name}")
+    return outputs
+
+
+def run_batch(checkpoints: list[Path], outputs: list[Path], one: Callable[[Path, Path], BatchRow]) -> list[BatchRow]:
+    rows = []
+    for checkpoint, output in zip(checkpoints, outputs):
+        started = time.perf_counter()
+        try:
+            row = one(checkpoint, output)
+        except ITEM_ERRORS as exc:
+            row = BatchRow(str(checkpoint), str(output), error=f"{type(exc).__name__}: {_first_line(exc)}")
+        row.seconds = time.perf_counter() - started
+        rows.append(row)
+    return rows
+
+
+def _first_line(exc: Exception) -> str:
+    text = getattr(exc, "remote_message", None) or str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def summary_table(rows: list[BatchRow]) -> str:
+    header = ("checkpoint", "output", "seconds", "actual ratio", "loader", "verify", "result")
+    table = [header]
+    for row in rows:
+        table.append((Path(row.checkpoint).name, _short(row.output), f"{row.seconds:.2f}",
+                      f"{row.actual_ratio:.4f}" if row.actual_ratio is not None else "-",
+                      row.loader + (" (cached)" if row.cache_hit else "") if row.loader else "-",
+                      row.verify, "ok" if row.ok else f"FAILED: {row.error}" if row.error else "FAILED"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    failed = sum(not r.ok for r in rows)
+    lines.append(f"{len(rows) - failed} of {len(rows)} succeeded" + (f", {failed} failed" if failed else ""))
+    return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """Relative to the current dir when it is below it, else absolute."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if relative.startswith("..") else relative
+
+
+def rows_as_dicts(rows: list[BatchRow]) -> list[dict]:
+    return [{**asdict(r), "ok": r.ok} for r in rows]
