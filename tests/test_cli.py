@@ -149,3 +149,14 @@ def test_make_convert_twice_reuses_one_detached_server(slicegpt_env, tmp_path):
     finally:
         run_cli("server", "stop", "--env", str(slicegpt_env))
     assert load(tmp_path / "two.bin")["method"] == "SliceGPT"
+
+
+def test_demo_smoke(slicegpt_env, tmp_path):
+    """make demo's main job, on the tiny preset: slice, convert, export, verify, info through one server."""
+    done = run_cli("demo", "--env", str(slicegpt_env), "--preset", "tiny", "--workdir", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo passed" in done.stdout
+    lines = [line for line in done.stdout.splitlines() if line.startswith("sliced-")]
+    assert len(lines) == 2 and all(line.count("PASS") == 2 for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dense", "sliced-0.25", "sliced-0.25-hf", "sliced-0.25.bin", "sliced-0.5", "sliced-0.5-hf", "sliced-0.5.bin"]

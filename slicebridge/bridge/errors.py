@@ -74,6 +74,10 @@ class RequestTimeout(SlicebridgeError):
     """A request did not finish within the caller's timeout; it was cancelled on the server."""
 
 
+class ServerKeepsDying(ServerDied):
+    """The server died again after the allowed number of fresh starts."""
+
+
 class ServerNotRunning(SlicebridgeError):
     """No detached server is running for the env the user named."""
 

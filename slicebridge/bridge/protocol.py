@@ -512,7 +512,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("ping", PingArgs, PingResult, immediate=True),
         Operation("stats", StatsArgs, StatsResult, immediate=True),
         Operation("shutdown", ShutdownArgs, ShutdownResult, immediate=True),
-        Operation("hello", HelloArgs, HelloResult),
+        Operation("hello", HelloArgs, HelloResult, immediate=True),
         Operation("echo", EchoArgs, EchoResult),
         Operation("convert", ConvertArgs, ConvertResult),
         Operation("export", ExportArgs, ExportResult),

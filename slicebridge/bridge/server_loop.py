@@ -47,6 +47,9 @@ _POLL_MS = 100
 _OWNER_CHECK_S = 0.5
 _PROGRESS_MIN_INTERVAL_S = 0.05
 _SHUTDOWN_GRACE_S = 10.0
+# A client waiting for a reply sends a heartbeat every second. One silent for this long is
+# gone (killed, or its machine asleep): its running request is cancelled, its queued ones dropped.
+ORPHAN_TIMEOUT_S = 6.0
 
 Handler = Callable[[Any, "RequestContext"], Any]
 
@@ -104,6 +107,14 @@ class RequestContext:
             raise Cancelled(f"request {self.op} was cancelled")
 
 
+_current = threading.local()
+
+
+def current_request() -> RequestContext | None:
+    """The request the calling (worker) thread is serving, if any."""
+    return getattr(_current, "ctx", None)
+
+
 class _ForwardLogs(logging.Handler):
     """Sends records logged by slicebridge code during a request to that request's client."""
 
@@ -129,8 +140,17 @@ class _Job:
 class ServerLoop:
     """Serves requests on the endpoint described by a connection file until told to stop."""
 
-    def __init__(self, conn_path: Path, info: ConnectionInfo, handlers: dict[str, Handler]):
+    def __init__(self, conn_path: Path, info: ConnectionInfo, handlers: dict[str, Handler],
+                 runtime_facts: Callable[[], dict] = dict, on_out_of_memory: Callable[[], None] = lambda: None):
         self.conn_path = Path(conn_path)
+        self.on_out_of_memory = on_out_of_memory
+        # ``hello`` is answered by the I/O thread, never queued behind work: its facts (which
+        # import torch) are gathered once by a warm-up thread; hellos that arrive before
+        # that is done wait in _pending_hellos.
+        self._runtime_facts = runtime_facts
+        self._facts: dict | None = None
+        self._facts_ready = threading.Event()
+        self._pending_hellos: list[RequestContext] = []
         self.info = info
         self.handlers = handlers
         self.state = ServerState(info)
@@ -142,6 +162,7 @@ class ServerLoop:
         self._stopping = threading.Event()
         self._forward_logs = _ForwardLogs()
         self._socket_path: str | None = None
+        self._last_heard: dict[bytes, float] = {}  # client identity -> when it last sent anything
         self._thread_sockets = threading.local()  # each worker thread's PUSH socket to the outbox
 
     # ------------------------------------------------------------------ lifecycle
@@ -178,6 +199,7 @@ class ServerLoop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
         logging.getLogger("slicebridge").addHandler(self._forward_logs)
+        threading.Thread(target=self._warm_up, name="slicebridge-warm-up", daemon=True).start()
         worker = threading.Thread(target=self._work, name="slicebridge-worker", daemon=True)
         worker.start()
         try:
@@ -196,10 +218,15 @@ class ServerLoop:
                 self._flush_outbox()
             if self.router in events:
                 self._receive()
+            if self._pending_hellos and self._facts_ready.is_set():
+                for ctx in self._pending_hellos:
+                    self._answer_hello(ctx)
+                self._pending_hellos.clear()
             now = time.monotonic()
-            if self.info.owner_pid and now >= next_owner_check:
+            if now >= next_owner_check:
                 next_owner_check = now + _OWNER_CHECK_S
-                if not pid_alive(self.info.owner_pid, self.info.owner_start):
+                self._cancel_orphans(now)
+                if self.info.owner_pid and not pid_alive(self.info.owner_pid, self.info.owner_start):
                     log.info("owner pid %d is gone; exiting", self.info.owner_pid)
                     self._stopping.set()
 
@@ -240,6 +267,7 @@ class ServerLoop:
                 log.warning("dropped a message: %s", dropped.reason)
                 continue
             self.state.counters["received"] += 1
+            self._last_heard[identity] = time.monotonic()
             if message.kind == protocol.HEARTBEAT:
                 self._send_now(identity, protocol.Message(protocol.HEARTBEAT, message.request_id, {}))
             elif message.kind == protocol.CANCEL:
@@ -276,8 +304,29 @@ class ServerLoop:
             self.state.queued = len(self._jobs)
             self._jobs_cv.notify()
 
+    def _warm_up(self) -> None:
+        try:
+            self._facts = self._runtime_facts()
+        except Exception as exc:  # reported to every hello instead of hanging them
+            log.exception("gathering the runtime facts failed")
+            self._facts = {"error": f"{type(exc).__name__}: {exc}"}
+        self._facts_ready.set()
+
+    def _answer_hello(self, ctx: RequestContext) -> None:
+        facts = self._facts or {}
+        if "error" in facts:
+            return self._send_error(ctx, "ServerBroken", f"the server cannot describe itself: {facts['error']}")
+        result = {**facts, "started_at": self.state.started_at, "detached": self.info.detached}
+        self._send_now(ctx.identity, protocol.Message(protocol.RESULT, ctx.request_id, result))
+
     def _answer_immediately(self, ctx: RequestContext, op_name: str) -> None:
         state = self.state
+        if op_name == "hello":
+            if self._facts_ready.is_set():
+                self._answer_hello(ctx)
+            else:
+                self._pending_hellos.append(ctx)
+            return
         if op_name == "ping":
             result = protocol.PingResult(os.getpid(), time.time(), state.busy, state.queued)
         elif op_name == "stats":
@@ -289,6 +338,25 @@ class ServerLoop:
             self._stopping.set()
         self._send_now(ctx.identity, protocol.Message(protocol.RESULT, ctx.request_id,
                                                       dataclasses.asdict(result)))
+
+    def _cancel_orphans(self, now: float) -> None:
+        """Cancel the work of clients that stopped sending heartbeats (Paranoid Pirate)."""
+        silent = {identity for identity, seen in self._last_heard.items() if now - seen > ORPHAN_TIMEOUT_S}
+        if not silent:
+            return
+        with self._jobs_cv:
+            for job in [j for j in self._jobs if j.ctx.identity in silent]:
+                self._jobs.remove(job)
+                self.state.counters["orphans_dropped"] += 1
+            self.state.queued = len(self._jobs)
+            running = self._running
+            if running is not None and running.ctx.identity in silent and not running.ctx.cancelled.is_set():
+                log.warning("the client of %s went silent; cancelling it", running.ctx.op)
+                running.ctx.cancelled.set()
+                self.state.counters["orphans_cancelled"] += 1
+        for identity in silent:
+            if running is None or running.ctx.identity != identity:
+                del self._last_heard[identity]
 
     def _cancel(self, request_id: str) -> None:
         with self._jobs_cv:
@@ -361,21 +429,19 @@ class ServerLoop:
         ctx = job.ctx
         handler = self.handlers[ctx.op]
         self._forward_logs.current.ctx = ctx
+        _current.ctx = ctx
         started = time.perf_counter()
         try:
             result = handler(job.args, ctx)
         except Cancelled as exc:
             self._send_error(ctx, "RequestCancelled", str(exc))
-        except MemoryError:
-            self._send_error(ctx, "OutOfMemory",
-                             f"the server ran out of memory serving {ctx.op}; it freed what it could "
-                             "and keeps serving", traceback.format_exc())
         except Exception as exc:  # every failure becomes an error reply; the server lives on
-            error_type = getattr(exc, "error_type", "") or type(exc).__name__
-            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-                error_type = "OutOfMemory"
-            log.debug("%s failed: %s", ctx.op, exc)
-            self._send_error(ctx, error_type, str(exc), traceback.format_exc())
+            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # host or CUDA
+                self._out_of_memory(ctx, exc)
+            else:
+                error_type = getattr(exc, "error_type", "") or type(exc).__name__
+                log.debug("%s failed: %s", ctx.op, exc)
+                self._send_error(ctx, error_type, str(exc), traceback.format_exc())
         except KeyboardInterrupt:
             self._send_error(ctx, "RequestCancelled", "interrupted")
         else:
@@ -385,3 +451,17 @@ class ServerLoop:
             log.debug("%s done in %.3fs", ctx.op, time.perf_counter() - started)
         finally:
             self._forward_logs.current.ctx = None
+            _current.ctx = None
+
+    def _out_of_memory(self, ctx: RequestContext, exc: BaseException) -> None:
+        where = "GPU" if type(exc).__name__ == "OutOfMemoryError" else "host"
+        tb = traceback.format_exc()
+        del exc
+        try:
+            self.on_out_of_memory()
+        except Exception:  # freeing memory is best effort
+            log.exception("freeing memory after an out-of-memory error failed")
+        self._send_error(ctx, "OutOfMemory",
+                         f"the server ran out of {where} memory serving {ctx.op}; it freed what it could and "
+                         "keeps serving (the warm cache keeps what fits SLICEBRIDGE_CACHE_BYTES; device='cpu' "
+                         "avoids the GPU's limit)", tb)

@@ -8,7 +8,7 @@
 The first call for an env attaches to its detached server (``slicebridge server start``)
 or starts one owned by this process; later calls reuse it, so a loop over many
 checkpoints pays start-up and model loading once. If the server dies, the next call
-starts a fresh one, up to ``MAX_RESTARTS`` times, then raises ``ServerKeepsDying``.
+starts a fresh one, up to three times, then raises ``ServerKeepsDying``.
 ``Bridge(env=...)`` gives the same with an explicit lifetime.
 """
 
@@ -21,44 +21,26 @@ from pathlib import Path
 from typing import Any
 
 from slicebridge.bridge.envs import find_env
-from slicebridge.bridge.errors import SlicebridgeError
+from slicebridge.bridge.errors import ServerKeepsDying
 from slicebridge.client.bridge import Bridge, default_env
 
 __all__ = ["Bridge", "convert", "export", "verify", "info", "upgrade", "bridge_for", "close", "ServerKeepsDying"]
 
-MAX_RESTARTS = 3
-
-
-class ServerKeepsDying(SlicebridgeError):
-    """The server of an env died again after ``MAX_RESTARTS`` fresh starts."""
-
-
 _bridges: dict[str, Bridge] = {}
-_restarts: dict[str, int] = {}
 _lock = threading.Lock()
 
 
 def bridge_for(env: str | os.PathLike | None = None) -> Bridge:
-    """The process-wide warm bridge of ``env`` (started, or restarted after a death, on demand)."""
+    """The process-wide warm bridge of ``env``, started on first use (it restarts a dead server itself)."""
     spec = os.fspath(env) if env is not None else default_env()
     key = find_env(spec).python
     with _lock:
         bridge = _bridges.get(key)
-        if bridge is not None and bridge.server is not None and bridge.server.alive():
-            return bridge
-        if bridge is not None:  # it died since the last call
-            bridge.close()
-            _restarts[key] = _restarts.get(key, 0) + 1
-            if _restarts[key] > MAX_RESTARTS:
-                tail = bridge.server.stderr_tail() if bridge.server else ""
-                del _bridges[key]
-                raise ServerKeepsDying(
-                    f"the slicebridge server for {spec!r} died {_restarts[key]} times in this process; "
-                    f"not starting it again.\n--- server stderr (last lines) ---\n{tail}")
-        bridge = Bridge(env=spec).start()
-        if not _bridges:
-            atexit.register(close)
-        _bridges[key] = bridge
+        if bridge is None:
+            bridge = Bridge(env=spec).start()
+            if not _bridges:
+                atexit.register(close)
+            _bridges[key] = bridge
         return bridge
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from slicebridge.bridge import protocol
 from slicebridge.bridge.channel import Channel, EventCallback
 from slicebridge.bridge.envs import PythonEnv, find_env
-from slicebridge.bridge.errors import ProtocolError, SlicebridgeError
+from slicebridge.bridge.errors import ProtocolError, ServerDied, ServerKeepsDying, SlicebridgeError
 from slicebridge.bridge.launcher import ServerProcess, attach, find_detached, start_server
 from slicebridge.bridge.protocol import TensorFrame
 
@@ -47,12 +47,13 @@ class Bridge:
         max_message_bytes: largest message either side accepts (a new server only).
         debug_ops: serve the diagnostic operations (``sleep``, ``fail``); default from
             ``SLICEBRIDGE_DEBUG_OPS=1``.
+        max_restarts: fresh servers started after deaths before giving up with ``ServerKeepsDying``.
     """
 
     def __init__(self, env: str | os.PathLike | None = None, *, connection_file: str | os.PathLike | None = None,
                  attach: bool = True, transport: str = "ipc", heartbeat_timeout: float = 10.0,
                  ready_timeout: float = 120.0, max_message_bytes: int | None = None,
-                 debug_ops: bool | None = None):
+                 debug_ops: bool | None = None, max_restarts: int = 3):
         self.env_spec = os.fspath(env) if env is not None else default_env()
         self.connection_file = Path(connection_file) if connection_file else None
         self.attach_detached = attach
@@ -65,6 +66,8 @@ class Bridge:
         self.server: ServerProcess | None = None
         self.channel: Channel | None = None
         self.server_hello: protocol.HelloResult | None = None
+        self.max_restarts = max_restarts
+        self.restarts = 0
 
     # ------------------------------------------------------------------ lifetime
 
@@ -106,6 +109,23 @@ class Bridge:
             )
         return self
 
+    def _restart(self) -> None:
+        dead = self.server
+        self.restarts += 1
+        tail = dead.stderr_tail()
+        self.channel.close()
+        self.channel = None
+        if dead.owned:
+            dead.kill()
+            dead.conn_path.unlink(missing_ok=True)
+        if self.restarts > self.max_restarts:
+            raise ServerKeepsDying(
+                f"the slicebridge server for {self.env_spec!r} died again after {self.max_restarts} fresh "
+                "starts; not starting it once more", tail)
+        log.warning("the server (pid %d) died; starting a fresh one (%d of %d)", dead.pid, self.restarts,
+                    self.max_restarts)
+        self.start()
+
     def close(self) -> None:
         """Disconnect; a server this bridge owns is shut down (killed if it does not stop)."""
         server, channel = self.server, self.channel
@@ -128,9 +148,15 @@ class Bridge:
 
     def request(self, op: str, args: Any = None, on_event: EventCallback | None = None,
                 timeout: float | None = None) -> Any:
-        """Send one request and return its result as the operation's result dataclass."""
+        """Send one request and return its result as the operation's result dataclass.
+
+        If the server died since the last request, a fresh one is started first (at most
+        ``max_restarts`` times in this bridge's life, then ``ServerKeepsDying``).
+        """
         if self.channel is None:
             self.start()
+        elif not self.server.alive():
+            self._restart()
         body = self.channel.request(op, args, on_event=on_event, timeout=timeout)
         operation = protocol.OPERATIONS.get(op)
         result = protocol.from_wire(operation.result, body) if operation else body
@@ -163,7 +189,7 @@ class Bridge:
             base_model=_absolute(base_model) if base_model is not None else None,
             sparsity=float(sparsity) if sparsity is not None else None, round_interval=round_interval,
             loader=loader, device=device, overwrite=overwrite, pickle_module=pickle_module)
-        return self.request("convert", args, on_event=on_event)
+        return self._writing_request("convert", args, on_event)
 
     def export(self, slicegpt_model: str | os.PathLike, output: str | os.PathLike, *,
                base_model: str | os.PathLike | None = None, sparsity: float | None = None,
@@ -176,14 +202,14 @@ class Bridge:
             base_model=_absolute(base_model) if base_model is not None else None,
             sparsity=float(sparsity) if sparsity is not None else None, round_interval=round_interval,
             loader=loader, device=device, overwrite=overwrite, max_shard_size=int(max_shard_size))
-        return self.request("export", args, on_event=on_event)
+        return self._writing_request("export", args, on_event)
 
     def upgrade(self, source: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False,
                 pickle_module: str = "auto", on_event: EventCallback | None = None) -> protocol.ConvertResult:
         """Turn a ``.bin`` made the seed's way into a portable one (read in the slicegpt env)."""
         args = protocol.UpgradeArgs(source=_absolute(source), output=_absolute(output), overwrite=overwrite,
                                     pickle_module=pickle_module)
-        return self.request("upgrade", args, on_event=on_event)
+        return self._writing_request("upgrade", args, on_event)
 
     def verify(self, artifact: str | os.PathLike, checkpoint: str | os.PathLike, **options):
         """Verify ``artifact`` (loaded in this env) against ``checkpoint`` (run in the server).
@@ -200,6 +226,16 @@ class Bridge:
         from slicebridge.client.artifact_info import info
 
         return info(path, base_model=base_model, bridge=self)
+
+    def _writing_request(self, op: str, args: Any, on_event: EventCallback | None) -> Any:
+        """A request that writes ``args.output``: if the server dies mid-write, its temp files go too."""
+        try:
+            return self.request(op, args, on_event=on_event)
+        except ServerDied:
+            from slicebridge.model.atomic import remove_orphaned_partials
+
+            remove_orphaned_partials(args.output)
+            raise
 
     def cache_info(self) -> protocol.CacheInfoResult:
         return self.request("cache_info", protocol.CacheInfoArgs())

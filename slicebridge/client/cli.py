@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job on a small embedded model")
     _add_env(demo)
     demo.add_argument("--workdir", default=None, help="where the demo's models go (default: a temp dir)")
+    demo.add_argument("--preset", default="small", choices=["tiny", "small", "1b"],
+                      help="size of the demo model (default: small, ~10M parameters)")
     return parser
 
 
@@ -323,7 +325,7 @@ def cmd_upgrade(args) -> int:
 def cmd_demo(args) -> int:
     from slicebridge.client.demo import run_demo
 
-    return run_demo(args.env, workdir=args.workdir)
+    return run_demo(args.env, workdir=args.workdir, preset=args.preset)
 
 
 class UsageError(SlicebridgeError):

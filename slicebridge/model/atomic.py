@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+
+# Called with the final path once an output is complete in its temporary, just before it is
+# put in place; an exception from it discards the output. The server sets it to drop the
+# output of a request cancelled while it was being written (and for fault injection).
+before_publish: Callable[[Path], None] | None = None
 
 
 class OutputError(Exception):
@@ -51,7 +58,25 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, directory: bo
 
 
 def _partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    """``.NAME.<pid>-<random>.partial``: the writer's pid tells an orphan from work in progress."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
+def remove_orphaned_partials(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``path`` left by writers that died (SIGKILL skips their cleanup)."""
+    from slicebridge.bridge.connection import pid_alive
+
+    path = Path(path)
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*-*.partial"):
+        pid = candidate.name[len(path.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 @contextlib.contextmanager
@@ -62,14 +87,32 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     try:
         yield tmp
         _fsync_file(tmp)
-        if not overwrite and path.exists():
-            raise OutputExists(f"{path} appeared while it was being written; not replacing it")
-        os.replace(tmp, path)
+        if before_publish is not None:
+            before_publish(path)
+        _publish_file(tmp, path, overwrite)
         _fsync_dir(path.parent)
     except OSError as exc:
         raise _explained(exc, path) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _publish_file(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Put ``tmp`` at ``path`` in one step; without ``overwrite``, never over a file that appeared meanwhile."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic and fails if path exists: two writers cannot both win
+    except FileExistsError:
+        raise OutputExists(f"{path} appeared while it was being written (another writer?); "
+                           "not replacing it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # a file system without hard links: check, then rename
+            raise OutputExists(f"{path} appeared while it was being written; not replacing it") from None
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -84,6 +127,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         for child in tmp.rglob("*"):
             if child.is_file():
                 _fsync_file(child)
+        if before_publish is not None:
+            before_publish(path)
         if path.exists():
             if not overwrite:
                 raise OutputExists(f"{path} appeared while it was being written; not replacing it")

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from slicebridge.model.atomic import OutputError, atomic_file
+from slicebridge.model.atomic import atomic_file
 
 log = logging.getLogger("slicebridge.binfile")
 
@@ -178,25 +178,26 @@ def save_bin(path: str | os.PathLike, *, model, tokenizer_files: Mapping[str, by
     with atomic_file(path, overwrite) as tmp:
         try:
             torch.save(contents, tmp, pickle_module=module)
-        except RuntimeError as exc:  # torch's zip writer reports I/O failures as RuntimeError
-            if "writ" in str(exc).lower():
-                raise OSError(getattr(exc, "errno", None) or _errno_from(tmp), str(exc)) from None
+        except RuntimeError:
+            # torch's zip writer reports a failed write as a RuntimeError about positions;
+            # the real cause (full disk, file size limit) shows when we try to write more.
+            cause = _write_failure(tmp)
+            if cause is not None:
+                raise cause from None
             raise
     summary = {k: v for k, v in contents.items() if k not in ("model", "tokenizer")}
     summary["pickle_module"] = module.__name__
     return summary
 
 
-def _errno_from(path: Path) -> int:
-    import errno
-
+def _write_failure(path: Path) -> OSError | None:
+    """The OSError that writing one more byte to ``path`` raises, if any."""
     try:
-        st = os.statvfs(path.parent)
-        if st.f_bavail == 0:
-            return errno.ENOSPC
-    except OSError:
-        pass
-    return errno.EIO
+        with open(path, "ab", buffering=0) as fh:
+            fh.write(b"\0")
+    except OSError as exc:
+        return exc
+    return None
 
 
 # ---------------------------------------------------------------------------------- reading

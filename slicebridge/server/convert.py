@@ -28,6 +28,19 @@ class NotASeedBin(HandlerError):
     """``upgrade`` was given something that is not a .bin made the seed's way."""
 
 
+class RelativePath(HandlerError):
+    """Paths must arrive absolute: the server's working directory is not the client's."""
+
+    error_type = "BadRequest"
+
+
+def _require_absolute(**paths: str | None) -> None:
+    for name, path in paths.items():
+        if path is not None and not os.path.isabs(path):
+            raise RelativePath(f"{name} must be an absolute path, not {path!r} (the client library sends "
+                               "absolute paths; a hand-made request must too)")
+
+
 class ConvertService:
     """Holds the warm model cache and serves the requests that use it."""
 
@@ -61,6 +74,7 @@ class ConvertService:
 
     def convert(self, args: protocol.ConvertArgs, ctx: RequestContext) -> protocol.ConvertResult:
         started = time.perf_counter()
+        _require_absolute(slicegpt_model=args.slicegpt_model, output=args.output, base_model=args.base_model)
         check_output(args.output, args.overwrite)
         loaded, hit = self.load(args.slicegpt_model, args.base_model, args.sparsity, args.round_interval,
                                 args.loader, args.device, ctx)
@@ -93,6 +107,7 @@ class ConvertService:
 
     def export(self, args: protocol.ExportArgs, ctx: RequestContext) -> protocol.ExportResult:
         started = time.perf_counter()
+        _require_absolute(slicegpt_model=args.slicegpt_model, output=args.output, base_model=args.base_model)
         check_output(args.output, args.overwrite, directory=True)
         loaded, hit = self.load(args.slicegpt_model, args.base_model, args.sparsity, args.round_interval,
                                 args.loader, args.device, ctx)
@@ -122,6 +137,7 @@ class ConvertService:
 
     def upgrade(self, args: protocol.UpgradeArgs, ctx: RequestContext) -> protocol.ConvertResult:
         started = time.perf_counter()
+        _require_absolute(source=args.source, output=args.output)
         check_output(args.output, args.overwrite)
         seed = _read_seed_bin(Path(args.source))
         ctx.progress("read", 1, 2, "steps")
@@ -155,6 +171,7 @@ class ConvertService:
         from slicebridge.server.runtime_info import package_versions
 
         started = time.perf_counter()
+        _require_absolute(slicegpt_model=args.slicegpt_model, base_model=args.base_model)
         loaded, hit = self.load(args.slicegpt_model, args.base_model, args.sparsity, args.round_interval,
                                 args.loader, args.device, ctx)
         model = loaded.official_model if loaded.official_model is not None else loaded.model
@@ -178,6 +195,7 @@ class ConvertService:
         """Facts about a seed-format .bin, which only this env can unpickle."""
         from slicebridge.model.facts import model_info
 
+        _require_absolute(path=args.path)
         path = Path(args.path)
         seed = _read_seed_bin(path)
         portable, _, seed_config = _portable_from_seed(seed, path)

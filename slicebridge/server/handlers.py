@@ -13,27 +13,26 @@ import time
 from slicebridge.bridge import protocol
 from slicebridge.bridge.protocol import TensorFrame
 from slicebridge.bridge.server_loop import RequestContext
-from slicebridge.server import runtime_info
+from slicebridge.server import faults, runtime_info
 
 
-def hello(args: protocol.HelloArgs, ctx: RequestContext) -> protocol.HelloResult:
+def runtime_facts() -> dict:
+    """What ``hello`` reports besides the loop's own fields (imports torch: run once, at warm-up)."""
     versions, files = runtime_info.package_versions()
     devices = runtime_info.cuda_devices() if versions.get("torch") else []
     facts = runtime_info.python_facts()
-    return protocol.HelloResult(
-        protocol=protocol.PROTOCOL_VERSION,
-        pid=os.getpid(),
-        python=facts["python"],
-        executable=facts["executable"],
-        prefix=facts["prefix"],
-        versions=versions,
-        module_files=files,
-        sys_path=facts["sys_path"],
-        device="cuda" if devices else "cpu",
-        cuda_devices=devices,
-        started_at=ctx.state.started_at,
-        detached=ctx.state.info.detached,
-    )
+    return {
+        "protocol": protocol.PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "python": facts["python"],
+        "executable": facts["executable"],
+        "prefix": facts["prefix"],
+        "versions": versions,
+        "module_files": files,
+        "sys_path": facts["sys_path"],
+        "device": "cuda" if devices else "cpu",
+        "cuda_devices": devices,
+    }
 
 
 def echo(args: protocol.EchoArgs, ctx: RequestContext) -> protocol.EchoResult:
@@ -61,15 +60,11 @@ def sleep(args: protocol.SleepArgs, ctx: RequestContext) -> protocol.SleepResult
     return protocol.SleepResult(slept=time.monotonic() - started)
 
 
-class OutOfMemoryError(RuntimeError):
-    """Stands in for torch.cuda.OutOfMemoryError, which needs a GPU to happen for real."""
-
-
 def fail(args: protocol.FailArgs, ctx: RequestContext):
     kinds = {
         "RuntimeError": RuntimeError,
         "MemoryError": MemoryError,
-        "CudaOutOfMemory": OutOfMemoryError,
+        "CudaOutOfMemory": faults.OutOfMemoryError,
         "KeyboardInterrupt": KeyboardInterrupt,
         "ValueError": ValueError,
     }
@@ -80,7 +75,7 @@ def build_handlers() -> dict:
     from slicebridge.server.convert import ConvertService
 
     service = ConvertService()
-    return {"hello": hello, "echo": echo, "sleep": sleep, "fail": fail,
+    return {"echo": echo, "sleep": sleep, "fail": fail,
             "convert": service.convert, "export": service.export, "upgrade": service.upgrade, "reference": service.reference,
             "info": service.info,
             "cache_info": service.cache_info}

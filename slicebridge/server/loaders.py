@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slicebridge.bridge.server_loop import HandlerError
+from slicebridge.server import faults
 
 log = logging.getLogger("slicebridge.server.loaders")
 
@@ -106,6 +107,7 @@ def load_checkpoint(checkpoint, loader: str, device: str,
     """Load a checkpoint the reader has validated, with a resolved loader, onto ``device``."""
     started = time.perf_counter()
     progress("load", 1, 3)
+    faults.at("load")
     official_model = None
     if loader == "official":
         official_model = _load_official(checkpoint)

@@ -1,0 +1,55 @@
+"""``bench/run.py --smoke`` runs every benchmark at tiny sizes and writes a complete results file.
+
+Timings are never asserted (the machine is shared); only that every row is there, with numeric
+ratios, a target and a verdict, and that the markdown table names every row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, slicegpt_env_path
+
+EXPECTED_ROWS = {"convert_many", "convert_1b", "convert_1b_peak_rss", "export_1b", "ping_ipc", "ping_tcp", "echo",
+                 "verify_1b", "startup", "cache_memory"}
+
+
+def test_bench_smoke_writes_every_row(tmp_path):
+    env = slicegpt_env_path()
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--env", str(env),
+         "--results-dir", str(results), "--keep", str(tmp_path / "keep")],
+        capture_output=True, text=True, timeout=280,
+        env={**os.environ, "SLICEBRIDGE_DEBUG_OPS": "0"},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    data = json.loads((results / "results.json").read_text())
+    assert data["meta"]["smoke"] is True
+    rows = {row["name"]: row for row in data["rows"]}
+    assert set(rows) == EXPECTED_ROWS
+    for name, row in rows.items():
+        assert not row.get("error"), f"{name}: {row.get('error')}"
+        ratio = row["ratio"]
+        for key in ("value", "min", "max"):
+            assert isinstance(ratio[key], (int, float)) and math.isfinite(ratio[key]) and ratio[key] > 0, (name, ratio)
+        assert ratio["definition"]
+        for side in ("subject", "baseline_measured"):
+            assert row[side]["n"] >= 1 and math.isfinite(row[side]["median"]), (name, side)
+        assert row["target"]["text"]
+        assert row["met"] in (True, False, None)
+        if row["target"]["op"] is not None:
+            assert isinstance(row["met"], bool), name
+    for name in ("ping_ipc", "ping_tcp"):
+        assert all(math.isfinite(rows[name]["absolute"][k]) for k in ("p50_s", "p90_s", "p99_s"))
+
+    markdown = (results / "results.md").read_text()
+    for name in EXPECTED_ROWS:
+        assert f"| {name}: " in markdown
+    assert not list((tmp_path / "keep").glob("work-*")), "the run's scratch outputs were left behind"
