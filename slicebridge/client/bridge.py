@@ -159,7 +159,7 @@ class Bridge:
             self._restart()
         body = self.channel.request(op, args, on_event=on_event, timeout=timeout)
         operation = protocol.OPERATIONS.get(op)
-        result = protocol.from_wire(operation.result, body) if operation else body
+        result = protocol.result_from_wire(operation.result, body) if operation else body
         return _tensors_to_torch(result)
 
     def ping(self) -> float:
