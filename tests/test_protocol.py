@@ -123,3 +123,39 @@ def test_from_wire_checks_field_types():
 def test_signer_never_shows_its_key():
     key = new_key()
     assert key not in repr(Signer(key))
+
+
+def test_large_tensors_go_through_shared_memory_and_leave_nothing_behind():
+    from slicebridge.bridge import shm
+
+    codec = Codec(new_key(), shared_memory=True)
+    big = torch.randn(1 << 19)  # 2 MiB: over the threshold
+    small = torch.arange(10)
+    frames = [bytes(memoryview(f)) for f in codec.pack(protocol.Message(protocol.RESULT, "r", [big, small]))]
+    assert len(frames) == 4 and len(frames[3]) == 80  # only the small tensor travels inline
+    assert len(list(shm.shm_dir().glob("*.buf"))) >= 1
+    back = codec.unpack(frames, protocol.SERVER_KINDS).body
+    assert torch.equal(back[0].to_torch(), big) and torch.equal(back[1].to_torch(), small)
+    received = back[0].to_torch()
+    received.add_(1)  # the mapping is copy-on-write: writable without a copy up front
+    assert torch.equal(received, big + 1)
+    assert [p for p in shm.shm_dir().glob(f"{__import__('os').getpid()}-*.buf")] == []
+
+
+def test_shared_buffers_of_dead_writers_are_swept(tmp_path):
+    from slicebridge.bridge import shm
+
+    orphan = shm.shm_dir() / "999999999-abc.buf"  # no such pid
+    orphan.write_bytes(b"x")
+    orphan.chmod(0o600)
+    assert shm.sweep() >= 1 and not orphan.exists()
+
+
+def test_a_shared_buffer_of_the_wrong_size_is_refused():
+    from slicebridge.bridge import shm
+
+    name = shm.put(b"12345678")
+    with pytest.raises(ProtocolError, match="holds 8 bytes, 16 announced"):
+        shm.take(name, 16)
+    with pytest.raises(ProtocolError, match="bad shared-memory name"):
+        shm.take("../../etc/passwd", 8)

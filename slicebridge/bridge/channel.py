@@ -37,7 +37,7 @@ class Channel:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         info = server.info
-        self.codec = Codec(info.key, info.max_message_bytes)
+        self.codec = Codec(info.key, info.max_message_bytes, shared_memory=info.shared_memory)
         self.counters: collections.Counter = collections.Counter()
         self._context = zmq.Context.instance()
         self.socket = self._context.socket(zmq.DEALER)

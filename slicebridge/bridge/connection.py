@@ -47,6 +47,7 @@ class ConnectionInfo:
     owner_pid: int = 0  # a client-owned server exits when this process is gone
     owner_start: str = ""  # the owner's start time, against pid reuse
     debug_ops: bool = False
+    shared_memory: bool = True  # large tensors through /dev/shm (same machine only)
     pid: int = 0  # filled in by the server
     ready: bool = False
     started_at: float = field(default_factory=time.time)

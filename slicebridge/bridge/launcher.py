@@ -253,6 +253,7 @@ def start_server(
         owner_pid=0 if detached else os.getpid(),
         owner_start="" if detached else process_start_time(os.getpid()),
         debug_ops=debug_ops,
+        shared_memory=transport == "ipc" or ip.startswith("127.") or ip in ("::1", "localhost"),
     )
     if max_message_bytes:
         info.max_message_bytes = int(max_message_bytes)

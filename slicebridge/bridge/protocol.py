@@ -11,7 +11,9 @@ A message is a ZeroMQ multipart message::
   (sender's wall clock), ``body`` (a msgpack value) and ``tensors`` (one
   ``{dtype, shape, nbytes}`` entry per buffer).
 - Tensors inside ``body`` are msgpack extension values that point at a buffer;
-  their bytes travel as separate raw frames, never pickled.
+  their bytes travel as separate raw frames, never pickled. On one machine, tensors of
+  1 MiB or more travel through shared memory instead (``shm`` in their spec; see
+  ``bridge.shm``).
 
 Kinds: a client sends ``request``, ``cancel`` and ``heartbeat``; the server answers a
 ``request`` with any number of ``progress`` and ``log`` events and then exactly one
@@ -31,7 +33,7 @@ import typing
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import msgpack
 
@@ -162,8 +164,13 @@ class Message:
     ts: float = field(default_factory=time.time)
 
 
-def encode(message: Message, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list:
-    """Header and buffer frames of a message (without MAGIC and signature)."""
+def encode(message: Message, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+           shared: Callable[[Any], str] | None = None, shared_threshold: int = 1 << 20) -> list:
+    """Header and buffer frames of a message (without MAGIC and signature).
+
+    With ``shared`` (see ``bridge.shm.put``), tensors of ``shared_threshold`` bytes or more
+    are handed to it instead of becoming frames, and their spec carries the returned name.
+    """
     frames: list[TensorFrame] = []
 
     def default(obj):
@@ -178,6 +185,20 @@ def encode(message: Message, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list
         return msgpack.ExtType(_TENSOR_EXT, struct.pack("<I", len(frames) - 1))
 
     body = msgpack.packb(message.body, default=default, use_bin_type=True)
+    total = len(body) + sum(f.nbytes for f in frames)
+    if total > max_bytes:
+        raise MessageTooLarge(
+            f"message of {total} bytes exceeds the bridge's maximum of {max_bytes} bytes "
+            "(raise max_message_bytes when starting the server)"
+        )
+    specs, inline = [], []
+    for frame in frames:
+        spec = {"dtype": frame.dtype, "shape": list(frame.shape), "nbytes": frame.nbytes}
+        if shared is not None and frame.nbytes >= shared_threshold:
+            spec["shm"] = shared(frame.data)
+        else:
+            inline.append(frame.data)
+        specs.append(spec)
     header = {
         "v": PROTOCOL_VERSION,
         "kind": message.kind,
@@ -185,20 +206,23 @@ def encode(message: Message, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list
         "rid": message.request_id,
         "ts": message.ts,
         "body": body,
-        "tensors": [{"dtype": f.dtype, "shape": list(f.shape), "nbytes": f.nbytes} for f in frames],
+        "tensors": specs,
     }
-    header_bytes = msgpack.packb(header, use_bin_type=True)
-    total = len(header_bytes) + sum(f.nbytes for f in frames)
-    if total > max_bytes:
-        raise MessageTooLarge(
-            f"message of {total} bytes exceeds the bridge's maximum of {max_bytes} bytes "
-            "(raise max_message_bytes when starting the server)"
-        )
-    return [header_bytes, *(f.data for f in frames)]
+    return [msgpack.packb(header, use_bin_type=True), *inline]
 
 
-def decode(header_bytes: Any, buffers: list) -> Message:
-    """Decode a header and its buffer frames; raises ProtocolError on anything malformed."""
+def shared_names(header_frames: list) -> list[str]:
+    """The shared-memory buffers an encoded message refers to (to discard it unsent)."""
+    header = msgpack.unpackb(bytes(header_frames[0]), raw=False)
+    return [spec["shm"] for spec in header["tensors"] if "shm" in spec]
+
+
+def decode(header_bytes: Any, buffers: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+           take_shared: Callable[[str, int], Any] | None = None) -> Message:
+    """Decode a header and its buffer frames; raises ProtocolError on anything malformed.
+
+    Tensors whose spec names a shared-memory buffer are fetched with ``take_shared``.
+    """
     try:
         header = msgpack.unpackb(bytes(header_bytes), raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -210,11 +234,27 @@ def decode(header_bytes: Any, buffers: list) -> Message:
     kind, msg_id, rid, ts, specs = (header.get(k) for k in ("kind", "id", "rid", "ts", "tensors"))
     if not (isinstance(kind, str) and isinstance(msg_id, str) and isinstance(rid, str)):
         raise ProtocolError("header lacks kind, id or rid")
-    if not isinstance(ts, (int, float)) or not isinstance(specs, list):
+    if not isinstance(ts, (int, float)) or not isinstance(specs, list) \
+            or not all(isinstance(spec, dict) for spec in specs):
         raise ProtocolError("header lacks ts or tensors")
-    if len(specs) != len(buffers):
-        raise ProtocolError(f"header announces {len(specs)} tensors, {len(buffers)} frames came")
-    tensors = [_tensor_from_spec(spec, buf) for spec, buf in zip(specs, buffers)]
+    shared = [spec for spec in specs if "shm" in spec]
+    if len(specs) - len(shared) != len(buffers):
+        raise ProtocolError(f"header announces {len(specs) - len(shared)} inline tensors, {len(buffers)} frames came")
+    announced = sum(spec.get("nbytes", 0) for spec in shared if isinstance(spec.get("nbytes"), int))
+    if announced > max_bytes:
+        raise ProtocolError(f"message announces {announced} bytes of shared tensors, over the maximum")
+    if shared and take_shared is None:
+        raise ProtocolError("message uses shared memory, which this connection does not")
+    inline = iter(buffers)
+    tensors = []
+    for spec in specs:
+        if "shm" in spec:
+            nbytes = spec.get("nbytes")
+            if not isinstance(nbytes, int) or nbytes < 0:
+                raise ProtocolError(f"bad shared tensor size {nbytes!r}")
+            tensors.append(_tensor_from_spec(spec, take_shared(spec["shm"], nbytes)))
+        else:
+            tensors.append(_tensor_from_spec(spec, next(inline)))
 
     def ext_hook(code, data):
         if code != _TENSOR_EXT or len(data) != 4:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import zmq
 
-from slicebridge.bridge import protocol
+from slicebridge.bridge import protocol, shm
 from slicebridge.bridge.connection import (
     ConnectionInfo,
     ipc_endpoint,
@@ -47,6 +47,7 @@ _POLL_MS = 100
 _OWNER_CHECK_S = 0.5
 _PROGRESS_MIN_INTERVAL_S = 0.05
 _SHUTDOWN_GRACE_S = 10.0
+_SHM_SWEEP_S = 60.0  # how often shared-memory buffers nobody received are looked for
 # A client waiting for a reply sends a heartbeat every second. One silent for this long is
 # gone (killed, or its machine asleep): its running request is cancelled, its queued ones dropped.
 ORPHAN_TIMEOUT_S = 6.0
@@ -154,7 +155,7 @@ class ServerLoop:
         self.info = info
         self.handlers = handlers
         self.state = ServerState(info)
-        self.codec = Codec(info.key, info.max_message_bytes)
+        self.codec = Codec(info.key, info.max_message_bytes, shared_memory=info.shared_memory)
         self.context = zmq.Context.instance()
         self._jobs: collections.deque[_Job] = collections.deque()
         self._jobs_cv = threading.Condition()
@@ -212,6 +213,7 @@ class ServerLoop:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.outbox, zmq.POLLIN)
         next_owner_check = 0.0
+        next_sweep = 0.0
         while not self._stopping.is_set():
             events = dict(poller.poll(_POLL_MS))
             if self.outbox in events:
@@ -223,6 +225,9 @@ class ServerLoop:
                     self._answer_hello(ctx)
                 self._pending_hellos.clear()
             now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + _SHM_SWEEP_S
+                shm.sweep()
             if now >= next_owner_check:
                 next_owner_check = now + _OWNER_CHECK_S
                 self._cancel_orphans(now)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from slicebridge.bridge import protocol
+from slicebridge.bridge import protocol, shm
 from slicebridge.bridge.errors import ProtocolError
 from slicebridge.bridge.signing import ReplayGuard, Signer
 
@@ -31,14 +31,21 @@ def _buffer(frame):
 
 class Codec:
     def __init__(self, key: str, max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-                 replay_window_s: float = 300.0):
+                 replay_window_s: float = 300.0, shared_memory: bool = False):
         self.signer = Signer(key)
         self.guard = ReplayGuard(replay_window_s)
         self.max_message_bytes = max_message_bytes
+        self.shared_memory = shared_memory
 
     def pack(self, message: protocol.Message) -> list:
-        frames = protocol.encode(message, self.max_message_bytes)
+        frames = protocol.encode(message, self.max_message_bytes, shared=shm.put if self.shared_memory else None,
+                                 shared_threshold=shm.THRESHOLD)
         return [protocol.MAGIC, self.signer.sign(frames), *frames]
+
+    @staticmethod
+    def discard(packed: list) -> None:
+        """Remove the shared-memory buffers of a packed message that will not be sent."""
+        shm.discard(protocol.shared_names(packed[2:]))
 
     def unpack(self, frames: Sequence, accepted_kinds: frozenset) -> protocol.Message:
         if len(frames) < 3 or bytes(_buffer(frames[0])) != protocol.MAGIC:
@@ -50,7 +57,8 @@ class Codec:
         if not self.signer.verify(_buffer(frames[1]), payload):
             raise Dropped("dropped_bad_signature")
         try:
-            message = protocol.decode(payload[0], payload[1:])
+            message = protocol.decode(payload[0], payload[1:], self.max_message_bytes,
+                                      shm.take if self.shared_memory else None)
         except ProtocolError as exc:
             raise Dropped("dropped_malformed", str(exc)) from None
         if message.kind not in accepted_kinds:
