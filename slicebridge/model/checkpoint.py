@@ -88,6 +88,14 @@ class SlicedWidths:
     mlp_output: tuple[int, ...]
     lm_head: int
 
+    @classmethod
+    def constant(cls, num_layers: int, width: int, head: int) -> "SlicedWidths":
+        """A constant-sparsity run's widths: every stream ``width`` wide, except the head's input
+        (and so the last layer's MLP output), which is ``head`` wide."""
+        per_layer = (width,) * num_layers
+        return cls(embedding=width, attention_input=per_layer, attention_output=per_layer,
+                   mlp_input=per_layer, mlp_output=per_layer[:-1] + (head,), lm_head=head)
+
     @property
     def num_layers(self) -> int:
         return len(self.attention_input)
@@ -102,8 +110,9 @@ class SlicedWidths:
             return widths.pop()
         return None
 
-    def as_slicing_config(self, hidden_size: int) -> dict[str, Any]:
-        """The SlicingConfig dict (as its ``.json`` holds it) that these widths correspond to."""
+    def as_slicing_config(self, hidden_size: int, do_slice_head: bool | None = None) -> dict[str, Any]:
+        """The SlicingConfig dict (as its ``.json`` holds it, keys in the official order) that these
+        widths correspond to; ``do_slice_head`` defaults to whether the head is narrower than hidden."""
 
         def by_layer(values: tuple[int, ...]) -> dict[str, int]:
             return {str(idx): width for idx, width in enumerate(values)}
@@ -111,7 +120,7 @@ class SlicedWidths:
         return {
             "hidden_size": hidden_size,
             "layers_num": self.num_layers,
-            "do_slice_head": self.lm_head != hidden_size,
+            "do_slice_head": self.lm_head != hidden_size if do_slice_head is None else do_slice_head,
             "parallel_blocks": False,
             "embedding_dimensions": {"0": self.embedding},
             "attention_input_dimensions": by_layer(self.attention_input),

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_file
-from .checkpoint import sliced_width
+from .checkpoint import SlicedWidths, sliced_width
 from .configuration_sliced_llama import SLICEGPT_FUSED_NORM_EPS, SlicedLlamaConfig
 from .dense import embedded_text, resolve_dtype
 from .modeling_sliced_llama import SlicedLlamaRotaryEmbedding, apply_rotary_pos_emb, repeat_kv
@@ -167,59 +167,8 @@ class DenseCheckpoint:
 
 
 # --------------------------------------------------------------------------------------------
-# Widths (SliceGPT's ConstSlicingScheduler) and the SlicingConfig
+# File names (the widths are checkpoint.SlicedWidths)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SliceWidths:
-    """Per-layer widths of the sliced residual stream, as SliceGPT's SlicingConfig records them."""
-
-    hidden_size: int
-    embedding: int
-    attention_input: tuple[int, ...]
-    attention_output: tuple[int, ...]
-    mlp_input: tuple[int, ...]
-    mlp_output: tuple[int, ...]
-    head: int
-    do_slice_head: bool
-
-    @classmethod
-    def constant(cls, hidden_size: int, num_layers: int, width: int, do_slice_head: bool = False) -> "SliceWidths":
-        """Every stream ``width`` wide, except the head's input (and so the last layer's output),
-        which stays ``hidden_size`` unless ``do_slice_head``."""
-        head = width if do_slice_head else hidden_size
-        per_layer = (width,) * num_layers
-        return cls(
-            hidden_size=hidden_size,
-            embedding=width,
-            attention_input=per_layer,
-            attention_output=per_layer,
-            mlp_input=per_layer,
-            mlp_output=per_layer[:-1] + (head,),
-            head=head,
-            do_slice_head=do_slice_head,
-        )
-
-    def slicing_config(self) -> dict[str, Any]:
-        """The SlicingConfig dict, keys in the official dataclass order (JSON keys are strings)."""
-
-        def by_layer(values: tuple[int, ...]) -> dict[str, int]:
-            return {str(idx): value for idx, value in enumerate(values)}
-
-        return {
-            "hidden_size": self.hidden_size,
-            "layers_num": len(self.attention_input),
-            "do_slice_head": self.do_slice_head,
-            "parallel_blocks": False,
-            "embedding_dimensions": {"0": self.embedding},
-            "attention_input_dimensions": by_layer(self.attention_input),
-            "attention_output_dimensions": by_layer(self.attention_output),
-            "mlp_input_dimensions": by_layer(self.mlp_input),
-            "mlp_output_dimensions": by_layer(self.mlp_output),
-            "head_dimension": self.head,
-            "const_dimension": None,
-        }
 
 
 def sliced_file_stem(model_name: str, sparsity: float) -> str:
@@ -441,7 +390,7 @@ def slice_layer(
     dense: DenseCheckpoint,
     layer_input: torch.Tensor,
     input_basis: torch.Tensor,
-    widths: SliceWidths,
+    widths: SlicedWidths,
     rotator: Rotator,
     context: CalibrationContext,
     orient: Callable[[torch.Tensor, int], torch.Tensor],
@@ -580,12 +529,13 @@ def copy_base_files(dense_dir: Path, out_dir: Path) -> list[str]:
     return [source.name for source in sources]
 
 
-def save_sliced(out_dir: Path, stem: str, tensors: dict[str, torch.Tensor], widths: SliceWidths) -> None:
+def save_sliced(out_dir: Path, stem: str, tensors: dict[str, torch.Tensor], widths: SlicedWidths,
+                hidden_size: int, do_slice_head: bool) -> None:
     """Write ``{stem}.pt`` (torch.save of the state dict) and ``{stem}.json`` (the SlicingConfig)."""
     with atomic_file(out_dir / f"{stem}.pt", overwrite=True) as tmp:
         torch.save(tensors, tmp)
     with atomic_file(out_dir / f"{stem}.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(widths.slicing_config()))
+        tmp.write_text(json.dumps(widths.as_slicing_config(hidden_size, do_slice_head=do_slice_head)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,7 +596,7 @@ def slice_llama(
     if width < 1:
         raise ValueError(f"sparsity {sparsity} with round_interval {round_interval} leaves no width "
                          f"of hidden size {shape.hidden_size}")
-    widths = SliceWidths.constant(shape.hidden_size, shape.num_layers, width, do_slice_head)
+    widths = SlicedWidths.constant(shape.num_layers, width, head=width if do_slice_head else shape.hidden_size)
     if shape.rms_norm_eps != SLICEGPT_FUSED_NORM_EPS:
         logger.warning(
             "the dense model's rms_norm_eps is %g; SliceGPT's fused norm uses %g, so even at sparsity 0 "
@@ -688,11 +638,11 @@ def slice_llama(
 
     final_norm = dense.tensor("model.norm.weight")
     head = dense.tensor("lm_head.weight")
-    tensors["lm_head.weight"] = rotate_vocab_matrix(head, basis[:, : widths.head], rotator, column_scale=final_norm)
+    tensors["lm_head.weight"] = rotate_vocab_matrix(head, basis[:, : widths.lm_head], rotator, column_scale=final_norm)
     del head
 
     stem = sliced_file_stem(model_name, sparsity)
-    save_sliced(out, stem, tensors, widths)
+    save_sliced(out, stem, tensors, widths, shape.hidden_size, do_slice_head)
     copied = copy_base_files(dense.directory, out)
     _report(progress, "saved", total_steps, total_steps)
     logger.info("wrote %s.pt / %s.json (+ %s) to %s", stem, stem, ", ".join(copied) or "no base files", out)
