@@ -291,9 +291,24 @@ def _tensor_from_spec(spec: Any, buffer: Any) -> TensorFrame:
     return frame
 
 
+def to_wire(value: Any) -> Any:
+    """A dataclass as a plain map, recursively, WITHOUT copying what it holds.
+
+    ``dataclasses.asdict`` deep-copies every value, tensors included: a full copy of every
+    tensor on every message (150 ms of a 256 MB echo's 380 ms, measured by make bench).
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_wire(v) for v in value]
+    return value
+
+
 def new_request(op: str, args: Any) -> Message:
     """A request message with a fresh request id."""
-    payload = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args or {})
+    payload = to_wire(args) if dataclasses.is_dataclass(args) else dict(args or {})
     return Message(kind=REQUEST, request_id=new_id(), body={"op": op, "args": payload})
 
 

@@ -97,11 +97,11 @@ class RequestContext:
             return
         self._last_progress = now
         event = protocol.Progress(stage, done, total, unit, message)
-        self._send(self, protocol.PROGRESS, dataclasses.asdict(event))
+        self._send(self, protocol.PROGRESS, protocol.to_wire(event))
         self.check_cancelled()
 
     def log(self, level: str, message: str, logger: str = "slicebridge.server") -> None:
-        self._send(self, protocol.LOG, dataclasses.asdict(protocol.LogRecord(level, message, logger)))
+        self._send(self, protocol.LOG, protocol.to_wire(protocol.LogRecord(level, message, logger)))
 
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():
@@ -342,7 +342,7 @@ class ServerLoop:
             result = protocol.ShutdownResult(os.getpid())
             self._stopping.set()
         self._send_now(ctx.identity, protocol.Message(protocol.RESULT, ctx.request_id,
-                                                      dataclasses.asdict(result)))
+                                                      protocol.to_wire(result)))
 
     def _cancel_orphans(self, now: float) -> None:
         """Cancel the work of clients that stopped sending heartbeats (Paranoid Pirate)."""
@@ -403,7 +403,7 @@ class ServerLoop:
         sock.send_multipart([ctx.identity, *frames], copy=False)
 
     def _send_error(self, ctx: RequestContext, error_type: str, message: str, tb: str = "") -> None:
-        body = dataclasses.asdict(protocol.ErrorInfo(error_type, message, tb))
+        body = protocol.to_wire(protocol.ErrorInfo(error_type, message, tb))
         self.state.counters["errors"] += 1
         if threading.current_thread() is threading.main_thread():
             self._send_now(ctx.identity, protocol.Message(protocol.ERROR, ctx.request_id, body))
@@ -450,7 +450,7 @@ class ServerLoop:
         except KeyboardInterrupt:
             self._send_error(ctx, "RequestCancelled", "interrupted")
         else:
-            body = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+            body = protocol.to_wire(result)
             self._send_from_worker(ctx, protocol.RESULT, body)
             self.state.counters["completed"] += 1
             log.debug("%s done in %.3fs", ctx.op, time.perf_counter() - started)
