@@ -119,7 +119,7 @@ class Channel:
                 next_heartbeat = now + self.heartbeat_interval
 
     def _receive(self) -> protocol.Message | None:
-        frames = self.socket.recv_multipart(copy=False)
+        frames = self.socket.recv_multipart(copy=True)  # large tensors come through shared memory
         try:
             return self.codec.unpack(frames, protocol.SERVER_KINDS)
         except Dropped as dropped:
