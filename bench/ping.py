@@ -153,7 +153,6 @@ def _row(ctx: Context, transport: str, per_rep: list[list[float]], spawn: list[f
     p50s = [percentile(r, 50) for r in per_rep]
     p90s = [percentile(r, 90) for r in per_rep]
     p99s = [percentile(r, 99) for r in per_rep]
-    reps = len(per_rep)
     row = Row(
         bench=NAME, name=f"ping_{transport}",
         what=f"bridge round trip (ping) over {transport}",

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, Context, Row, atomic_write, env_python, fmt_summary, fmt_value, pyspy_path  # noqa: E402
+from common import REPO, Context, atomic_write, env_python, fmt_summary, fmt_value, pyspy_path  # noqa: E402
 
 BENCHMARKS = ["startup", "ping", "echo", "convert_many", "convert_1b", "export_1b", "verify_1b"]
 ROW_ORDER = ["convert_many", "convert_1b", "convert_1b_peak_rss", "export_1b", "ping_ipc", "ping_tcp", "echo",

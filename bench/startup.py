@@ -68,7 +68,7 @@ def run(ctx: Context) -> list[Row]:
         marks["noticed_wall"] = time.time()
         return server
 
-    totals, ready, hello, notice_lag, log_tail = [], [], [], [], ""
+    totals, ready, hello, notice_lag = [], [], [], []
     client_bridge.start_server = timed_start_server
     try:
         for i in range(starts):

@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import REPO, slicegpt_env_path
 

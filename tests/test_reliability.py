@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,6 @@ import pytest
 import torch
 
 from slicebridge import Bridge
-from slicebridge.bridge import protocol
 from slicebridge.bridge.connection import read_connection_file
 from slicebridge.bridge.errors import RemoteOutOfMemory, ServerDied, ServerKeepsDying
 from slicebridge.model.binfile import load
