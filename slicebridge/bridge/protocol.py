@@ -133,6 +133,24 @@ def _torch():
     return torch
 
 
+def received_tensors(value: Any) -> Any:
+    """A decoded value with its tensor frames turned into torch tensors (numpy arrays when this
+    interpreter has no torch): maps, lists and dataclass fields are walked, nothing is copied."""
+    if isinstance(value, TensorFrame):
+        try:
+            return value.to_torch()
+        except ImportError:
+            return value.to_numpy()
+    if isinstance(value, dict):
+        return {k: received_tensors(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [received_tensors(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            setattr(value, f.name, received_tensors(getattr(value, f.name)))
+    return value
+
+
 def is_tensor_like(obj: Any) -> bool:
     module = type(obj).__module__
     return (module.startswith("torch") and type(obj).__name__ in ("Tensor", "Parameter")) or (

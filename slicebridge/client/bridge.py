@@ -22,7 +22,6 @@ from slicebridge.bridge.channel import Channel, EventCallback
 from slicebridge.bridge.envs import PythonEnv, find_env
 from slicebridge.bridge.errors import ProtocolError, ServerDied, ServerKeepsDying, SlicebridgeError
 from slicebridge.bridge.launcher import ServerProcess, attach, find_detached, start_server
-from slicebridge.bridge.protocol import TensorFrame
 
 log = logging.getLogger("slicebridge.client")
 
@@ -160,7 +159,7 @@ class Bridge:
         body = self.channel.request(op, args, on_event=on_event, timeout=timeout)
         operation = protocol.OPERATIONS.get(op)
         result = protocol.result_from_wire(operation.result, body) if operation else body
-        return _tensors_to_torch(result)
+        return protocol.received_tensors(result)
 
     def ping(self) -> float:
         """Round-trip time of one ``ping`` in seconds."""
@@ -256,23 +255,6 @@ class Bridge:
 def _absolute(path: str | os.PathLike) -> str:
     """Paths travel absolute: the server's working directory is not the caller's."""
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
-
-
-def _tensors_to_torch(value: Any) -> Any:
-    """Turn received tensor frames into torch tensors (numpy arrays when torch is missing)."""
-    if isinstance(value, TensorFrame):
-        try:
-            return value.to_torch()
-        except ImportError:
-            return value.to_numpy()
-    if isinstance(value, dict):
-        return {k: _tensors_to_torch(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_tensors_to_torch(v) for v in value]
-    if hasattr(value, "__dataclass_fields__"):
-        for name in value.__dataclass_fields__:
-            setattr(value, name, _tensors_to_torch(getattr(value, name)))
-    return value
 
 
 def _register_remote_errors() -> None:

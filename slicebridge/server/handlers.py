@@ -11,7 +11,6 @@ import os
 import time
 
 from slicebridge.bridge import protocol
-from slicebridge.bridge.protocol import TensorFrame
 from slicebridge.bridge.server_loop import RequestContext
 from slicebridge.server import faults, runtime_info
 
@@ -37,17 +36,7 @@ def runtime_facts() -> dict:
 
 def echo(args: protocol.EchoArgs, ctx: RequestContext) -> protocol.EchoResult:
     """Return the payload; tensors go through torch and back, to prove the frames are bit-exact."""
-    return protocol.EchoResult(payload=_through_torch(args.payload))
-
-
-def _through_torch(value):
-    if isinstance(value, TensorFrame):
-        return value.to_torch()
-    if isinstance(value, dict):
-        return {k: _through_torch(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_through_torch(v) for v in value]
-    return value
+    return protocol.EchoResult(payload=protocol.received_tensors(args.payload))
 
 
 def sleep(args: protocol.SleepArgs, ctx: RequestContext) -> protocol.SleepResult:
