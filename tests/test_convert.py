@@ -14,23 +14,15 @@ from pathlib import Path
 import dill
 import pytest
 import torch
+from conftest import FIXTURE
+from helpers.logit_metrics import nmse, top1
 
 from slicebridge import Bridge
 from slicebridge.model import errors as checkpoint_errors
 from slicebridge.model.atomic import OutputError, OutputExists
 from slicebridge.model.binfile import UnsafeBinFile, load
 
-from conftest import FIXTURE
-
 FP32_NMSE = 1e-8
-
-
-def nmse(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float(((got.float() - want.float()) ** 2).sum() / (want.float() ** 2).sum())
-
-
-def top1(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.argmax(-1) == want.argmax(-1)).float().mean())
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from helpers.logit_metrics import nmse, top1
 
 import slicebridge
 from slicebridge.model.atomic import OutputExists
@@ -74,15 +75,6 @@ def run_in_slicegpt_env(script: str, *args: str, tmp: Path, timeout: float = 240
                                timeout=timeout, env=env, cwd=str(tmp), stdin=subprocess.DEVNULL)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def nmse(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    logits, reference = logits.double(), reference.double()
-    return float(((logits - reference) ** 2).sum() / (reference**2).sum())
-
-
-def top1(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == reference.argmax(-1)).double().mean())
 
 
 def fp32_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

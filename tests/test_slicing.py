@@ -21,11 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.logit_metrics import nmse
+from helpers.logit_metrics import top1 as top1_agreement
 from safetensors.torch import load_file, save_file
 
 from slicebridge.model.checkpoint import read_checkpoint
 from slicebridge.model.dense import PRESETS, embedded_text, make_dense_llama
-from slicebridge.model.modeling_sliced_llama import build_sliced_llama, dense_llama_parameter_count
+from slicebridge.model.modeling_sliced_llama import (
+    build_sliced_llama,
+    dense_llama_parameter_count,
+)
 from slicebridge.model.slicing import slice_llama, sliced_file_stem
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,15 +46,6 @@ logger = logging.getLogger(__name__)
 def slicegpt_python() -> Path:
     env = Path(os.environ.get("SLICEBRIDGE_TEST_SLICEGPT_ENV", REPO / ".envs" / "slicegpt"))
     return env / "bin" / "python"
-
-
-def nmse(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    logits, reference = logits.double(), reference.double()
-    return float(((logits - reference) ** 2).sum() / (reference**2).sum())
-
-
-def top1_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == reference.argmax(-1)).double().mean())
 
 
 @torch.no_grad()

@@ -23,24 +23,21 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # logit_metrics, beside this file
+
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from logit_metrics import compare_logits  # noqa: E402
 
 from slicebridge.model.checkpoint import read_checkpoint  # noqa: E402
 from slicebridge.model.configuration_sliced_llama import SlicedLlamaConfig  # noqa: E402
-from slicebridge.model.modeling_sliced_llama import SlicedLlamaForCausalLM, build_sliced_llama  # noqa: E402
+from slicebridge.model.modeling_sliced_llama import (  # noqa: E402
+    SlicedLlamaForCausalLM,
+    build_sliced_llama,
+)
 
 INPUTS = {"probe": "probe_ids", "text": "text_ids"}
 NEW_TOKENS = 8
-
-
-def compare_logits(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    logits, reference = logits.double(), reference.double()
-    return {
-        "nmse": float(((logits - reference) ** 2).sum() / (reference**2).sum()),
-        "max_abs_diff": float((logits - reference).abs().max()),
-        "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).double().mean()),
-    }
 
 
 def greedy_without_cache(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> torch.Tensor:

@@ -37,22 +37,17 @@ if str(STANDIN) not in sys.path:
 
 import dill  # noqa: E402
 import slicegpt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # logit_metrics, beside this file
+
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from logit_metrics import compare_logits  # noqa: E402
 from slicegpt import hf_utils  # noqa: E402
 
 INPUTS = {"probe": ("probe_ids", "logits_{}"), "text": ("text_ids", "text_logits_{}")}
 # Globals that only say how dill/torch rebuild things, not which classes they need.
 PLUMBING = ("dill.", "_codecs ", "__builtin__ ", "builtins ", "copyreg ", "torch._utils ", "collections ")
-
-
-def compare_logits(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    logits, reference = logits.double(), reference.double()
-    return {
-        "nmse": float(((logits - reference) ** 2).sum() / (reference**2).sum()),
-        "max_abs_diff": float((logits - reference).abs().max()),
-        "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).double().mean()),
-    }
 
 
 @torch.no_grad()
