@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -183,6 +184,27 @@ class ServerProcess:
                 os.kill(self.info.pid, 9)
             except OSError:
                 pass
+
+    def stop(self, channel, timeout: float) -> None:
+        """Stop the server: ask it over ``channel`` (a ``bridge.channel.Channel``; SIGTERM if it
+        cannot be asked), wait up to ``timeout``, then kill it; its connection file goes too."""
+        from slicebridge.bridge import protocol
+        from slicebridge.bridge.errors import SlicebridgeError
+
+        if self.alive():
+            try:
+                channel.request("shutdown", protocol.ShutdownArgs(), timeout=timeout)
+            except SlicebridgeError as exc:
+                log.warning("shutdown request to pid %d failed (%s); sending SIGTERM", self.pid, exc)
+                try:
+                    os.kill(self.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        if not self.wait_exit(timeout):
+            log.warning("server pid %d did not stop; killing it", self.pid)
+            self.kill()
+            self.wait_exit(timeout)
+        self.conn_path.unlink(missing_ok=True)
 
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

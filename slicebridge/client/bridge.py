@@ -20,7 +20,7 @@ from typing import Any
 from slicebridge.bridge import protocol
 from slicebridge.bridge.channel import Channel, EventCallback
 from slicebridge.bridge.envs import PythonEnv, find_env
-from slicebridge.bridge.errors import ProtocolError, ServerDied, ServerKeepsDying, SlicebridgeError
+from slicebridge.bridge.errors import ProtocolError, ServerDied, ServerKeepsDying
 from slicebridge.bridge.launcher import ServerProcess, attach, find_detached, start_server
 
 log = logging.getLogger("slicebridge.client")
@@ -129,19 +129,11 @@ class Bridge:
         """Disconnect; a server this bridge owns is shut down (killed if it does not stop)."""
         server, channel = self.server, self.channel
         self.channel = None
-        if channel is not None and server is not None and server.owned and server.alive():
-            try:
-                channel.request("shutdown", protocol.ShutdownArgs(), timeout=_SHUTDOWN_WAIT_S)
-            except SlicebridgeError:
-                pass
-        if channel is not None:
-            channel.close()
+        if channel is None:
+            return
         if server is not None and server.owned:
-            if not server.wait_exit(_SHUTDOWN_WAIT_S):
-                log.warning("server pid %d did not stop; killing it", server.pid)
-                server.kill()
-            server.wait_exit(_SHUTDOWN_WAIT_S)
-            server.conn_path.unlink(missing_ok=True)
+            server.stop(channel, _SHUTDOWN_WAIT_S)
+        channel.close()
 
     # ------------------------------------------------------------------ requests
 

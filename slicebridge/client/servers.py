@@ -8,8 +8,6 @@ automatically when one is running for that env.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +92,7 @@ def status(env: str | None = None) -> list[ServerStatus]:
 
 
 def stop(env: str | None = None, connection_file: str | None = None) -> ServerStatus:
-    """Stop a detached server: ask it to shut down, then SIGTERM, then SIGKILL."""
+    """Stop a detached server: ask it to shut down, then kill it if it does not."""
     if connection_file is not None:
         path = Path(connection_file)
     else:
@@ -107,23 +105,8 @@ def stop(env: str | None = None, connection_file: str | None = None) -> ServerSt
                         server.info.endpoint, server.info.log_path)
     channel = Channel(server, heartbeat_timeout=_STATUS_TIMEOUT_S)
     try:
-        channel.request("shutdown", protocol.ShutdownArgs(), timeout=_STATUS_TIMEOUT_S)
-    except SlicebridgeError as exc:
-        log.warning("shutdown request failed (%s); sending SIGTERM", exc)
-        _signal(server.pid, signal.SIGTERM)
+        server.stop(channel, _STOP_WAIT_S)
     finally:
         channel.close()
-    if not server.wait_exit(_STOP_WAIT_S):
-        log.warning("server pid %d ignored shutdown; killing it", server.pid)
-        _signal(server.pid, signal.SIGKILL)
-        server.wait_exit(_STOP_WAIT_S)
-    path.unlink(missing_ok=True)
     return item
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        pass
 
