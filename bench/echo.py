@@ -117,12 +117,12 @@ def run(ctx: Context) -> list[Row]:
     except Exception:  # the product changed under us: report, do not fail the benchmark
         breakdown["replay_error"] = traceback.format_exc(limit=3)
     try:
-        frames = Codec(info.key, **({"shared_memory": True} if shared else {})).pack(
-            protocol.new_request("echo", protocol.EchoArgs(payload=tensor)))
+        codec = Codec(info.key, **({"shared_memory": True} if shared else {}))
+        frames = codec.pack(protocol.new_request("echo", protocol.EchoArgs(payload=tensor)))
         floor = zmq_floor(ctx.env_python, ipc_endpoint("bench-zmq-echo"), frames, 3 if not ctx.smoke else 5)
         breakdown["zmq_floor_round_trip_s"] = summary(floor)["median"]
         if shared:
-            Codec.discard(frames)
+            codec.discard(frames)
     except Exception:
         breakdown["zmq_floor_error"] = traceback.format_exc(limit=3)
     signer = Signer(new_key())

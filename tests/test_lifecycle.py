@@ -20,7 +20,7 @@ from slicebridge.bridge import protocol
 from slicebridge.bridge.connection import detached_connection_path, pid_alive, read_connection_file
 from slicebridge.bridge.errors import ServerDied
 from slicebridge.bridge.signing import Signer, new_key
-from slicebridge.bridge.transport import Codec
+from slicebridge.bridge.transport import Codec, admit
 
 # A client process: attaches to the env's detached server, checks N echo round trips
 # (each payload unique to this client), and prints what it saw as JSON.
@@ -152,8 +152,10 @@ def test_owned_server_exits_when_its_client_is_killed(slicegpt_env):
     assert not pid_alive(server_pid)
 
 
-def raw_dealer(endpoint: str) -> zmq.Socket:
+def raw_dealer(endpoint: str, key: str) -> zmq.Socket:
+    """A bare socket past the handshake (it knows the key): what it sends is checked message by message."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
+    admit(sock, key)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     return sock
@@ -162,7 +164,7 @@ def raw_dealer(endpoint: str) -> zmq.Socket:
 def test_wrongly_signed_or_replayed_messages_get_no_reply(bridge):
     info = read_connection_file(bridge.server.conn_path)
     before = bridge.stats().counters
-    sock = raw_dealer(info.endpoint)
+    sock = raw_dealer(info.endpoint, info.key)
     try:
         ping = protocol.new_request("ping", {})
         forged = Codec(new_key()).pack(ping)  # signed with another key

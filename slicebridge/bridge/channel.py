@@ -7,21 +7,27 @@ within a poll interval) and heartbeats (a server that stops answering for
 ``heartbeat_timeout`` seconds is declared dead). Either way it raises
 :class:`ServerDied` with the tail of the server's stderr. Ctrl-C while waiting sends
 ``cancel`` for the request, waits briefly for the server to confirm, and re-raises.
+
+Requests and heartbeats name this process (pid and start time), so the server keeps a
+request whose client is paused (Ctrl-Z, a debugger, a slow ``on_event``) rather than
+gone; and time this client itself was not running does not count as the server's silence.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from typing import Any, Callable
 
 import zmq
 
 from slicebridge.bridge import protocol
+from slicebridge.bridge.connection import process_start_time
 from slicebridge.bridge.errors import RequestTimeout, ServerDied, remote_error
 from slicebridge.bridge.launcher import ServerProcess
-from slicebridge.bridge.transport import Codec, Dropped
+from slicebridge.bridge.transport import Codec, Dropped, admit
 
 log = logging.getLogger("slicebridge.channel")
 
@@ -37,10 +43,13 @@ class Channel:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         info = server.info
-        self.codec = Codec(info.key, info.max_message_bytes, shared_memory=info.shared_memory)
+        shared = info.shared_memory and bool(info.shm_dir)
+        self.codec = Codec(info.key, info.max_message_bytes, shared_memory=shared, shm_dir=info.shm_dir or None)
         self.counters: collections.Counter = collections.Counter()
+        self._me = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
         self._context = zmq.Context.instance()
         self.socket = self._context.socket(zmq.DEALER)
+        admit(self.socket, info.key)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, info.max_message_bytes + 65536)
         self.socket.connect(info.endpoint)
@@ -58,6 +67,7 @@ class Channel:
                 timeout: float | None = None) -> Any:
         """Send ``op`` with ``args`` and return the result body (raises the remote error)."""
         message = protocol.new_request(op, args)
+        message.body["client"] = self._me
         self.send(message)
         try:
             return self._wait(message.request_id, op, on_event, timeout)
@@ -80,9 +90,13 @@ class Channel:
               timeout: float | None) -> Any:
         now = time.monotonic()
         deadline = now + timeout if timeout else None
-        last_heard = now
+        last_heard = last_turn = now
         next_heartbeat = now + self.heartbeat_interval
         while True:
+            now = time.monotonic()
+            if now - last_turn > 2 * self.heartbeat_interval:  # this process was paused, not the server
+                last_heard, next_heartbeat = now, now
+            last_turn = now
             if self.socket.poll(_POLL_MS):
                 message = self._receive()
                 if message is not None:
@@ -115,7 +129,7 @@ class Channel:
                 self.cancel(request_id)
                 raise RequestTimeout(f"{op!r} did not finish within {timeout}s; it was cancelled")
             if now >= next_heartbeat:
-                self.send(protocol.Message(protocol.HEARTBEAT, request_id, {}))
+                self.send(protocol.Message(protocol.HEARTBEAT, request_id, {"client": self._me}))
                 next_heartbeat = now + self.heartbeat_interval
 
     def _receive(self) -> protocol.Message | None:

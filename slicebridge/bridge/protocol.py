@@ -187,7 +187,8 @@ def encode(message: Message, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     """Header and buffer frames of a message (without MAGIC and signature).
 
     With ``shared`` (see ``bridge.shm.put``), tensors of ``shared_threshold`` bytes or more
-    are handed to it instead of becoming frames, and their spec carries the returned name.
+    are handed to it instead of becoming frames, and their spec carries the returned name
+    (a tensor it returns None for, finding no room, becomes a frame after all).
     """
     frames: list[TensorFrame] = []
 
@@ -212,9 +213,10 @@ def encode(message: Message, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     specs, inline = [], []
     for frame in frames:
         spec = {"dtype": frame.dtype, "shape": list(frame.shape), "nbytes": frame.nbytes}
-        if shared is not None and frame.nbytes >= shared_threshold:
-            spec["shm"] = shared(frame.data)
-        else:
+        name = shared(frame.data) if shared is not None and frame.nbytes >= shared_threshold else None
+        if name is not None:
+            spec["shm"] = name
+        else:  # small, or no shared memory (none here, or no room left in it)
             inline.append(frame.data)
         specs.append(spec)
     header = {
@@ -523,12 +525,16 @@ class ExportResult:
 
 @dataclass
 class UpgradeArgs:
-    """Turn a ``.bin`` made the seed's way (a dill pickle of the slicegpt model) into ours."""
+    """Turn a ``.bin`` made the seed's way (a dill pickle of the slicegpt model) into ours.
+
+    Reading it unpickles it, which runs code from the file: refused unless ``trust_pickle``.
+    """
 
     source: str
     output: str
     overwrite: bool = False
     pickle_module: str = "auto"
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -557,7 +563,7 @@ class ReferenceResult:
 
 @dataclass
 class InfoArgs:
-    """Facts about a seed-format .bin (only the slicegpt env can unpickle it)."""
+    """Facts about a seed-format .bin, read from its pickle's opcodes (never unpickled)."""
 
     path: str
 

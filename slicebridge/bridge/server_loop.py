@@ -10,8 +10,17 @@ never see each other's replies).
 The worker thread runs one handler at a time. A handler gets its typed arguments and a
 :class:`RequestContext` through which it streams ``progress`` and ``log`` events and
 notices cancellation. Exceptions become ``error`` replies with type, message and
-traceback; the server keeps serving. A server owned by a client exits when that
-client's process is gone; a detached one runs until ``shutdown`` or SIGTERM.
+traceback, and so does a reply that cannot be sent (too large, no room for it): every
+request taken gets an answer and the worker lives on. A server owned by a client exits
+when that client's process is gone; a detached one runs until ``shutdown`` or SIGTERM.
+
+A client is gone when it has been silent for ``ORPHAN_TIMEOUT_S`` and the process it
+named in its messages is no longer alive: a client that is paused (Ctrl-Z, a debugger,
+a slow callback) keeps its request. The shared-memory buffers of replies that were not
+taken are removed when the reply cannot be routed, when its client is gone, and at stop.
+Only peers that know the key get past the handshake (see ``transport``); each wake-up
+reads a bounded number of messages, so replies keep flowing under a flood, and dropped
+messages are counted and logged as a periodic summary, never one line each.
 
 This module is stdlib + pyzmq + msgpack; it runs in the slicegpt env.
 """
@@ -22,6 +31,7 @@ import collections
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -38,7 +48,7 @@ from slicebridge.bridge.connection import (
     pid_alive,
     write_connection_file,
 )
-from slicebridge.bridge.transport import Codec, Dropped
+from slicebridge.bridge.transport import Codec, Dropped, Gatekeeper
 
 log = logging.getLogger("slicebridge.server")
 
@@ -48,9 +58,16 @@ _OWNER_CHECK_S = 0.5
 _PROGRESS_MIN_INTERVAL_S = 0.05
 _SHUTDOWN_GRACE_S = 10.0
 _SHM_SWEEP_S = 60.0  # how often shared-memory buffers nobody received are looked for
-# A client waiting for a reply sends a heartbeat every second. One silent for this long is
-# gone (killed, or its machine asleep): its running request is cancelled, its queued ones dropped.
+_RECEIVE_BATCH = 32  # messages read per wake-up before the replies waiting in the outbox go out
+_DROP_LOG_INTERVAL_S = 10.0  # dropped messages are logged as one summary per interval
+_MAX_OPEN_FILES = 65536  # the soft limit is raised towards this (the hard limit permitting)
+# A client waiting for a reply sends a heartbeat every second. One silent for this long whose
+# process is gone (killed, or on another machine) is an orphan: its running request is
+# cancelled, its queued ones dropped, the buffers of its untaken replies removed.
 ORPHAN_TIMEOUT_S = 6.0
+# How torch says that a host or GPU allocation failed, when it raises a plain RuntimeError.
+_ALLOCATION_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
+                        "CUDA out of memory")
 
 Handler = Callable[[Any, "RequestContext"], Any]
 
@@ -138,6 +155,29 @@ class _Job:
     args: Any
 
 
+@dataclasses.dataclass
+class _Client:
+    """What the server knows of one client connection (a routing identity)."""
+
+    last_heard: float
+    pid: int = 0  # the client's process and its start time, as its messages say
+    start: str = ""
+    buffers: list = dataclasses.field(default_factory=list)  # shm buffers of replies sent, maybe untaken
+
+    def note_process(self, body: Any) -> None:
+        facts = body.get("client") if isinstance(body, dict) else None
+        if isinstance(facts, dict) and isinstance(facts.get("pid"), int) and isinstance(facts.get("start"), str):
+            self.pid, self.start = facts["pid"], facts["start"]
+
+    def process_alive(self) -> bool:
+        return bool(self.pid) and pid_alive(self.pid, self.start)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILURES))
+
+
 class ServerLoop:
     """Serves requests on the endpoint described by a connection file until told to stop."""
 
@@ -155,7 +195,9 @@ class ServerLoop:
         self.info = info
         self.handlers = handlers
         self.state = ServerState(info)
-        self.codec = Codec(info.key, info.max_message_bytes, shared_memory=info.shared_memory)
+        info.shm_dir = str(shm.shm_dir()) if info.shared_memory else ""
+        self.codec = Codec(info.key, info.max_message_bytes, shared_memory=info.shared_memory,
+                           shm_dir=info.shm_dir or None)
         self.context = zmq.Context.instance()
         self._jobs: collections.deque[_Job] = collections.deque()
         self._jobs_cv = threading.Condition()
@@ -163,17 +205,24 @@ class ServerLoop:
         self._stopping = threading.Event()
         self._forward_logs = _ForwardLogs()
         self._socket_path: str | None = None
-        self._last_heard: dict[bytes, float] = {}  # client identity -> when it last sent anything
+        self._clients: dict[bytes, _Client] = {}
         self._thread_sockets = threading.local()  # each worker thread's PUSH socket to the outbox
+        self._drops: collections.Counter = collections.Counter()  # since the last summary in the log
+        self._next_drop_log = 0.0
+        self._refused_logged = 0
+        self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def bind(self) -> None:
         """Bind the ROUTER socket and tell clients (through the connection file) that we are ready."""
+        self.gatekeeper = Gatekeeper(self.context, self.info.key)
         router = self.context.socket(zmq.ROUTER)
+        Gatekeeper.guard(router)
         router.setsockopt(zmq.LINGER, 1000)
         router.setsockopt(zmq.MAXMSGSIZE, self.info.max_message_bytes + 65536)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises: its buffers can go
         if self.info.transport == "tcp":
             router.bind(f"tcp://{self.info.ip}:*")
         else:
@@ -196,12 +245,13 @@ class ServerLoop:
                  "detached" if self.info.detached else f"owned by pid {self.info.owner_pid}")
 
     def run(self) -> None:
+        _raise_open_files_limit()
         self.bind()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
         logging.getLogger("slicebridge").addHandler(self._forward_logs)
         threading.Thread(target=self._warm_up, name="slicebridge-warm-up", daemon=True).start()
-        worker = threading.Thread(target=self._work, name="slicebridge-worker", daemon=True)
+        worker = self._worker = threading.Thread(target=self._work, name="slicebridge-worker", daemon=True)
         worker.start()
         try:
             self._serve()
@@ -230,10 +280,19 @@ class ServerLoop:
                 shm.sweep()
             if now >= next_owner_check:
                 next_owner_check = now + _OWNER_CHECK_S
-                self._cancel_orphans(now)
-                if self.info.owner_pid and not pid_alive(self.info.owner_pid, self.info.owner_start):
-                    log.info("owner pid %d is gone; exiting", self.info.owner_pid)
-                    self._stopping.set()
+                self._check_health(now)
+
+    def _check_health(self, now: float) -> None:
+        """Twice a second: orphaned clients, the drop summary, the worker, the owner."""
+        self._cancel_orphans(now)
+        if now >= self._next_drop_log:
+            self._log_drops(now)
+        if not self._worker.is_alive():
+            log.error("the worker thread died; exiting so that clients see a dead server, not a silent one")
+            self._stopping.set()
+        if self.info.owner_pid and not pid_alive(self.info.owner_pid, self.info.owner_start):
+            log.info("owner pid %d is gone; exiting", self.info.owner_pid)
+            self._stopping.set()
 
     def _shut_down(self, worker: threading.Thread) -> None:
         log.info("shutting down")
@@ -248,6 +307,8 @@ class ServerLoop:
         self._flush_outbox()
         self.router.close(linger=1000)
         self.outbox.close(linger=0)
+        self.gatekeeper.close()
+        shm.remove_own_dir()  # with the buffers of replies nobody took
         if self._socket_path:
             Path(self._socket_path).unlink(missing_ok=True)
         try:
@@ -261,8 +322,9 @@ class ServerLoop:
     def _receive(self) -> None:
         # Frames arrive as bytes: tensors of 1 MiB or more come through shared memory, so
         # copying the rest is cheaper than zmq.Frame objects. One recv per wake-up is typical;
-        # the EVENTS check (no exception) says whether more are waiting.
-        while True:
+        # the EVENTS check (no exception) says whether more are waiting. At most a batch is
+        # read before the loop flushes the outbox again: a flood never holds up the replies.
+        for _ in range(_RECEIVE_BATCH):
             frames = self.router.recv_multipart(copy=True)
             self._handle(frames[0], frames[1:])
             if not self.router.get(zmq.EVENTS) & zmq.POLLIN:
@@ -273,10 +335,12 @@ class ServerLoop:
             message = self.codec.unpack(rest, protocol.CLIENT_KINDS)
         except Dropped as dropped:
             self.state.counters[dropped.reason] += 1
-            log.warning("dropped a message: %s", dropped.reason)
+            self._drops[dropped.reason] += 1
             return
         self.state.counters["received"] += 1
-        self._last_heard[identity] = time.monotonic()
+        client = self._client(identity)
+        client.last_heard = time.monotonic()
+        client.note_process(message.body)
         if message.kind == protocol.HEARTBEAT:
             self._send_now(identity, protocol.Message(protocol.HEARTBEAT, message.request_id, {}))
         elif message.kind == protocol.CANCEL:
@@ -348,24 +412,50 @@ class ServerLoop:
         self._send_now(ctx.identity, protocol.Message(protocol.RESULT, ctx.request_id,
                                                       protocol.to_wire(result)))
 
+    def _client(self, identity: bytes) -> _Client:
+        client = self._clients.get(identity)
+        if client is None:
+            client = self._clients[identity] = _Client(time.monotonic())
+        return client
+
+    def _log_drops(self, now: float) -> None:
+        """One summary line for the messages dropped and the connections refused since the last."""
+        refused = self.gatekeeper.refused - self._refused_logged
+        self._refused_logged += refused
+        self.state.counters["refused_connections"] = self.gatekeeper.refused
+        if self._drops or refused:
+            log.warning("in the last %.0fs: dropped %d message(s) (%s), refused %d connection(s) without the key",
+                        _DROP_LOG_INTERVAL_S, sum(self._drops.values()),
+                        ", ".join(f"{n} {reason}" for reason, n in sorted(self._drops.items())) or "none", refused)
+            self._drops.clear()
+            self._next_drop_log = now + _DROP_LOG_INTERVAL_S
+
     def _cancel_orphans(self, now: float) -> None:
-        """Cancel the work of clients that stopped sending heartbeats (Paranoid Pirate)."""
-        silent = {identity for identity, seen in self._last_heard.items() if now - seen > ORPHAN_TIMEOUT_S}
-        if not silent:
-            return
+        """Cancel the work of clients that went silent and whose process is gone (Paranoid Pirate)."""
+        for client in self._clients.values():
+            client.buffers = [name for name in client.buffers if os.path.exists(os.path.join(self.info.shm_dir, name))]
+        silent = {identity for identity, c in self._clients.items() if now - c.last_heard > ORPHAN_TIMEOUT_S}
+        gone = {identity for identity in silent if not self._clients[identity].process_alive()}
         with self._jobs_cv:
-            for job in [j for j in self._jobs if j.ctx.identity in silent]:
+            busy = {job.ctx.identity for job in self._jobs}
+            running = self._running
+            if running is not None:
+                busy.add(running.ctx.identity)
+            for job in [j for j in self._jobs if j.ctx.identity in gone]:
                 self._jobs.remove(job)
                 self.state.counters["orphans_dropped"] += 1
             self.state.queued = len(self._jobs)
-            running = self._running
-            if running is not None and running.ctx.identity in silent and not running.ctx.cancelled.is_set():
-                log.warning("the client of %s went silent; cancelling it", running.ctx.op)
+            if running is not None and running.ctx.identity in gone and not running.ctx.cancelled.is_set():
+                log.warning("the client of %s is gone; cancelling it", running.ctx.op)
                 running.ctx.cancelled.set()
                 self.state.counters["orphans_cancelled"] += 1
         for identity in silent:
-            if running is None or running.ctx.identity != identity:
-                del self._last_heard[identity]
+            client = self._clients[identity]
+            if identity in gone:
+                self.codec.discard_names(client.buffers)
+                client.buffers = []
+            if identity in gone or (identity not in busy and not client.buffers):
+                del self._clients[identity]  # gone, or idle with nothing waiting for it
 
     def _cancel(self, request_id: str) -> None:
         with self._jobs_cv:
@@ -383,8 +473,7 @@ class ServerLoop:
 
     def _send_now(self, identity: bytes, message: protocol.Message) -> None:
         """Send from the I/O thread."""
-        self.router.send_multipart([identity, *self.codec.pack(message)], copy=False)
-        self.state.counters["sent"] += 1
+        self._route([identity, *self.codec.pack(message)])
 
     def _flush_outbox(self) -> None:
         while True:
@@ -392,8 +481,20 @@ class ServerLoop:
                 frames = self.outbox.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.router.send_multipart(frames, copy=False)
-            self.state.counters["sent"] += 1
+            self._route(frames)
+
+    def _route(self, frames: list) -> None:
+        """Send ``[identity, *packed]``; a reply its client cannot take has its buffers removed."""
+        names = self.codec.shared_names(frames[1:])
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:  # EHOSTUNREACH: the client is gone; EAGAIN: it does not read
+            self.codec.discard_names(names)
+            self.state.counters["undeliverable"] += 1
+            return
+        self.state.counters["sent"] += 1
+        if names:
+            self._client(bytes(frames[0])).buffers.extend(names)
 
     def _send_from_worker(self, ctx: RequestContext, kind: str, body: Any) -> None:
         """Send from the worker thread, through the inproc outbox to the I/O thread."""
@@ -429,6 +530,8 @@ class ServerLoop:
                 self.state.busy = True
             try:
                 self._run_job(job)
+            except Exception:  # not even an error reply could be sent; the worker lives on
+                log.exception("answering %s failed", job.ctx.op)
             finally:
                 with self._jobs_cv:
                     self._running = None
@@ -442,10 +545,11 @@ class ServerLoop:
         started = time.perf_counter()
         try:
             result = handler(job.args, ctx)
+            self._send_from_worker(ctx, protocol.RESULT, protocol.to_wire(result))
         except Cancelled as exc:
             self._send_error(ctx, "RequestCancelled", str(exc))
-        except Exception as exc:  # every failure becomes an error reply; the server lives on
-            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # host or CUDA
+        except Exception as exc:  # every failure, sending the result included, becomes an error reply
+            if _is_out_of_memory(exc):  # host or CUDA
                 self._out_of_memory(ctx, exc)
             else:
                 error_type = getattr(exc, "error_type", "") or type(exc).__name__
@@ -454,8 +558,6 @@ class ServerLoop:
         except KeyboardInterrupt:
             self._send_error(ctx, "RequestCancelled", "interrupted")
         else:
-            body = protocol.to_wire(result)
-            self._send_from_worker(ctx, protocol.RESULT, body)
             self.state.counters["completed"] += 1
             log.debug("%s done in %.3fs", ctx.op, time.perf_counter() - started)
         finally:
@@ -463,7 +565,7 @@ class ServerLoop:
             _current.ctx = None
 
     def _out_of_memory(self, ctx: RequestContext, exc: BaseException) -> None:
-        where = "GPU" if type(exc).__name__ == "OutOfMemoryError" else "host"
+        where = "GPU" if type(exc).__name__ == "OutOfMemoryError" or "CUDA" in str(exc) else "host"
         tb = traceback.format_exc()
         del exc
         try:
@@ -474,3 +576,11 @@ class ServerLoop:
                          f"the server ran out of {where} memory serving {ctx.op}; it freed what it could and "
                          "keeps serving (the warm cache keeps what fits SLICEBRIDGE_CACHE_BYTES; device='cpu' "
                          "avoids the GPU's limit)", tb)
+
+
+def _raise_open_files_limit() -> None:
+    """Lift the soft limit on open files towards the hard one: connections must not starve the work."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, _MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

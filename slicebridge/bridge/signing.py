@@ -3,7 +3,9 @@
 The key comes from the connection file (random, 32 bytes, hex). A signature covers
 the header and every tensor buffer, so a peer without the key can neither forge nor
 alter a message. The header carries a unique id and a timestamp; the replay guard
-drops a message whose id it has seen or whose timestamp is outside its window.
+drops a message whose id it has seen or whose timestamp is outside its window. Before any
+message, a connecting peer must show :func:`connect_token` (see ``transport``), so a peer
+without the key cannot even make the server read what it sends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ SIGNATURE_SCHEME = "hmac-sha256"
 def new_key() -> str:
     """A fresh random signing key, hex encoded."""
     return secrets.token_hex(32)
+
+
+def connect_token(key: str) -> bytes:
+    """What a client shows to be let in (ZeroMQ PLAIN password): derived from the key, never the key."""
+    return hmac.new(key.encode("ascii"), b"slicebridge-connect", hashlib.sha256).hexdigest().encode("ascii")
 
 
 class Signer:
