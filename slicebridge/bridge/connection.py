@@ -6,14 +6,22 @@ mode 0700 that belongs to the user. The client writes it before starting a serve
 the server fills in its endpoint, pid and ``ready`` once it is listening.
 
 Runtime directory: ``$SLICEBRIDGE_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/slicebridge``,
-else ``<tmp>/slicebridge-<uid>``. Detached servers' files live in ``servers/`` there.
+else ``<tmp>/slicebridge-<uid>``. When that last one is already there and not a private
+directory of ours (another user's, a symlink, open to others), an unpredictably named one
+of ours, ``<tmp>/slicebridge-<uid>-XXXXXXXX`` (0700), is used instead and found again by
+later processes. Detached servers' files live in ``servers/`` there, one per env identity
+(interpreter + ``sys.prefix``), next to the lock that serializes their start.
+
+Servers are told apart from a reused pid by their start time (``server_start``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -21,12 +29,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slicebridge.bridge.envs import reported_prefix
 from slicebridge.bridge.errors import ConnectionFileError
 from slicebridge.bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from slicebridge.bridge.signing import SIGNATURE_SCHEME
 
+log = logging.getLogger(__name__)
+
 # Unix socket paths are limited to 107 bytes on Linux.
 _MAX_IPC_PATH = 100
+_TMP_LOCK_WAIT_S = 5.0
+_claimed: dict[Path, Path] = {}  # <tmp>/<name> that was not ours -> the private dir used instead
 
 
 @dataclass
@@ -42,13 +55,16 @@ class ConnectionInfo:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     env: str = ""  # what the user asked for ("slicegpt")
     python: str = ""  # the server's interpreter
+    prefix: str = ""  # the env's sys.prefix as that interpreter reports it (resolved): its identity
     log_path: str = ""  # the server's stdout/stderr
     detached: bool = False
     owner_pid: int = 0  # a client-owned server exits when this process is gone
     owner_start: str = ""  # the owner's start time, against pid reuse
     debug_ops: bool = False
     shared_memory: bool = True  # large tensors through /dev/shm (same machine only)
+    shm_dir: str = ""  # the server's private, unpredictably named directory for them (bridge.shm)
     pid: int = 0  # filled in by the server
+    server_start: str = ""  # the server's start time (filled in by it), against pid reuse
     ready: bool = False
     started_at: float = field(default_factory=time.time)
 
@@ -63,12 +79,68 @@ def runtime_dir() -> Path:
     """The per-user runtime directory, created with mode 0700 and checked to be ours."""
     override = os.environ.get("SLICEBRIDGE_RUNTIME_DIR")
     if override:
-        path = Path(override)
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "slicebridge"
-    else:
-        path = Path(tempfile.gettempdir()) / f"slicebridge-{os.getuid()}"
-    return ensure_private_dir(path)
+        return ensure_private_dir(Path(override))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return ensure_private_dir(Path(os.environ["XDG_RUNTIME_DIR"]) / "slicebridge")
+    return private_tmp_dir(Path(tempfile.gettempdir()), f"slicebridge-{os.getuid()}")
+
+
+def private_tmp_dir(tmp: Path, name: str) -> Path:
+    """``tmp/name`` as a private dir of ours; if someone else put something there, one of ours
+    named ``tmp/name-XXXXXXXX`` (a warning says so once)."""
+    path = tmp / name
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConnectionFileError(f"cannot create the runtime dir {path}: {exc.strerror}") from None
+    problem = _not_private(path)
+    if problem is None:
+        return ensure_private_dir(path)
+    chosen = _claimed.get(path)
+    if chosen is None or _not_private(chosen) is not None:
+        chosen = _claimed[path] = _find_or_make_private(tmp, name)
+        log.warning("%s %s; using the private directory %s instead "
+                    "(set SLICEBRIDGE_RUNTIME_DIR to choose one)", path, problem, chosen)
+    return chosen
+
+
+def _not_private(path: Path) -> str | None:
+    """Why ``path`` is not a directory only we can use, or None if it is one."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return "is not a plain directory"
+    if st.st_uid != os.getuid():
+        return f"belongs to uid {st.st_uid}"
+    if st.st_mode & 0o077:
+        return f"is open to others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _find_or_make_private(tmp: Path, name: str) -> Path:
+    """The first ``tmp/name-*`` that is ours and private, else a new one (mkdtemp): under a lock on
+    ``tmp`` (waited for a bounded time), so that processes starting together agree on one."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + _TMP_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:  # someone holds it for long: go on without it
+                    break
+                time.sleep(0.01)
+        for candidate in sorted(tmp.glob(f"{name}-*")):
+            if _not_private(candidate) is None:
+                return candidate
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -91,8 +163,10 @@ def servers_dir() -> Path:
 
 
 def detached_connection_path(python: str) -> Path:
-    """Where the detached server for an interpreter keeps its connection file."""
-    digest = hashlib.sha256(os.path.realpath(python).encode()).hexdigest()[:12]
+    """Where the detached server of the env of ``python`` keeps its connection file: one per
+    (interpreter, reported ``sys.prefix``), so venvs of one interpreter get servers of their own."""
+    identity = f"{os.path.realpath(python)}\0{reported_prefix(python)}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return servers_dir() / f"server-{digest}.json"
 
 
@@ -100,7 +174,7 @@ def ipc_endpoint(name: str) -> str:
     """An ipc:// endpoint for a socket file in the runtime dir (or a short private dir)."""
     path = runtime_dir() / f"{name}.sock"
     if len(str(path)) > _MAX_IPC_PATH:
-        short = ensure_private_dir(Path("/tmp") / f"sb-{os.getuid()}")
+        short = private_tmp_dir(Path("/tmp"), f"sb-{os.getuid()}")
         path = short / f"{name[:16]}.sock"
     return f"ipc://{path}"
 
@@ -136,7 +210,7 @@ def read_connection_file(path: Path) -> ConnectionInfo:
     if st.st_mode & 0o077:
         raise ConnectionFileError(
             f"connection file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-            "it holds a signing key, so it is refused. Remove it and start the server again."
+            "it holds a signing key, so it is refused (`slicebridge server stop --all` stops its server)."
         )
     try:
         data = json.loads(text)
@@ -165,7 +239,7 @@ def pid_alive(pid: int, start_time: str = "") -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # another user's process: /proc still shows its state and start time
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
@@ -174,3 +248,15 @@ def pid_alive(pid: int, start_time: str = "") -> bool:
         return not start_time or fields[19] == start_time
     except (OSError, IndexError):
         return True
+
+
+def signal_process(pid: int, start_time: str, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` only if it is still the process that started at ``start_time``
+    (never without a start time to check); True if it was sent."""
+    if not start_time or not pid_alive(pid, start_time):
+        return False
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        return False
+    return True

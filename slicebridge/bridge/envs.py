@@ -5,10 +5,14 @@ Names are resolved without ``conda activate``: through ``conda env list --json``
 (``$CONDA_EXE``, ``conda``/``mamba``/``micromamba`` on PATH, the usual install dirs),
 ``$CONDA_ENVS_PATH``/``$CONDA_ENVS_DIRS``, ``~/.conda/environments.txt`` and the usual
 envs dirs. When nothing matches, :class:`EnvNotFound` lists everything that was tried.
+
+An env's identity is its interpreter plus the ``sys.prefix`` that interpreter reports
+(:func:`reported_prefix`): venvs made from one Python share the binary but not the prefix.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,11 +21,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from slicebridge.bridge.errors import EnvNotFound
+from slicebridge.bridge.errors import EnvNotFound, EnvNotUsable
 
 log = logging.getLogger("slicebridge.envs")
 
 _CONDA_ROOTS = ["miniconda3", "anaconda3", "miniforge3", "mambaforge", "micromamba", ".conda"]
+_ENV_VARS_DROPPED = ("VIRTUAL_ENV", "__PYVENV_LAUNCHER__", "CONDA_DEFAULT_ENV", "CONDA_PROMPT_MODIFIER")
 _SYSTEM_CONDA_ROOTS = ["/opt/conda", "/opt/miniconda3", "/opt/anaconda3", "/opt/miniforge3",
                        "/usr/local/miniconda3", "/usr/local/anaconda3"]
 
@@ -38,6 +43,25 @@ class PythonEnv:
     @property
     def name(self) -> str:
         return self.spec if os.sep not in self.spec else os.path.basename(self.prefix.rstrip(os.sep))
+
+
+def python_free_environ() -> dict:
+    """Our environment variables minus those that point an interpreter elsewhere (``PYTHON*``, venv)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k not in _ENV_VARS_DROPPED}
+
+
+@functools.lru_cache(maxsize=None)
+def reported_prefix(python: str) -> str:
+    """``sys.prefix`` (resolved) as ``python`` reports it when started the way the server is."""
+    try:
+        done = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix)"], capture_output=True,
+                              text=True, timeout=60, env=python_free_environ())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EnvNotUsable(f"could not run {python}: {exc}") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise EnvNotUsable(f"{python} could not report its sys.prefix: {done.stderr.strip()[-500:]}")
+    return os.path.realpath(lines[-1])
 
 
 def find_env(spec: str | os.PathLike) -> PythonEnv:

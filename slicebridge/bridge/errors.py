@@ -49,6 +49,10 @@ class ConnectionFileError(SlicebridgeError):
     """A connection file is missing, unreadable, malformed or readable by others."""
 
 
+class ServerEnvMismatch(ConnectionFileError):
+    """The server behind a connection file runs in another env (``sys.prefix``) than the one asked for."""
+
+
 class ServerStartFailed(SlicebridgeError):
     """The server process exited or did not become ready while starting."""
 
@@ -99,7 +103,13 @@ class RemoteError(SlicebridgeError):
         self.remote_traceback = remote_traceback
         # Exception's own __init__: a registered local error type mixed in (see
         # register_remote_errors) may take other arguments.
-        Exception.__init__(self, f"{error_type}: {message}" if error_type else message)
+        Exception.__init__(self, message)
+
+    def __str__(self) -> str:
+        """The message; the remote type is named only when no local type of that name says it."""
+        if REMOTE_ERROR_TYPES.get(self.error_type) is type(self) or not self.error_type:
+            return self.remote_message
+        return f"{self.error_type}: {self.remote_message}"
 
 
 class BadRequest(RemoteError):
@@ -132,6 +142,9 @@ def register_remote_errors(*classes: type[Exception]) -> None:
             REMOTE_ERROR_TYPES[cls.__name__] = type(cls.__name__, (RemoteError, cls), {
                 "__init__": RemoteError.__init__, "__str__": RemoteError.__str__,
                 "__doc__": cls.__doc__, "__module__": cls.__module__})
+
+
+register_remote_errors(MessageTooLarge)  # a reply too large to send comes back as one
 
 
 def remote_error(error_type: str, message: str, remote_traceback: str = "") -> RemoteError:

@@ -9,11 +9,20 @@ site-packages can leak in; the server reports its ``sys.path`` in ``hello``.
 
 Before importing anything, a tiny boot script checks the Python version and the two
 wire packages and exits with a marker line the client turns into an actionable error.
-The server's stdout and stderr go to a log file whose tail is quoted when it dies.
+The server's stdout and stderr go to a log file whose tail is quoted when it dies; the
+server caps its size (``server.main``), and only the newest ``LOGS_KEPT`` logs of
+servers that are gone are kept.
+
+A detached server is started under a lock per env, and every detached server process of
+the runtime dir can be found through ``/proc`` (its command line names its connection
+file), also one whose connection file was refused or lost. Servers are only signalled
+after their start time is checked (a pid may have been reused).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -36,9 +45,11 @@ from slicebridge.bridge.connection import (
     process_start_time,
     read_connection_file,
     runtime_dir,
+    servers_dir,
+    signal_process,
     write_connection_file,
 )
-from slicebridge.bridge.envs import PythonEnv
+from slicebridge.bridge.envs import PythonEnv, python_free_environ, reported_prefix
 from slicebridge.bridge.errors import (
     ConnectionFileError,
     EnvMissingPackages,
@@ -50,6 +61,8 @@ from slicebridge.bridge.signing import new_key
 log = logging.getLogger("slicebridge.launcher")
 
 BOOT_ERROR_MARKER = "SLICEBRIDGE-BOOT-ERROR"
+LOGS_KEPT = 10  # logs of servers that are gone, newest first
+_BOOT_IMPORT = "from slicebridge.server.main import main"
 _STAGED_PARTS = ("__init__.py", "bridge", "server", "model")
 _BOOT_SCRIPT = f"""
 import sys
@@ -66,10 +79,9 @@ if missing:
     sys.stderr.write("{BOOT_ERROR_MARKER} missing-packages " + " ".join(missing) + "\\n")
     sys.exit(3)
 sys.path.insert(0, sys.argv[1])
-from slicebridge.server.main import main
+{_BOOT_IMPORT}
 main(sys.argv[2])
 """
-_ENV_VARS_DROPPED = ("VIRTUAL_ENV", "__PYVENV_LAUNCHER__", "CONDA_DEFAULT_ENV", "CONDA_PROMPT_MODIFIER")
 
 
 def stage_server_code() -> Path:
@@ -100,8 +112,7 @@ def stage_server_code() -> Path:
 
 def server_environ(env: PythonEnv) -> dict:
     """The environment variables for the server: ours minus anything that points Python elsewhere."""
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith("PYTHON") and k not in _ENV_VARS_DROPPED}
+    environ = python_free_environ()
     bin_dir = str(Path(env.python).parent)
     environ["PATH"] = bin_dir + os.pathsep + environ.get("PATH", "")
     environ["CONDA_PREFIX"] = env.prefix
@@ -127,7 +138,7 @@ class ServerProcess:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return pid_alive(self.info.pid)
+        return pid_alive(self.info.pid, self.info.server_start)
 
     def exit_code(self) -> int | None:
         return self.popen.poll() if self.popen is not None else None
@@ -174,16 +185,19 @@ class ServerProcess:
             f"the server in {self.info.python} exited while starting (exit code {code})", tail
         )
 
-    def kill(self) -> None:
+    def signal(self, sig: int) -> None:
+        """Signal the server through its Popen, or by pid only while that pid is still the process
+        that started at the recorded start time."""
         if self.popen is not None:
             if self.popen.poll() is None:
-                self.popen.kill()
+                self.popen.send_signal(sig)
+        else:
+            signal_process(self.info.pid, self.info.server_start, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.popen is not None:
             self.popen.wait()
-        elif self.alive():
-            try:
-                os.kill(self.info.pid, 9)
-            except OSError:
-                pass
 
     def stop(self, channel, timeout: float) -> None:
         """Stop the server: ask it over ``channel`` (a ``bridge.channel.Channel``; SIGTERM if it
@@ -196,15 +210,20 @@ class ServerProcess:
                 channel.request("shutdown", protocol.ShutdownArgs(), timeout=timeout)
             except SlicebridgeError as exc:
                 log.warning("shutdown request to pid %d failed (%s); sending SIGTERM", self.pid, exc)
-                try:
-                    os.kill(self.pid, signal.SIGTERM)
-                except OSError:
-                    pass
+                self.signal(signal.SIGTERM)
+        self._wait_or_kill(timeout)
+        self.conn_path.unlink(missing_ok=True)
+
+    def terminate(self, timeout: float) -> None:
+        """Stop a server that cannot be asked (no usable connection file): SIGTERM, then SIGKILL."""
+        self.signal(signal.SIGTERM)
+        self._wait_or_kill(timeout)
+
+    def _wait_or_kill(self, timeout: float) -> None:
         if not self.wait_exit(timeout):
             log.warning("server pid %d did not stop; killing it", self.pid)
             self.kill()
             self.wait_exit(timeout)
-        self.conn_path.unlink(missing_ok=True)
 
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -260,6 +279,7 @@ def start_server(
     else:
         conn_path = ensure_private_dir(run_dir / "owned") / f"server-{server_id}.json"
     logs_dir = ensure_private_dir(run_dir / "logs")
+    prune_logs(logs_dir)
     log_path = logs_dir / f"server-{server_id}.log"
     if debug_ops is None:
         debug_ops = os.environ.get("SLICEBRIDGE_DEBUG_OPS") == "1"
@@ -270,6 +290,7 @@ def start_server(
         endpoint=ipc_endpoint(f"s-{server_id}") if transport == "ipc" else "",
         env=env.spec,
         python=env.python,
+        prefix=reported_prefix(env.python),
         log_path=str(log_path),
         detached=detached,
         owner_pid=0 if detached else os.getpid(),
@@ -309,6 +330,70 @@ def start_server(
     return server
 
 
+def prune_logs(logs_dir: Path, keep: int = LOGS_KEPT) -> None:
+    """Delete server logs beyond the newest ``keep``, never one that a live or starting server writes."""
+    in_use = set()
+    for conn in [*logs_dir.parent.glob("servers/server-*.json"), *logs_dir.parent.glob("owned/server-*.json")]:
+        try:
+            info = read_connection_file(conn)
+        except ConnectionFileError:
+            continue
+        if not info.ready or pid_alive(info.pid, info.server_start):
+            in_use.add(info.log_path)
+    logs = sorted((p for p in logs_dir.glob("server-*.log") if str(p) not in in_use), key=_mtime, reverse=True)
+    for old in logs[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@contextlib.contextmanager
+def detached_start_lock(env: PythonEnv, timeout: float):
+    """Held while the detached server of ``env`` is looked for and started: one start at a time."""
+    path = detached_connection_path(env.python).with_suffix(".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ServerStartFailed(f"another process has been starting the server of {env.spec!r} "
+                                            f"for over {timeout:.0f}s; try again") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def detached_server_processes() -> list[ServerProcess]:
+    """Every detached server process of this runtime dir, found through /proc: also those whose
+    connection file is refused or was lost (their handles carry no key: signals only)."""
+    servers, found = str(servers_dir()), []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or entry.stat().st_uid != os.getuid():
+                continue
+            argv = [os.fsdecode(a) for a in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if len(argv) >= 6 and argv[1:3] == ["-I", "-c"] and _BOOT_IMPORT in argv[3] \
+                and os.path.dirname(argv[5]) == servers:
+            pid = int(entry.name)
+            info = ConnectionInfo(key="", env=argv[0], python=argv[0], pid=pid,
+                                  server_start=process_start_time(pid), detached=True)
+            if info.server_start and pid_alive(pid, info.server_start):
+                found.append(ServerProcess(Path(argv[5]), info))
+    return found
+
+
 def find_detached(env: PythonEnv) -> ServerProcess | None:
     """The detached server running for ``env``, if its connection file names a live process."""
     path = detached_connection_path(env.python)
@@ -323,7 +408,7 @@ def attach(conn_path: Path, quiet: bool = False) -> ServerProcess | None:
         if quiet:
             return None
         raise
-    if not info.ready or not pid_alive(info.pid):
+    if not info.ready or not pid_alive(info.pid, info.server_start):
         if quiet:
             return None
         raise ConnectionFileError(f"the server of {conn_path} (pid {info.pid}) is not running")

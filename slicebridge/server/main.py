@@ -1,17 +1,24 @@
-"""Entry point of the server process: logging, connection file, handlers, event loop."""
+"""Entry point of the server process: logging, its own log's size cap, connection file,
+handlers, event loop."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
-from slicebridge.bridge.connection import read_connection_file
+from slicebridge.bridge.connection import process_start_time, read_connection_file
 from slicebridge.bridge.server_loop import ServerLoop, current_request
 from slicebridge.model import atomic
 from slicebridge.server import faults
 from slicebridge.server.handlers import build_handlers, runtime_facts
+
+DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
+_LOG_CHECK_S = 1.0
 
 
 def main(conn_path: str) -> None:
@@ -21,11 +28,44 @@ def main(conn_path: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s",
     )
     info = read_connection_file(Path(conn_path))
+    info.server_start = process_start_time(os.getpid())  # written with ``ready``, against pid reuse
+    if info.log_path:
+        max_bytes = int(os.environ.get("SLICEBRIDGE_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES))
+        threading.Thread(target=cap_own_log, args=(info.log_path, max_bytes), name="slicebridge-log-cap",
+                         daemon=True).start()
     if info.debug_ops:
         faults.install_from_environment()
     atomic.before_publish = before_publish
     ServerLoop(Path(conn_path), info, build_handlers(), runtime_facts=runtime_facts,
                on_out_of_memory=free_memory).run()
+
+
+def cap_own_log(path: str, max_bytes: int) -> None:
+    """Keep the log that our stdout and stderr (fds 1 and 2, opened O_APPEND by the launcher)
+    write to under ``max_bytes``: whenever it is larger, cut it to its last quarter."""
+    try:
+        if os.fstat(2).st_ino != os.stat(path).st_ino:
+            return  # stderr is not that log (started by hand)
+    except OSError:
+        return
+    while True:
+        time.sleep(_LOG_CHECK_S)
+        try:
+            size = os.fstat(2).st_size
+            if size > max_bytes:
+                _keep_tail(path, size, max_bytes // 4)
+        except OSError:  # a full disk, say: the log stays as it is
+            continue
+
+
+def _keep_tail(path: str, size: int, keep: int) -> None:
+    with open(path, "rb") as fh:
+        fh.seek(size - keep)
+        fh.readline()  # from a line start
+        tail = fh.read()
+    os.ftruncate(2, 0)  # O_APPEND: every writer goes on at the new end
+    os.write(2, f"[slicebridge: log cut to its last {len(tail)} bytes; the {size - len(tail)} before "
+                "were dropped]\n".encode() + tail)
 
 
 def before_publish(path: Path) -> None:

@@ -1,7 +1,9 @@
 """Facts about the server's own interpreter: versions, where modules came from, devices.
 
 ``hello`` reports these so that a client can prove the server runs on the slicegpt
-env's packages (transformers 4.41 there) and nothing of the base env leaked in.
+env's packages (transformers 4.41 there) and nothing of the base env leaked in, and in
+the env it asked for: ``prefix`` (``sys.prefix``) is the env's identity, which the client
+checks against what the env's python reports (venvs of one interpreter differ only there).
 """
 
 from __future__ import annotations
