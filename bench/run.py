@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, Context, atomic_write, env_python, fmt_summary, fmt_value, pyspy_path  # noqa: E402
 
-BENCHMARKS = ["startup", "ping", "echo", "convert_many", "convert_1b", "export_1b", "verify_1b"]
+BENCHMARKS = ["startup", "ping", "echo", "convert_many", "convert_1b", "export_1b", "verify_1b", "crc_check"]
 ROW_ORDER = ["convert_many", "convert_1b", "convert_1b_peak_rss", "export_1b", "ping_ipc", "ping_tcp", "echo",
-             "verify_1b", "startup", "cache_memory"]
+             "verify_1b", "crc_check", "startup", "cache_memory"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
 
         log("== models")
         model_set(cache_dir, "tiny", sorted(set(SPARSITIES[: 2 if args.smoke else 8]) | {0.25}), log=log)
-        if any(b in chosen for b in ("convert_1b", "export_1b", "verify_1b")):
+        if any(b in chosen for b in ("convert_1b", "export_1b", "verify_1b", "crc_check")):
             made = model_set(cache_dir, ctx.big_preset, [0.25], log=log)
             log(f"   {ctx.big_preset} model ready ({made.made_seconds:.0f}s)")
         modules = {name: importlib.import_module(name) for name in chosen}  # all now: fail fast

@@ -15,7 +15,7 @@ import sys
 from conftest import REPO, slicegpt_env_path
 
 EXPECTED_ROWS = {"convert_many", "convert_1b", "convert_1b_peak_rss", "export_1b", "ping_ipc", "ping_tcp", "echo",
-                 "verify_1b", "startup", "cache_memory"}
+                 "verify_1b", "crc_check", "startup", "cache_memory"}
 
 
 def test_bench_smoke_writes_every_row(tmp_path):

@@ -21,11 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import pickle
 import re
+import struct
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +41,8 @@ from .errors import (
     BaseConfigMismatch,
     BaseConfigMissing,
     CheckpointNotFound,
+    CorruptCheckpoint,
+    ImplausibleCheckpoint,
     NotASliceGPTCheckpoint,
     SlicingConfigMismatch,
     SparsityMismatch,
@@ -70,6 +76,13 @@ _LAYER_TENSORS = (
     "attn_shortcut_Q",
     "mlp_shortcut_Q",
 )
+# A zip local file header: signature, then fixed fields up to the name and extra-field lengths.
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+_CRC_CHUNK = 64 * 1024 * 1024
+# Tensors that may be the very same view as another (tied weights), counted once.
+_TIED = {"lm_head.weight": "model.embed_tokens.weight"}
+# Archives whose records passed the CRC check in this process, by (path, dev, inode, size, mtime).
+_VERIFIED_ARCHIVES: set[tuple[str, int, int, int, int]] = set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,8 +396,10 @@ def load_checkpoint_file(path: Path) -> Any:
             "the file) is missing, as after an interrupted copy or download. Copy it again from the machine "
             "that ran SliceGPT."
         )
+    if is_zip_archive:
+        verify_archive_crcs(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_archive)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_archive)
     except pickle.UnpicklingError:
         raise NotASliceGPTCheckpoint(
             f"{path} holds pickled Python objects (for example a whole model saved with torch.save(model) or "
@@ -394,6 +409,97 @@ def load_checkpoint_file(path: Path) -> Any:
     except (RuntimeError, EOFError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise TruncatedCheckpoint(f"{path} is a damaged torch.save file ({reason}); copy it again") from None
+    return loaded
+
+
+def verify_archive_crcs(path: Path) -> None:
+    """Check every record of a torch.save zip archive against the CRC-32 its index records.
+
+    torch's reader does not, so without this a few flipped bytes load as silently wrong weights.
+    One pass over the file's pages (memory-mapped, no copy; records summed on several threads, as
+    zlib releases the GIL); skipped for an archive that already passed in this process and has not
+    changed since. Raises ``CorruptCheckpoint`` naming the (first) damaged record.
+    """
+    stat = path.stat()
+    identity = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity in _VERIFIED_ARCHIVES:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
+            records = archive.infolist()
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view, \
+                    ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="slicebridge-crc") as pool:
+                intact = list(pool.map(lambda record: _record_intact(archive, view, record), records))
+        damaged = next((record for record, ok in zip(records, intact) if not ok), None)
+        if damaged is not None:
+            raise CorruptCheckpoint(str(path), damaged.filename)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as error:
+        raise TruncatedCheckpoint(f"{path} is a damaged torch.save archive ({error}); copy it again") from None
+    _VERIFIED_ARCHIVES.add(identity)
+
+
+def _record_intact(archive: zipfile.ZipFile, view: mmap.mmap, record: zipfile.ZipInfo) -> bool:
+    """Whether a record's bytes match its CRC-32: summed in place when stored (as torch.save stores)."""
+    if record.compress_type != zipfile.ZIP_STORED:
+        try:
+            with archive.open(record) as stream:  # zipfile checks the CRC at the end
+                while stream.read(_CRC_CHUNK):
+                    pass
+        except (zipfile.BadZipFile, EOFError, zlib.error):
+            return False
+        return True
+    header = view[record.header_offset:record.header_offset + _LOCAL_HEADER.size]
+    if len(header) != _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
+        return False  # the index points at no record
+    _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    start = record.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    end = start + record.file_size
+    if end > len(view):
+        return False
+    crc = 0
+    with memoryview(view) as data:
+        for offset in range(start, end, _CRC_CHUNK):
+            crc = zlib.crc32(data[offset:min(offset + _CRC_CHUNK, end)], crc)
+    return crc == record.CRC
+
+
+def tensor_bytes_problem(tensors: Mapping[str, "torch.Tensor"]) -> str | None:
+    """A sentence saying how ``tensors`` claim more bytes than their storages hold, or None.
+
+    Storages are what a file really holds (torch checks each against its record). A view may
+    claim no more than the storage under it, and all views together no more than all storages
+    (only a tied head may be the very same view as the embedding), so that compacting, casting
+    or moving them never costs more than the file's own size, as with safetensors.
+    """
+    held: dict[int, int] = {}
+    claimed = 0
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        size = tensor.numel() * tensor.element_size()
+        room = storage.nbytes() - tensor.storage_offset() * tensor.element_size()
+        if size > room:
+            described = f"{list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+            return f"tensor {name} claims {_bytes(size)} ({described}) but the file holds {_bytes(max(room, 0))} for it"
+        held[storage.data_ptr()] = storage.nbytes()
+        if not _same_view(tensor, tensors.get(_TIED.get(name, ""))):
+            claimed += size
+    if claimed > sum(held.values()):
+        return (f"its tensors claim {_bytes(claimed)} in all but the file holds {_bytes(sum(held.values()))} "
+                "of tensor data (the tensors are overlapping views of the same bytes)")
+    return None
+
+
+def _same_view(tensor: "torch.Tensor", other: "torch.Tensor | None") -> bool:
+    return other is not None and (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape,
+                                  tensor.stride(), tensor.dtype) == (
+        other.untyped_storage().data_ptr(), other.storage_offset(), other.shape, other.stride(), other.dtype)
+
+
+def _bytes(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, "torch.Tensor"]:
@@ -410,11 +516,19 @@ def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, "torch.Tensor"]:
             f"{path} does not hold a state dict (a mapping of names to tensors) but {type(loaded).__name__}; "
             "pass the .pt that run_slicegpt --save-dir writes"
         )
+    problem = tensor_bytes_problem(loaded)
+    if problem:
+        raise ImplausibleCheckpoint(f"{path} was refused before loading: {problem}.")
     return dict(loaded)
 
 
+def layer_indices(names: Iterable[str]) -> set[int]:
+    """The N of every ``model.layers.N.*`` name."""
+    return {int(match[1]) for name in names if (match := _LAYER_INDEX.match(name))}
+
+
 def _layer_count(tensors: Mapping[str, Any]) -> int:
-    indices = {int(match[1]) for key in tensors if (match := _LAYER_INDEX.match(key))}
+    indices = layer_indices(tensors)
     return max(indices) + 1 if indices else 0
 
 

@@ -7,6 +7,8 @@ needed to act on it. All derive from ``CheckpointError``. This module imports no
 
 from __future__ import annotations
 
+from slicebridge.bridge.errors import SlicebridgeError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -29,6 +31,22 @@ class NotASliceGPTCheckpoint(CheckpointError):
 
 class TruncatedCheckpoint(CheckpointError):
     """The file is a torch.save archive that ends early (an interrupted copy or download)."""
+
+
+class CorruptCheckpoint(CheckpointError, SlicebridgeError):
+    """A record of the torch.save archive fails its CRC-32 check: the file was damaged after it was written."""
+
+    def __init__(self, path: str, record: str) -> None:
+        super().__init__(
+            f"{path} is damaged: its record {record} does not match the CRC-32 that torch.save recorded for it "
+            "(bytes changed on disk or in a copy). Copy the checkpoint again from the machine that ran SliceGPT."
+        )
+        self.record = record
+
+
+class ImplausibleCheckpoint(CheckpointError, SlicebridgeError):
+    """The checkpoint's tensors claim more bytes than the file holds for them (views that repeat or
+    overlap its storages, as only a crafted file has); refused before anything is allocated for them."""
 
 
 class BaseConfigMissing(CheckpointError):
