@@ -270,7 +270,7 @@ def test_official_loader_asked_for_where_slicegpt_is_missing(bridge, tmp_path):
 
 
 def test_upgrade_turns_the_seed_bin_into_a_portable_one(official_bridge, tmp_path, reference):
-    result = official_bridge.upgrade(FIXTURE / "seed_pruned_model.bin", tmp_path / "upgraded.bin")
+    result = official_bridge.upgrade(FIXTURE / "seed_pruned_model.bin", tmp_path / "upgraded.bin", trust_pickle=True)
     assert result.loader == "upgrade" and result.sparsity == 0.25
     assert result.params == {"dense": 982144, "sliced": 855552, "shortcut_q": 76800}
     contents = load(tmp_path / "upgraded.bin")  # the safe loader takes it now
@@ -287,14 +287,14 @@ def test_seed_bin_is_refused_by_the_safe_loader_with_a_pointer_to_upgrade():
 
 def test_upgrade_needs_slicegpt_in_the_server_env(bridge, tmp_path):
     with pytest.raises(Exception, match="'slicegpt' package") as info:
-        bridge.upgrade(FIXTURE / "seed_pruned_model.bin", tmp_path / "u.bin")
+        bridge.upgrade(FIXTURE / "seed_pruned_model.bin", tmp_path / "u.bin", trust_pickle=True)
     assert info.value.error_type == "NotASeedBin"
     assert not (tmp_path / "u.bin").exists()
 
 
 def test_upgrade_refuses_what_is_already_portable(official_bridge, converted, tmp_path):
     with pytest.raises(Exception, match="already a portable"):
-        official_bridge.upgrade(converted[0], tmp_path / "u.bin")
+        official_bridge.upgrade(converted[0], tmp_path / "u.bin", trust_pickle=True)
 
 
 LOAD_IN_OLD_ENV = r"""

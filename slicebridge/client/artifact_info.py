@@ -2,9 +2,10 @@
 
 Architecture, per-layer widths, parameter counts (dense base, sliced, of which shortcut
 Qs), actual ratio, dtype, file size and producer versions. Everything is read in the
-caller's env without a server, except a ``.bin`` made the seed's way: only the slicegpt
-env can unpickle it, so its facts come from the server when a bridge is given (and the
-report says why they cannot be read here otherwise).
+caller's env without a server. A ``.bin`` made the seed's way is never unpickled (that
+would run code from it): its facts are read from its pickle's opcodes (``model.seed_bin``),
+by the server when a bridge is given, which then also says whether its env could read the
+file for ``upgrade``; the report says which failures the file meets in this env.
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ def _bin_info(path: Path, bridge) -> ArtifactInfo:
     diagnosis = diagnose_seed_bin(path)
     if diagnosis.is_seed_format:
         if bridge is None:
-            return ArtifactInfo(str(path), "seed-bin", file_bytes=path.stat().st_size,
-                                notes=diagnosis.failures + [diagnosis.fix,
-                                                            "pass env=... to read it in the slicegpt env"])
-        from slicebridge.bridge import protocol
+            from slicebridge.model.seed_bin import describe_seed_bin
 
-        facts = bridge.request("info", protocol.InfoArgs(path=str(path))).facts
-        return ArtifactInfo(**{**facts, "notes": facts.get("notes", []) + diagnosis.failures + [diagnosis.fix]})
+            facts = describe_seed_bin(path)
+        else:
+            from slicebridge.bridge import protocol
+
+            facts = ArtifactInfo(**bridge.request("info", protocol.InfoArgs(path=str(path))).facts)
+        facts.notes += diagnosis.failures + [diagnosis.fix]
+        return facts
     contents = load(path)
     config = contents.get("config") or {}
     meta = {"sparsity": config.get("sparsity"), "round_interval": config.get("round_interval"),

@@ -120,7 +120,7 @@ def verify_artifact(bridge, artifact: str | os.PathLike, checkpoint: str | os.Pa
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(base_model or Path(checkpoint_path).parent)
+        tokenizer = AutoTokenizer.from_pretrained(base_model or Path(checkpoint_path).parent, trust_remote_code=False)
     inputs = verification_inputs(model.config.vocab_size, tokenizer, text)
 
     reference = bridge.request("reference", protocol.ReferenceArgs(

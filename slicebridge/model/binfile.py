@@ -27,8 +27,9 @@ import platform
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+from slicebridge.bridge.errors import SlicebridgeError
 from slicebridge.model.atomic import atomic_file
 
 log = logging.getLogger("slicebridge.binfile")
@@ -45,6 +46,11 @@ class BinFileError(Exception):
     """A ``.bin`` cannot be loaded; the message says why and what to do."""
 
 
+class ImplausibleBinFile(BinFileError, SlicebridgeError):
+    """A ``.bin``'s recipes claim more than its bytes hold, or do not fit together; refused before
+    anything is built, allocated or written for them."""
+
+
 class UnsafeBinFile(BinFileError):
     """A ``.bin`` references code outside the allowlist; it was not unpickled."""
 
@@ -53,7 +59,8 @@ class UnsafeBinFile(BinFileError):
         hint = ""
         if global_name.startswith(("slicegpt", "dill")) or "LlamaSdpaAttention" in global_name:
             hint = (" It looks like a .bin made the seed's way (a dill pickle of the slicegpt model object): "
-                    "run `slicebridge upgrade` on it in the slicegpt env to turn it into a portable one.")
+                    "run `slicebridge upgrade` on it in the slicegpt env to turn it into a portable one "
+                    "(with --trust-pickle, if you trust the file: reading it runs code from it).")
         super().__init__(
             f"{path} references {global_name}, which is outside slicebridge's allowlist, so it was not loaded "
             f"(loading it would run code from the file).{hint} If you trust the file, pass trust_pickle=True."
@@ -85,17 +92,51 @@ class TokenizerRecipe:
 
 
 def rebuild_model(config: dict, state_dict: dict):
-    """Build the portable model in the loading env from a config dict and its tensors."""
+    """Build the portable model in the loading env from a config dict and its tensors.
+
+    The recipe is checked first (``_check_model_recipe``), so that a crafted file is refused
+    before anything is allocated for it; a config the tensors do not fit is refused too.
+    """
     from slicebridge.model.configuration_sliced_llama import SlicedLlamaConfig
     from slicebridge.model.modeling_sliced_llama import build_sliced_llama
 
+    _check_model_recipe(config, state_dict)
     config = dict(config)
     config.pop("model_type", None)
-    return build_sliced_llama(state_dict, SlicedLlamaConfig(**config)).eval()
+    try:
+        return build_sliced_llama(state_dict, SlicedLlamaConfig(**config)).eval()
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise ImplausibleBinFile(f"the .bin's model does not fit its own config: {exc}") from None
+
+
+def _check_model_recipe(config: Any, state_dict: Any) -> None:
+    """Refuse a model recipe that claims more than the file's bytes describe.
+
+    Views may claim no more bytes than their storages hold (a stride-0 view claims gigabytes
+    from a few bytes, and building would copy it out), and the config may claim no more layers
+    than the file holds tensors for (each configured layer costs time and memory to build).
+    Every other size in the config is then checked against the tensors at no cost, on the meta device.
+    """
+    import torch
+
+    from slicebridge.model.checkpoint import layer_indices, tensor_bytes_problem
+
+    if not isinstance(config, dict) or not isinstance(state_dict, dict) or not all(
+            isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state_dict.items()):
+        raise ImplausibleBinFile("the .bin's model recipe is not a config dict and a dict of named tensors")
+    problem = tensor_bytes_problem(state_dict)
+    if problem:
+        raise ImplausibleBinFile(f"the .bin was refused before building its model: {problem}")
+    layers = layer_indices(state_dict)
+    claimed = config.get("num_hidden_layers")
+    if type(claimed) is not int or claimed != len(layers) or (layers and max(layers) != claimed - 1):
+        raise ImplausibleBinFile(f"the .bin's config says num_hidden_layers={claimed!r} but the file holds "
+                                 f"tensors for {len(layers)} layers; it was refused before building its model")
 
 
 def rebuild_tokenizer(files: dict):
     """Build the tokenizer in the loading env from its saved files (None if there were none)."""
+    _check_tokenizer_files(files)
     if not files:
         return None
     from transformers import AutoTokenizer
@@ -105,13 +146,87 @@ def rebuild_tokenizer(files: dict):
             if os.sep in name or name.startswith("."):
                 raise BinFileError(f"refusing a tokenizer file named {name!r}")
             Path(tmp, name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp)
+        try:  # never code shipped with the files: transformers would ask whether to run it
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+        except ValueError as exc:
+            raise BinFileError(f"the .bin's tokenizer does not load without running code from the file, which "
+                               f"slicebridge never does: {str(exc).splitlines()[0]}") from None
+
+
+def _check_tokenizer_files(files: Any) -> None:
+    """Refuse tokenizer files that a ``.bin`` written by slicebridge never holds, before writing any:
+    names outside ``TOKENIZER_FILES``, or one blob stored once and named several times (a 4 MB blob
+    under 500 names would write 2 GB to $TMPDIR)."""
+    if not isinstance(files, dict) or not all(isinstance(n, str) and isinstance(d, bytes) for n, d in files.items()):
+        raise ImplausibleBinFile("the .bin's tokenizer recipe is not a dict of file names and bytes")
+    unknown = sorted(set(files) - set(TOKENIZER_FILES))
+    if unknown:
+        shown = ", ".join(repr(name) for name in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise ImplausibleBinFile(f"the .bin's tokenizer holds files no tokenizer is saved as ({shown}); "
+                                 "it was refused before writing any")
+    blobs = [data for data in files.values() if len(data) > 1]  # b"" and 1-byte bytes are shared singletons
+    if len({id(data) for data in blobs}) < len(blobs):
+        raise ImplausibleBinFile("the .bin's tokenizer names one stored blob as several files; "
+                                 "it was refused before writing any")
+
+
+def contained_files(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, Path]:
+    """For each of these names present in a model directory, the file it resolves to; links leading
+    out of the directory are refused.
+
+    A planted link (``tokenizer.model -> ~/.ssh/id_rsa``) would copy any file the server can
+    read into the output. Links into the directory itself, and the Hugging Face cache's links
+    from ``snapshots/REV/`` to ``blobs/``, are followed. Read the returned paths, not the links
+    (``read_file``), so that a link changed after this check is not followed.
+    """
+    directory = Path(directory)
+    root = directory.resolve()
+    allowed = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    found = {}
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            continue
+        found[name] = path.resolve()
+        if not any(found[name].is_relative_to(place) for place in allowed):
+            raise BinFileError(f"{path} is a link to {found[name]}, outside the base model directory; slicebridge "
+                               "copies no files from outside it (copy the file into the directory if it belongs there)")
+    return found
+
+
+def read_file(path: Path) -> bytes:
+    """A file's bytes, refusing to follow a link in its last component (see ``contained_files``)."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:
+        return handle.read()
+
+
+def tokenizer_paths(directory: str | os.PathLike) -> dict[str, Path]:
+    """The tokenizer (and generation config) files in a model directory (see ``contained_files``)."""
+    return contained_files(directory, TOKENIZER_FILES)
 
 
 def tokenizer_files(directory: str | os.PathLike) -> dict[str, bytes]:
-    """The tokenizer (and generation config) files found in a model directory."""
-    directory = Path(directory)
-    return {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
+    """The tokenizer (and generation config) files found in a model directory (see ``tokenizer_paths``)."""
+    return {name: read_file(path) for name, path in tokenizer_paths(directory).items()}
+
+
+def widest_mode(sources: Iterable[Path]) -> int:
+    """The permission bits an output holding these files' bytes may have: what every one of them allows.
+
+    The owner's read and write always stay; a 0600 source makes a 0600 output, never a 0644 one.
+    """
+    mode = 0o666
+    for source in sources:
+        mode &= os.stat(source).st_mode
+    return mode | 0o600
+
+
+def narrow_permissions(path: Path, max_mode: int) -> None:
+    """Take away the permission bits ``max_mode`` lacks, from a file or a directory and all it holds
+    (a directory keeps search (x) where it keeps read)."""
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        mask = max_mode | ((max_mode & 0o444) >> 2) if item.is_dir() else max_mode
+        os.chmod(item, item.stat().st_mode & mask)
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -158,8 +273,11 @@ def cpu_state_dict(model) -> dict:
 
 def save_bin(path: str | os.PathLike, *, model, tokenizer_files: Mapping[str, bytes], pruning_ratio: float,
              actual_ratio: float, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
-             overwrite: bool = False, pickle_module: str = "auto") -> dict:
-    """Write a ``.bin`` atomically; returns what was written besides the model (for reports)."""
+             overwrite: bool = False, pickle_module: str = "auto", max_mode: int | None = None) -> dict:
+    """Write a ``.bin`` atomically; returns what was written besides the model (for reports).
+
+    ``max_mode`` (``widest_mode`` of the files whose bytes it holds) narrows the file's permissions.
+    """
     import torch
 
     module = pickle_module_for(pickle_module)
@@ -176,6 +294,8 @@ def save_bin(path: str | os.PathLike, *, model, tokenizer_files: Mapping[str, by
         **dict(extra or {}),
     }
     with atomic_file(path, overwrite) as tmp:
+        if max_mode is not None:  # created narrow, so that nobody else can open it while it is written
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, max_mode & 0o666))
         try:
             torch.save(contents, tmp, pickle_module=module)
         except RuntimeError:

@@ -3,8 +3,11 @@
 ``convert`` loads a checkpoint (from the warm cache when it is there) and writes a
 ``.bin`` in the seed's dict format (see ``model.binfile``). ``upgrade`` reads a
 ``.bin`` made the seed's way — a dill pickle of the slicegpt model object, which only
-this env can unpickle — and writes ours from the tensors inside. Output paths are
-checked before anything is loaded, and written atomically.
+this env can unpickle — and writes ours from the tensors inside. Unpickling runs code
+from the file, so ``upgrade`` is the only request that does it, only for the file named,
+and only when the request says ``trust_pickle``; ``info`` reads such a file's opcodes
+(``model.seed_bin``). Output paths are checked before anything is loaded, and written
+atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 from slicebridge.bridge import protocol
@@ -26,6 +30,10 @@ log = logging.getLogger("slicebridge.server.convert")
 
 class NotASeedBin(HandlerError):
     """``upgrade`` was given something that is not a .bin made the seed's way."""
+
+
+class PickleNotTrusted(HandlerError):
+    """``upgrade`` would unpickle a file (running code from it) that the user did not say to trust."""
 
 
 class RelativePath(HandlerError):
@@ -97,6 +105,7 @@ class ConvertService:
                 checkpoint.hidden_size)},
             overwrite=args.overwrite,
             pickle_module=args.pickle_module,
+            max_mode=_copied_sources_mode(checkpoint),
         )
         ctx.progress("save", 1, 1, "files")
         done = time.perf_counter()
@@ -123,7 +132,8 @@ class ConvertService:
         provenance = {**checkpoint_provenance(checkpoint, loader=loaded.loader), "producer": producer_versions()}
         summary = export_model(loaded.model, args.output, tokenizer_files=tokenizer_files(checkpoint.base_dir),
                                provenance=provenance, verification=verification,
-                               max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                               max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                               max_mode=_copied_sources_mode(checkpoint))
         ctx.progress("write", 1, 1, "dirs")
         done = time.perf_counter()
         return protocol.ExportResult(
@@ -138,12 +148,16 @@ class ConvertService:
     def upgrade(self, args: protocol.UpgradeArgs, ctx: RequestContext) -> protocol.ConvertResult:
         started = time.perf_counter()
         _require_absolute(source=args.source, output=args.output)
+        if not args.trust_pickle:
+            raise PickleNotTrusted(
+                f"upgrade reads {args.source} by unpickling it, which runs code from the file (the seed pickled "
+                "its model with dill); pass trust_pickle=True (--trust-pickle on the command line) if you trust it")
         check_output(args.output, args.overwrite)
         seed = _read_seed_bin(Path(args.source))
         ctx.progress("read", 1, 2, "steps")
         portable, base_config, seed_config = _portable_from_seed(seed, Path(args.source))
         sparsity, round_interval = seed_config["sparsity"], seed_config["round_interval"]
-        from slicebridge.model.binfile import save_bin
+        from slicebridge.model.binfile import save_bin, widest_mode
 
         params = _param_counts(portable, base_config)
         summary = save_bin(
@@ -157,6 +171,7 @@ class ConvertService:
             extra={"loader": "upgrade", "upgraded_from": os.path.abspath(args.source), "params": params},
             overwrite=args.overwrite,
             pickle_module=args.pickle_module,
+            max_mode=widest_mode([Path(args.source)]),
         )
         ctx.progress("save", 2, 2, "steps")
         done = time.perf_counter()
@@ -192,17 +207,21 @@ class ConvertService:
             versions={k: versions.get(k) for k in ("torch", "transformers", "slicegpt")})
 
     def info(self, args: protocol.InfoArgs, ctx: RequestContext) -> protocol.InfoResult:
-        """Facts about a seed-format .bin, which only this env can unpickle."""
-        from slicebridge.model.facts import model_info
+        """Facts about a seed-format .bin from its opcodes (never unpickled), and whether this env could read it."""
+        from slicebridge.model.pickle_scan import diagnose_seed_bin
+        from slicebridge.model.seed_bin import NotASeedModel, describe_seed_bin
 
         _require_absolute(path=args.path)
         path = Path(args.path)
-        seed = _read_seed_bin(path)
-        portable, _, seed_config = _portable_from_seed(seed, path)
-        facts = model_info(path, "seed-bin", portable, {
-            "sparsity": seed_config["sparsity"], "round_interval": seed_config["round_interval"],
-            "loader": "unpickled in the slicegpt env (seed format)"})
-        facts.architecture = f"{type(seed['model']).__name__} (slicegpt model object, pickled with dill)"
+        if not path.is_file():
+            raise NotASeedBin(f"{path} does not exist or is not a file")
+        try:
+            facts = describe_seed_bin(path)
+        except NotASeedModel as exc:
+            raise NotASeedBin(str(exc)) from None
+        missing = diagnose_seed_bin(path).failures[1:]  # the first, weights_only, holds everywhere
+        facts.notes.append("the server's env has every class the file names: upgrade --trust-pickle can read it there"
+                           if not missing else "the server's env cannot read it either: " + "; ".join(missing))
         return protocol.InfoResult(facts=facts.as_dict())
 
     def cache_info(self, args: protocol.CacheInfoArgs, ctx: RequestContext) -> protocol.CacheInfoResult:
@@ -240,7 +259,7 @@ def _check_against_official(loaded: LoadedCheckpoint) -> dict:
 
     from slicebridge.model.compare import TOLERANCES, compare_logits, comparison_dtype, verification_inputs
 
-    tokenizer = AutoTokenizer.from_pretrained(loaded.checkpoint.base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(loaded.checkpoint.base_dir, trust_remote_code=False)
     inputs = verification_inputs(loaded.model.config.vocab_size, tokenizer)
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     tolerance = TOLERANCES[comparison_dtype(dtype)]
@@ -259,6 +278,13 @@ def _check_against_official(loaded: LoadedCheckpoint) -> dict:
             "tolerance": tolerance, "inputs": results}
 
 
+def _copied_sources_mode(checkpoint) -> int:
+    """The widest permissions an output may have that holds the bytes of the checkpoint and tokenizer files."""
+    from slicebridge.model.binfile import tokenizer_paths, widest_mode
+
+    return widest_mode([checkpoint.checkpoint_path, *tokenizer_paths(checkpoint.base_dir).values()])
+
+
 def _param_counts(model, base_config: dict) -> dict:
     from slicebridge.model.modeling_sliced_llama import count_sliced_parameters, dense_llama_parameter_count
 
@@ -274,6 +300,7 @@ def _read_seed_bin(path: Path) -> dict:
 
     if not path.is_file():
         raise NotASeedBin(f"{path} does not exist")
+    _check_names_the_seeds_classes(path)
     try:
         import dill
     except ImportError:
@@ -289,11 +316,24 @@ def _read_seed_bin(path: Path) -> dict:
         raise NotASeedBin(f"{path} could not be read as a torch file: {type(exc).__name__}: {exc}") from None
     if not isinstance(seed, dict) or "model" not in seed:
         raise NotASeedBin(f"{path} is not a model .bin (no 'model' entry)")
-    if seed.get("format") == "slicebridge.bin":
-        raise NotASeedBin(f"{path} is already a portable slicebridge .bin; nothing to upgrade")
     if not hasattr(seed["model"], "state_dict") or not hasattr(seed["model"], "config"):
         raise NotASeedBin(f"{path}: its 'model' is a {type(seed['model']).__name__}, not a model object")
     return seed
+
+
+def _check_names_the_seeds_classes(path: Path) -> None:
+    """Refuse, before unpickling, a file whose pickle does not name slicegpt or dill as the seed's do."""
+    from slicebridge.model.pickle_scan import UnreadablePickle, referenced_globals
+
+    try:
+        names = referenced_globals(path)
+    except (UnreadablePickle, OSError, zipfile.BadZipFile) as exc:
+        raise NotASeedBin(f"{path} could not be read as a torch file: {exc}") from None
+    if any(name.startswith("slicebridge.model.binfile.") for name in names):
+        raise NotASeedBin(f"{path} is already a portable slicebridge .bin; nothing to upgrade")
+    if not any(name.startswith(("slicegpt.", "dill.")) for name in names):
+        raise NotASeedBin(f"{path} is not a .bin made the seed's way (its pickle names neither slicegpt nor dill), "
+                          "so upgrade does not unpickle it")
 
 
 def _portable_from_seed(seed: dict, source: Path):

@@ -5,12 +5,16 @@ validated, so bad input gets the same clear errors whichever loader is used. The
 
 - ``builtin``: the portable model is built straight from the checkpoint's tensors.
 - ``official``: ``slicegpt.hf_utils.load_sliced_model`` loads it, and the portable model
-  is built from the official model's own tensors (sharing their memory). Its quirks are
-  handled here: adapters are chosen by model-name prefix (``meta-llama/Llama-2``,
-  ``meta-llama/Meta-Llama-3``), which a local base model dir does not match, and file
-  names derive from that name, so the files are linked into a staging directory under a
-  name the official code accepts; older releases take the ``.pt`` path, newer ones a
-  directory, so the directory form is tried first and the path form second.
+  is built from the official model's own tensors (sharing their memory). Its ``torch.load``
+  of the checkpoint is handed the state dict we loaded with ``weights_only=True``, so a file
+  swapped in a shared directory after our checks is never unpickled by it (an old torch's
+  default is ``weights_only=False``); any other ``torch.load`` it makes is forced to
+  ``weights_only=True``. Its quirks are handled here: adapters are chosen by model-name
+  prefix (``meta-llama/Llama-2``, ``meta-llama/Meta-Llama-3``), which a local base model
+  dir does not match, and file names derive from that name, so the files are linked into a
+  staging directory under a name the official code accepts (never a file from outside the
+  base model dir); older releases take the ``.pt`` path, newer ones a directory, so the
+  directory form is tried first and the path form second.
 
 ``auto`` is ``official`` when ``slicegpt`` can be imported, else ``builtin``. Every
 result says which loader was used.
@@ -18,6 +22,7 @@ result says which loader was used.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -139,15 +144,39 @@ def official_model_name(checkpoint) -> str:
 
 def _stage_for_official(checkpoint, model_name: str, staging: Path) -> Path:
     """Link the checkpoint, its SlicingConfig and the base model's files under official names."""
+    from slicebridge.model.binfile import contained_files
+
     stem = f"{Path(model_name).name}_{checkpoint.sparsity}"
     os.symlink(checkpoint.checkpoint_path.resolve(), staging / f"{stem}.pt")
     if checkpoint.slicing_config_path is not None:
         os.symlink(checkpoint.slicing_config_path.resolve(), staging / f"{stem}.json")
-    for item in Path(checkpoint.base_dir).iterdir():  # config.json, tokenizer files
-        target = staging / item.name
-        if item.suffix in (".json", ".model", ".txt") and not target.exists():
-            os.symlink(item.resolve(), target)
+    base = Path(checkpoint.base_dir)
+    names = sorted(item.name for item in base.iterdir() if item.suffix in (".json", ".model", ".txt"))
+    for name, path in contained_files(base, names).items():  # config.json, tokenizer files; none from outside
+        if not (staging / name).exists():
+            os.symlink(path, staging / name)
     return staging / f"{stem}.pt"
+
+
+@contextlib.contextmanager
+def _checked_torch_load(staged_checkpoint: Path, state_dict: dict):
+    """While slicegpt's loader runs: its load of the staged checkpoint returns ``state_dict`` (what
+    our reader loaded with weights_only and validated), and every other load is weights_only."""
+    import torch
+
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.path.abspath(os.fspath(f)) == str(staged_checkpoint):
+            return dict(state_dict)
+        kwargs["weights_only"] = True
+        return original(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def _load_official(checkpoint):
@@ -164,10 +193,12 @@ def _load_official(checkpoint):
         kwargs["round_interval"] = checkpoint.round_interval
     with tempfile.TemporaryDirectory(prefix="slicebridge-official-") as staging:
         pt_path = _stage_for_official(checkpoint, model_name, Path(staging))
+        state_dict = checkpoint.load_tensors()
         attempts = []
         for style, location in (("directory (newer releases)", staging), (".pt path (older releases)", str(pt_path))):
             try:
-                model_adapter, _tokenizer = hf_utils.load_sliced_model(model_name, location, **kwargs)
+                with _checked_torch_load(pt_path, state_dict):
+                    model_adapter, _tokenizer = hf_utils.load_sliced_model(model_name, location, **kwargs)
                 log.info("slicegpt.load_sliced_model took the %s form", style)
                 return model_adapter.model
             except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
