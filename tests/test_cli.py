@@ -102,7 +102,7 @@ def test_verify_and_info_and_upgrade_commands(slicegpt_env, official_env, tmp_pa
     facts = json.loads(described.stdout)
     assert [f["sliced_width"] for f in facts] == [96, 96] and [f["num_layers"] for f in facts] == [4, 4]
     upgraded = run_cli("upgrade", str(FIXTURE / "seed_pruned_model.bin"), str(tmp_path / "up.bin"),
-                       "--env", str(official_env))
+                       "--env", str(official_env), "--trust-pickle")
     assert upgraded.returncode == 0, upgraded.stderr
     assert load(tmp_path / "up.bin")["method"] == "SliceGPT"
 

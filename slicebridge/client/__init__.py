@@ -67,23 +67,37 @@ def default_output(checkpoint: str | os.PathLike, suffix: str = ".bin") -> str:
     return str(path.with_suffix(suffix) if suffix else path.with_suffix(""))
 
 
+def output_path(checkpoint: str | os.PathLike, output: str | os.PathLike | None, suffix: str = ".bin") -> str:
+    """Where ``checkpoint``'s output goes: ``output``; inside it, named after the checkpoint, when it
+    ends in a slash (a directory, made like ``mkdir -p``); beside the checkpoint when it is None."""
+    if output is None:
+        return default_output(checkpoint, suffix)
+    text = os.fspath(output)
+    if not text.endswith(("/", os.sep)):
+        return text
+    from slicebridge.model.atomic import make_directories
+
+    return str(make_directories(text) / Path(default_output(checkpoint, suffix)).name)
+
+
 def convert(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | None = None,
             output: str | os.PathLike | None = None, *, env: str | None = None, **options):
     """Convert a SliceGPT checkpoint into a portable ``.bin``; returns a ``ConvertResult``.
 
     Options: sparsity (default: from the checkpoint or its file name), round_interval,
     loader ("auto" | "official" | "builtin"), device ("auto" | "cpu" | "cuda"), overwrite,
-    pickle_module, on_event. ``output`` defaults to ``<checkpoint>.bin`` beside it.
+    pickle_module, on_event. ``output`` defaults to ``<checkpoint>.bin`` beside it; ending in a
+    slash, it is a directory that gets ``<checkpoint>.bin``.
     """
-    output = output if output is not None else default_output(slicegpt_model)
-    return _call(env, "convert", slicegpt_model, output, base_model=base_model, **options)
+    return _call(env, "convert", slicegpt_model, output_path(slicegpt_model, output), base_model=base_model,
+                 **options)
 
 
 def export(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | None = None,
            output: str | os.PathLike | None = None, *, env: str | None = None, **options):
     """Export a SliceGPT checkpoint as a pickle-free Hugging Face directory; returns an ``ExportResult``."""
-    output = output if output is not None else default_output(slicegpt_model, suffix="")
-    return _call(env, "export", slicegpt_model, output, base_model=base_model, **options)
+    return _call(env, "export", slicegpt_model, output_path(slicegpt_model, output, suffix=""),
+                 base_model=base_model, **options)
 
 
 def verify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, base_model: str | os.PathLike | None = None,
@@ -93,7 +107,11 @@ def verify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, base_mode
 
 
 def info(path: str | os.PathLike, base_model: str | os.PathLike | None = None, *, env: str | None = None):
-    """Describe a checkpoint, ``.bin`` or export dir; a seed-format ``.bin`` is read through ``env``."""
+    """Describe a checkpoint, ``.bin`` or export dir.
+
+    A seed-format ``.bin`` is described from its pickle's opcodes, never unpickled; with ``env``
+    the server does it and also says whether its env could read the file for ``upgrade``.
+    """
     from slicebridge.client.artifact_info import info as local_info
     from slicebridge.model.pickle_scan import diagnose_seed_bin
 
@@ -103,6 +121,11 @@ def info(path: str | os.PathLike, base_model: str | os.PathLike | None = None, *
     return local_info(path, base_model=base_model)
 
 
-def upgrade(source: str | os.PathLike, output: str | os.PathLike, *, env: str | None = None, **options):
-    """Turn a ``.bin`` made the seed's way into a portable one, in the slicegpt env."""
-    return _call(env, "upgrade", source, output, **options)
+def upgrade(source: str | os.PathLike, output: str | os.PathLike, *, env: str | None = None,
+            trust_pickle: bool = False, **options):
+    """Turn a ``.bin`` made the seed's way into a portable one, in the slicegpt env.
+
+    That unpickles ``source``, which runs code from the file: pass ``trust_pickle=True`` only
+    for a file you trust (without it the server refuses, and says so).
+    """
+    return _call(env, "upgrade", source, output, trust_pickle=trust_pickle, **options)

@@ -3,6 +3,12 @@
 Every checkpoint goes through the same warm server; one that fails is reported and the
 rest go on. The summary has one row per checkpoint (checkpoint, output, seconds, actual
 ratio, verify result, error), and the command's exit status is non-zero if any failed.
+
+Outputs are planned before anything runs: checkpoints whose derived output names are equal
+(run_slicegpt names its files after the model, so every run dir of a sweep holds the same
+name) are named apart by the directories they are in (``run1-NAME.bin``, then
+``sweep-run1-NAME.bin`` if that is not enough), deterministically; a plan in which two
+outputs still coincide, or an output is one of the inputs, is refused with the list.
 """
 
 from __future__ import annotations
@@ -56,27 +62,51 @@ def expand_checkpoints(specs: list[str]) -> list[Path]:
                 found += inside or [path]
             else:
                 found.append(path)
-    unique = list(dict.fromkeys(p.absolute() for p in found))
-    return unique
+    return list(dict.fromkeys(atomic.resolve(p, follow_final=False) for p in found))
 
 
-def output_for(checkpoint: Path, output: str | None, output_dir: str | None, suffix: str) -> Path:
+def output_for(checkpoint: Path, output: str | None, output_dir: str | None, suffix: str, depth: int = 0) -> Path:
+    """The output of ``checkpoint``; ``depth`` names of the directories above it go in front of its name."""
     if output is not None:
-        return Path(output).expanduser().absolute()
-    directory = Path(output_dir).expanduser().absolute() if output_dir else checkpoint.parent
+        return atomic.resolve(output)
+    directory = atomic.resolve(output_dir) if output_dir else checkpoint.parent
     name = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
-    return directory / f"{name}{suffix}"
+    above = checkpoint.parent.parts[len(checkpoint.parent.parts) - depth:] if depth else ()
+    return directory / "-".join((*above, f"{name}{suffix}"))
 
 
 def outputs_for(checkpoints: list[Path], output: str | None, output_dir: str | None, suffix: str) -> list[Path]:
-    """One output per checkpoint; checkpoints with the same name get their directory's name in front."""
+    """One distinct output per checkpoint (see the module docstring); ``OutputCollision`` if impossible."""
+    depths = [0] * len(checkpoints)
     outputs = [output_for(c, output, output_dir, suffix) for c in checkpoints]
-    for index, path in enumerate(outputs):
-        if outputs.count(path) > 1:
-            clashing = [i for i, p in enumerate(outputs) if p == path]
-            for i in clashing:
-                outputs[i] = path.with_name(f"{checkpoints[i].parent.name}-{path.name}")
+    while clashing := _clashing(outputs):
+        deeper = [i for i in clashing if output is None and depths[i] < len(checkpoints[i].parent.parts) - 1]
+        if not deeper:
+            raise OutputCollision(_collision_message(checkpoints, outputs, clashing, "is the output of several "
+                                                     "checkpoints", "run them separately, each with its --output"))
+        for i in deeper:
+            depths[i] += 1
+            outputs[i] = output_for(checkpoints[i], output, output_dir, suffix, depths[i])
+    inputs = {atomic.resolve(c) for c in checkpoints}  # what they are, through any symlink
+    overwritten = [i for i, path in enumerate(outputs) if path in inputs]
+    if overwritten:
+        raise OutputCollision(_collision_message(checkpoints, outputs, overwritten, "is one of the inputs",
+                                                 "choose another --output or --output-dir"))
     return outputs
+
+
+def _clashing(outputs: list[Path]) -> list[int]:
+    return [i for i, path in enumerate(outputs) if outputs.count(path) > 1]
+
+
+def _collision_message(checkpoints: list[Path], outputs: list[Path], indices: list[int], why: str,
+                       advice: str) -> str:
+    pairs = "; ".join(f"{checkpoints[i]} -> {outputs[i]}" for i in indices)
+    return f"refusing to start: an output {why} ({pairs}); {advice}"
+
+
+class OutputCollision(SlicebridgeError):
+    """Two checkpoints of one batch would write one output, or an output would replace an input."""
 
 
 def run_batch(checkpoints: list[Path], outputs: list[Path], one: Callable[[Path, Path], BatchRow]) -> list[BatchRow]:
@@ -86,7 +116,8 @@ def run_batch(checkpoints: list[Path], outputs: list[Path], one: Callable[[Path,
         try:
             row = one(checkpoint, output)
         except ITEM_ERRORS as exc:
-            row = BatchRow(str(checkpoint), str(output), error=f"{type(exc).__name__}: {_first_line(exc)}")
+            kind = getattr(exc, "error_type", "") or type(exc).__name__  # a remote type with no local class
+            row = BatchRow(str(checkpoint), str(output), error=f"{kind}: {_first_line(exc)}")
         row.seconds = time.perf_counter() - started
         rows.append(row)
     return rows

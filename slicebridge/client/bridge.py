@@ -19,9 +19,10 @@ from typing import Any
 
 from slicebridge.bridge import protocol
 from slicebridge.bridge.channel import Channel, EventCallback
-from slicebridge.bridge.envs import PythonEnv, find_env
-from slicebridge.bridge.errors import ProtocolError, ServerDied, ServerKeepsDying
+from slicebridge.bridge.envs import PythonEnv, find_env, reported_prefix
+from slicebridge.bridge.errors import ProtocolError, ServerDied, ServerEnvMismatch, ServerKeepsDying
 from slicebridge.bridge.launcher import ServerProcess, attach, find_detached, start_server
+from slicebridge.model.atomic import resolve
 
 log = logging.getLogger("slicebridge.client")
 
@@ -106,7 +107,19 @@ class Bridge:
                 f"the server speaks protocol {self.server_hello.protocol}, this client "
                 f"{protocol.PROTOCOL_VERSION}; stop it (slicebridge server stop) and start it again"
             )
+        self._check_env(self.server_hello)
         return self
+
+    def _check_env(self, hello: protocol.HelloResult) -> None:
+        """Refuse a server that runs in another env (``sys.prefix``) than the one asked for."""
+        expected = reported_prefix(self.env.python) if self.env is not None else self.server.info.prefix
+        if expected and os.path.realpath(hello.prefix) != expected:
+            conn_path = self.server.conn_path
+            self.close()
+            raise ServerEnvMismatch(
+                f"the server behind {conn_path} (pid {hello.pid}) runs in the env {hello.prefix}, not in "
+                f"{expected} that was asked for; refusing it (`slicebridge server stop --connection-file "
+                f"{conn_path}` stops it)")
 
     def _restart(self) -> None:
         dead = self.server
@@ -174,9 +187,12 @@ class Bridge:
                 round_interval: int | None = None, loader: str = "auto", device: str = "auto",
                 overwrite: bool = False, pickle_module: str = "auto",
                 on_event: EventCallback | None = None) -> protocol.ConvertResult:
-        """Convert a SliceGPT checkpoint (run_slicegpt dir or ``.pt``) into a portable ``.bin``."""
+        """Convert a SliceGPT checkpoint (run_slicegpt dir or ``.pt``) into a portable ``.bin``.
+
+        An ``output`` ending in a slash is a directory (made if missing) for ``<checkpoint>.bin``.
+        """
         args = protocol.ConvertArgs(
-            slicegpt_model=_absolute(slicegpt_model), output=_absolute(output),
+            slicegpt_model=_absolute(slicegpt_model), output=_output(slicegpt_model, output, ".bin"),
             base_model=_absolute(base_model) if base_model is not None else None,
             sparsity=float(sparsity) if sparsity is not None else None, round_interval=round_interval,
             loader=loader, device=device, overwrite=overwrite, pickle_module=pickle_module)
@@ -187,19 +203,27 @@ class Bridge:
                round_interval: int | None = None, loader: str = "auto", device: str = "auto",
                overwrite: bool = False, max_shard_size: int = 5 * 1024**3,
                on_event: EventCallback | None = None) -> protocol.ExportResult:
-        """Write a pickle-free Hugging Face directory (safetensors, config, remote code, card)."""
+        """Write a pickle-free Hugging Face directory (safetensors, config, remote code, card).
+
+        An ``output`` ending in a slash is a directory (made if missing) for ``<checkpoint>/``.
+        """
         args = protocol.ExportArgs(
-            slicegpt_model=_absolute(slicegpt_model), output=_absolute(output),
+            slicegpt_model=_absolute(slicegpt_model), output=_output(slicegpt_model, output, ""),
             base_model=_absolute(base_model) if base_model is not None else None,
             sparsity=float(sparsity) if sparsity is not None else None, round_interval=round_interval,
             loader=loader, device=device, overwrite=overwrite, max_shard_size=int(max_shard_size))
         return self._writing_request("export", args, on_event)
 
-    def upgrade(self, source: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False,
-                pickle_module: str = "auto", on_event: EventCallback | None = None) -> protocol.ConvertResult:
-        """Turn a ``.bin`` made the seed's way into a portable one (read in the slicegpt env)."""
+    def upgrade(self, source: str | os.PathLike, output: str | os.PathLike, *, trust_pickle: bool = False,
+                overwrite: bool = False, pickle_module: str = "auto",
+                on_event: EventCallback | None = None) -> protocol.ConvertResult:
+        """Turn a ``.bin`` made the seed's way into a portable one (read in the slicegpt env).
+
+        Reading it unpickles it, which runs code from the file: the server refuses unless
+        ``trust_pickle=True`` says you trust the file.
+        """
         args = protocol.UpgradeArgs(source=_absolute(source), output=_absolute(output), overwrite=overwrite,
-                                    pickle_module=pickle_module)
+                                    pickle_module=pickle_module, trust_pickle=bool(trust_pickle))
         return self._writing_request("upgrade", args, on_event)
 
     def verify(self, artifact: str | os.PathLike, checkpoint: str | os.PathLike, **options):
@@ -245,8 +269,16 @@ class Bridge:
 
 
 def _absolute(path: str | os.PathLike) -> str:
-    """Paths travel absolute: the server's working directory is not the caller's."""
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+    """Paths travel absolute (the server's working directory is not the caller's), resolved as the
+    shell resolves them: ``link/../x`` is beside the link's target, not beside the link."""
+    return str(resolve(path, follow_final=False))
+
+
+def _output(checkpoint: str | os.PathLike, output: str | os.PathLike, suffix: str) -> str:
+    """An output, written through a symlink in its last place (where the server would resolve it)."""
+    from slicebridge.client import output_path
+
+    return str(resolve(output_path(checkpoint, output, suffix)))
 
 
 def _register_remote_errors() -> None:

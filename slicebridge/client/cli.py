@@ -10,7 +10,7 @@
     slicebridge export CKPT... [--output-dir D]  checkpoints -> pickle-free Hugging Face dirs
     slicebridge verify ARTIFACT --checkpoint CKPT   forward passes here vs the server; exit 1 on fail
     slicebridge info PATH...                    widths, parameter counts, actual ratio, dtype
-    slicebridge upgrade SEED.bin OUT.bin        a .bin made the seed's way -> a portable one
+    slicebridge upgrade SEED.bin OUT.bin --trust-pickle   a .bin made the seed's way -> a portable one
     slicebridge demo --env slicegpt             the main job on a small embedded model
 
 Errors print one sentence (no traceback; ``--debug`` shows it) and exit non-zero.
@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 
@@ -75,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                          default=[], help="a checkpoint (the seed script's flag; may repeat)")
         job.add_argument("--base_model", "--base-model", dest="base_model", default=None,
                          help="the dense base model dir (config, tokenizer); default: beside each checkpoint")
-        job.add_argument("--output", default=None, help="output path (one checkpoint only)")
-        job.add_argument("--output-dir", default=None, help="where outputs go (default: beside each checkpoint)")
+        job.add_argument("--output", default=None,
+                         help="output path (one checkpoint only); ending in / it is a directory, as --output-dir")
+        job.add_argument("--output-dir", default=None,
+                         help="where outputs go, created if missing (default: beside each checkpoint)")
         job.add_argument("--sparsity", type=float, default=None, help="default: from the checkpoint's file name")
         job.add_argument("--round-interval", "--round_interval", dest="round_interval", type=int, default=None)
         job.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
@@ -105,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("source")
     upgrade.add_argument("output")
     upgrade.add_argument("--overwrite", action="store_true")
+    upgrade.add_argument("--trust-pickle", action="store_true",
+                         help="unpickle SOURCE (this runs code from the file): only for a file you trust")
     _add_env(upgrade)
     _add_output_flags(upgrade)
 
@@ -178,11 +183,10 @@ def cmd_server(args) -> int:
         return 0
     # stop
     if args.all:
-        targets = [s.connection_file for s in servers.status() if s.state != "stale"]
-        for path in targets:
-            item = servers.stop(connection_file=path)
+        stopped = servers.stop_all()
+        for item in stopped:
             print(f"stopped: pid {item.pid} env {item.env}")
-        if not targets:
+        if not stopped:
             print("no detached slicebridge server is running")
         return 0
     item = servers.stop(env=args.env or (None if args.connection_file else default_env()),
@@ -227,17 +231,13 @@ def _progress(args, label: str):
 def cmd_job(args) -> int:
     """convert / export: one or many checkpoints through one warm server."""
     from slicebridge import client
-    from slicebridge.client.batch import BatchRow, expand_checkpoints, outputs_for, rows_as_dicts, run_batch, \
-        summary_table
+    from slicebridge.client.batch import BatchRow, expand_checkpoints, rows_as_dicts, run_batch, summary_table
 
     specs = list(args.slicegpt_model) + list(args.checkpoints)
     if not specs:
         raise UsageError(f"{args.command}: name at least one checkpoint (or --slicegpt_model)")
     checkpoints = expand_checkpoints(specs)
-    if args.output and len(checkpoints) > 1:
-        raise UsageError(f"--output names one file, but {len(checkpoints)} checkpoints were given; use --output-dir")
-    suffix = ".bin" if args.command == "convert" else ""
-    outputs = outputs_for(checkpoints, args.output, args.output_dir, suffix)
+    outputs = _planned_outputs(args, checkpoints)
     client.bridge_for(args.env)  # a missing env or a server that cannot start fails the command now
 
     def one(checkpoint, output):
@@ -267,6 +267,26 @@ def cmd_job(args) -> int:
     else:
         print(summary_table(rows))
     return 0 if all(r.ok for r in rows) else 1
+
+
+def _planned_outputs(args, checkpoints) -> list:
+    """Every output of the job, before any work (``batch.outputs_for`` names apart or refuses outputs
+    that would coincide). ``--output D/`` (a trailing slash) is a directory, as ``--output-dir`` is;
+    either is made like ``mkdir -p``."""
+    from slicebridge.client.batch import outputs_for
+    from slicebridge.model.atomic import make_directories
+
+    output, output_dir = args.output, args.output_dir
+    if output is not None and output.endswith(("/", os.sep)):
+        if output_dir is not None:
+            raise UsageError(f"--output {output} names a directory and --output-dir another; give one of them")
+        output, output_dir = None, output
+    if output is not None and len(checkpoints) > 1:
+        raise UsageError(f"--output names one file, but {len(checkpoints)} checkpoints were given; use --output-dir")
+    outputs = outputs_for(checkpoints, output, output_dir, ".bin" if args.command == "convert" else "")
+    if output_dir is not None:
+        make_directories(output_dir)
+    return outputs
 
 
 def cmd_verify(args) -> int:
@@ -311,7 +331,7 @@ def cmd_upgrade(args) -> int:
     progress = _progress(args, "upgrade")
     try:
         result = client.upgrade(args.source, args.output, env=args.env, overwrite=args.overwrite,
-                                on_event=progress)
+                                trust_pickle=args.trust_pickle, on_event=progress)
     finally:
         progress.close()
     if args.json:

@@ -6,11 +6,18 @@ temporary is renamed over the target in one step. If anything fails (a bad model
 full disk, ``RLIMIT_FSIZE``, Ctrl-C) the temporary is removed and the target is left as
 it was. Checks that need no work (directory missing or read-only, target exists
 without ``overwrite``) run first, so bad input fails before any expensive step.
+
+Paths are resolved as the shell resolves them (symlinks first, then ``..``), so an output
+named through a symlink lands where the link points, and the link stays. A directory is put
+in place with Linux ``renameat2``: ``RENAME_NOREPLACE`` (no-clobber: of two writers one wins,
+the other gets ``OutputExists``) or, with ``overwrite``, ``RENAME_EXCHANGE`` (old and new swap
+in one step); where the file system lacks it, a rename with the same checks around it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import glob
 import os
@@ -20,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
+from slicebridge.bridge.errors import SlicebridgeError
+
 
 # Called with the final path once an output is complete in its temporary, just before it is
 # put in place; an exception from it discards the output. The server sets it to drop the
@@ -27,7 +36,7 @@ from typing import Callable, Iterator
 before_publish: Callable[[Path], None] | None = None
 
 
-class OutputError(Exception):
+class OutputError(SlicebridgeError):
     """The output path cannot be written; nothing was written."""
 
 
@@ -35,9 +44,35 @@ class OutputExists(OutputError):
     """The output exists and ``overwrite`` was not given."""
 
 
+class DiskFull(OutputError):
+    """The disk (or the file size limit, or the quota) ran out while writing; nothing was written."""
+
+
+def resolve(path: str | os.PathLike, follow_final: bool = True) -> Path:
+    """``path`` made absolute as the shell would: ``~`` expanded, symlinks resolved before ``..``.
+
+    ``follow_final=False`` keeps a symlink in the last place (an input is found beside its name).
+    """
+    path = os.path.join(os.getcwd(), os.path.expanduser(os.fspath(path)))
+    head, name = os.path.split(path.rstrip(os.sep))
+    if follow_final or name in ("", ".", ".."):
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(head)) / name
+
+
+def make_directories(path: str | os.PathLike) -> Path:
+    """``mkdir -p path`` for an output directory the user named; an ``OutputError`` if it cannot be made."""
+    path = resolve(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output directory {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def check_output(path: str | os.PathLike, overwrite: bool = False, directory: bool = False) -> Path:
     """Refuse an output path that cannot be written, before any work is done."""
-    path = Path(path).expanduser().absolute()
+    path = resolve(path)
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"the output directory {parent} does not exist; create it first")
@@ -71,10 +106,7 @@ def remove_orphaned_partials(path: str | os.PathLike) -> list[Path]:
     for candidate in path.parent.glob(f".{glob.escape(path.name)}.*-*.partial"):
         pid = candidate.name[len(path.name) + 2:].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
-            if candidate.is_dir():
-                shutil.rmtree(candidate, ignore_errors=True)
-            else:
-                candidate.unlink(missing_ok=True)
+            _remove(candidate)
             removed.append(candidate)
     return removed
 
@@ -120,38 +152,89 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield a temporary directory to fill; on success it takes the place of ``path``."""
     path = check_output(path, overwrite, directory=True)
     tmp = _partial_path(path)
-    tmp.mkdir()
-    old = None
     try:
+        tmp.mkdir()
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file():
                 _fsync_file(child)
         if before_publish is not None:
             before_publish(path)
-        if path.exists():
-            if not overwrite:
-                raise OutputExists(f"{path} appeared while it was being written; not replacing it")
-            old = _partial_path(path)
-            os.rename(path, old)
-        os.rename(tmp, path)
+        _publish_directory(tmp, path, overwrite)
         _fsync_dir(path.parent)
     except OSError as exc:
-        if old is not None and not path.exists():
-            os.rename(old, path)  # put the previous version back
-            old = None
         raise _explained(exc, path) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _remove(tmp)  # the new version if it was not published, else the one it replaced
+
+
+def _publish_directory(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Put ``tmp`` at ``path`` in one step; a replaced version is left at ``tmp``."""
+    if overwrite and _exchange(tmp, path):
+        return
+    try:
+        if not _renameat2(tmp, path, _RENAME_NOREPLACE):  # no renameat2 here: check, then rename
+            if path.exists() or path.is_symlink():
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+            os.rename(tmp, path)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        raise OutputExists(f"{path} appeared while it was being written (another writer?); "
+                           "not replacing it") from None
+
+
+def _exchange(tmp: Path, path: Path) -> bool:
+    """Swap ``tmp`` and an existing ``path``; False when there is nothing to swap with."""
+    try:
+        if _renameat2(tmp, path, _RENAME_EXCHANGE):
+            return True
+    except FileNotFoundError:
+        return False  # nothing (any more) at path
+    if not (path.exists() or path.is_symlink()):
+        return False
+    old = _partial_path(path)  # no renameat2 here: move the old version aside, then rename
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        os.rename(old, path)  # put the previous version back
+        raise
+    os.rename(old, tmp)
+    return True
+
+
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2(src, dst, flags)``; False where the C library or the file system lacks it."""
+    call = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if call is None:
+        return False
+    if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (never what it points to) or a directory tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _explained(exc: OSError, path: Path) -> OutputError:
     if exc.errno == errno.ENOSPC:
-        return OutputError(f"no space left on the device while writing {path}; nothing was written")
+        return DiskFull(f"no space left on the device while writing {path}; nothing was written")
+    if exc.errno == errno.EDQUOT:
+        return DiskFull(f"the disk quota ran out while writing {path}; nothing was written")
     if exc.errno == errno.EFBIG:
-        return OutputError(f"{path} would exceed the file size limit (ulimit -f); nothing was written")
+        return DiskFull(f"{path} would exceed the file size limit (ulimit -f); nothing was written")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"cannot write {path}: {exc.strerror}; nothing was written")
     return OutputError(f"writing {path} failed: {exc.strerror or exc}; nothing was written")

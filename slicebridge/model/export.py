@@ -30,6 +30,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,17 +268,15 @@ def shard_file_name(index: int, count: int) -> str:
 
 def write_weights(tensors: Mapping[str, "torch.Tensor"], directory: Path, max_shard_size: int) -> list[str]:
     """Write the safetensors file(s) (and the index when sharded); returns the weight file names."""
-    from safetensors import torch as safetensors_torch
-
     groups = plan_shards(tensors, max_shard_size)
     if len(groups) == 1:
-        safetensors_torch.save_file(dict(tensors), str(directory / WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
+        _save_safetensors(dict(tensors), directory / WEIGHTS_NAME)
         return [WEIGHTS_NAME]
     names = [shard_file_name(idx + 1, len(groups)) for idx in range(len(groups))]
     weight_map: dict[str, str] = {}
     for file_name, group in zip(names, groups):
         shard = {name: tensors[name] for name in group}
-        safetensors_torch.save_file(shard, str(directory / file_name), metadata=SAFETENSORS_METADATA)
+        _save_safetensors(shard, directory / file_name)
         weight_map.update(dict.fromkeys(group, file_name))
     index = {
         "metadata": {"total_size": sum(_tensor_bytes(tensor) for tensor in tensors.values())},
@@ -286,6 +285,23 @@ def write_weights(tensors: Mapping[str, "torch.Tensor"], directory: Path, max_sh
     _write_json(directory / WEIGHTS_INDEX_NAME, index)
     logger.info("weights split into %d shards of at most %d bytes", len(names), max_shard_size)
     return names
+
+
+def _save_safetensors(tensors: dict[str, "torch.Tensor"], path: Path) -> None:
+    """``save_file``, with its I/O failures (a full disk) raised as the ``OSError`` they are.
+
+    safetensors reports them as ``SafetensorError: ... (os error 28)``, which would reach the
+    user untyped; as an ``OSError`` the atomic writer turns them into a one-sentence ``OutputError``.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=SAFETENSORS_METADATA)
+    except Exception as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,6 +562,13 @@ def model_card(provenance: Mapping[str, Any], name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _narrow(directory: Path, max_mode: int | None) -> None:
+    if max_mode is not None:
+        from .binfile import narrow_permissions
+
+        narrow_permissions(directory, max_mode)
+
+
 def _json_ready(data: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON round trip: what slicebridge.json will hold (non-JSON values as strings, NaN kept)."""
     return json.loads(json.dumps(data, default=str))
@@ -560,6 +583,7 @@ def export_model(
     verification: Mapping[str, Any] | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    max_mode: int | None = None,
 ) -> ExportSummary:
     """Write ``model`` as a Hugging Face directory at ``out_dir``, atomically; see the module docstring.
 
@@ -567,6 +591,8 @@ def export_model(
     ``provenance`` is described in ``complete_provenance``; ``verification`` is a metrics dict
     shown in the model card (None: "not verified"). Raises ``OutputExists`` when ``out_dir``
     exists and ``overwrite`` is False, before any work; on any failure nothing is left behind.
+    ``max_mode`` (``binfile.widest_mode`` of the files whose bytes it holds) narrows the permissions
+    of the directory (before anything is written in it) and of its files.
     """
     out_path = check_output(out_dir, overwrite, directory=True)
     if getattr(model.config, "model_type", None) != MODEL_TYPE:
@@ -579,6 +605,7 @@ def export_model(
     record = _json_ready(complete_provenance(model, provenance, verification))
 
     with atomic_directory(out_path, overwrite) as tmp:
+        _narrow(tmp, max_mode)
         weight_files = write_weights(tensors, tmp, max_shard_size)
         _write_json(tmp / CONFIG_NAME, export_config_dict(model.config, dtype))
         write_remote_code(tmp)
@@ -591,6 +618,7 @@ def export_model(
         if pickles:
             raise ExportError(f"refusing to write an export containing pickle or zip files: {pickles}")
         files = sorted(path.name for path in tmp.iterdir())
+        _narrow(tmp, max_mode)
 
     summary = ExportSummary(
         path=str(out_path),
@@ -642,16 +670,26 @@ def _check_is_export(directory: Path) -> dict[str, Any]:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The export's weight files: each a plain file name in ``directory``, never a path leading out of it."""
     if (directory / WEIGHTS_NAME).is_file():
-        return [directory / WEIGHTS_NAME]
-    index = _read_json(directory / WEIGHTS_INDEX_NAME, "the weights index")
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ExportError(f"{directory / WEIGHTS_INDEX_NAME} has no weight_map")
-    names = sorted(set(weight_map.values()))
+        names = [WEIGHTS_NAME]
+    else:
+        index = _read_json(directory / WEIGHTS_INDEX_NAME, "the weights index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ExportError(f"{directory / WEIGHTS_INDEX_NAME} has no weight_map")
+        names = sorted(set(map(str, weight_map.values())))
+        outside = [name for name in names if name in ("", ".", "..") or Path(name).name != name]
+        if outside:
+            raise ExportError(f"{directory / WEIGHTS_INDEX_NAME} lists weight files outside the export "
+                              f"({outside[0]!r}); an export's shards are plain file names in it, so it was not read")
     absent = [name for name in names if not (directory / name).is_file()]
     if absent:
         raise ExportError(f"{directory} is missing the weight shard(s) {absent} listed in {WEIGHTS_INDEX_NAME}")
+    root = directory.resolve()
+    linked_out = [name for name in names if not (directory / name).resolve().is_relative_to(root)]
+    if linked_out:
+        raise ExportError(f"{directory / linked_out[0]} is a link to a file outside the export; it was not read")
     return [directory / name for name in names]
 
 
@@ -686,7 +724,11 @@ def _load_tokenizer(directory: Path, config: "SlicedLlamaConfig") -> Any:
                                                           "tokenizer.model", "vocab.json")):
         logger.warning("%s has no tokenizer files; returning no tokenizer", directory)
         return None
-    return AutoTokenizer.from_pretrained(str(directory), config=config)
+    try:  # never code from the directory: transformers would ask whether to run it
+        return AutoTokenizer.from_pretrained(str(directory), config=config, trust_remote_code=False)
+    except ValueError as exc:
+        raise ExportError(f"the tokenizer in {directory} does not load without running code from the directory, "
+                          f"which slicebridge.load never does: {str(exc).splitlines()[0]}") from None
 
 
 def load_export(
