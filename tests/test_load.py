@@ -1,7 +1,8 @@
 """Load: several client processes at once over ipc and tcp loopback; nothing lost, doubled or misrouted.
 
-Bounded in count and time: 4 clients × 100 requests per transport, and two clients
-converting three checkpoints each through one detached server.
+Bounded in count and time: 8 clients × 200 requests per transport, 500 large echoes through
+one server whose memory must stay flat, and two clients converting three checkpoints each
+through one detached server.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +20,8 @@ from slicebridge.model.binfile import load
 
 from conftest import FIXTURE, run_cli
 
-CLIENTS = 4
-REQUESTS = 100
+CLIENTS = 8
+REQUESTS = 200
 
 # Each request carries a payload unique to (client, i); the reply must be that payload, in
 # order, exactly once. A misrouted reply would carry another client's tag; a lost one would
@@ -60,6 +62,24 @@ def test_many_clients_many_requests(slicegpt_env, transport):
         assert status["counters"].get("dropped_malformed", 0) == 0
     finally:
         run_cli("server", "stop", "--env", str(slicegpt_env))
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def test_memory_stays_flat_over_500_large_echoes(bridge):
+    """4 MB tensors go through shared memory both ways; nothing may pile up in the server or /dev/shm."""
+    shm_dir = Path(bridge.server.info.shm_dir)
+    payload = torch.arange(1 << 20, dtype=torch.float32)
+    for _ in range(50):  # warm up: allocator pools, caches
+        bridge.echo(payload)
+    settled = _rss_bytes(bridge.server.pid)
+    for i in range(450):
+        assert torch.equal(bridge.echo(payload), payload), i
+    assert _rss_bytes(bridge.server.pid) < settled + (64 << 20)  # 450 × 8 MB went through
+    assert list(shm_dir.glob("*.buf")) == []
 
 
 CONVERT_CLIENT = r"""
