@@ -53,7 +53,7 @@ convert: envs
 	  echo "usage: make convert SLICEGPT_MODEL=ckpt.pt [BASE_MODEL=dir] [OUTPUT=out.bin] [ENV=slicegpt]"; \
 	  echo "       make convert SWEEP=dir [OUTPUT_DIR=dir] [ENV=slicegpt]"; exit 2; fi
 	@$(SB) server start --env "$(ENV)" >/dev/null
-	$(SB) convert --env "$(ENV)" \
+	$(SB) convert --env "$(ENV)" --overwrite-flag OVERWRITE=1 \
 	  $(if $(SLICEGPT_MODEL),--slicegpt_model "$(SLICEGPT_MODEL)") $(if $(SWEEP),"$(SWEEP)") \
 	  $(if $(BASE_MODEL),--base_model "$(BASE_MODEL)") $(if $(OUTPUT),--output "$(OUTPUT)") \
 	  $(if $(OUTPUT_DIR),--output-dir "$(OUTPUT_DIR)") $(if $(OVERWRITE),--overwrite) $(if $(VERIFY),--verify)

@@ -1,7 +1,8 @@
-"""Shared fixtures: the stand-in slicegpt env, a private runtime dir, servers, the CLI.
+"""Shared fixtures: the stand-in slicegpt env, a private runtime dir, servers.
 
 Tests start real servers in the second interpreter (``make test`` builds it at
-``.envs/slicegpt``; ``SLICEBRIDGE_TEST_SLICEGPT_ENV`` points elsewhere).
+``.envs/slicegpt``; ``SLICEBRIDGE_TEST_SLICEGPT_ENV`` points elsewhere). Paths and the
+ways to run the CLI are plain functions in ``helpers/`` (``helpers.paths``, ``helpers.run``).
 """
 
 from __future__ import annotations
@@ -9,18 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-FIXTURE = REPO.parent / "shared" / "fixtures" / "slicegpt-llama-tiny"
-
-
-def slicegpt_env_path() -> Path:
-    return Path(os.environ.get("SLICEBRIDGE_TEST_SLICEGPT_ENV", REPO / ".envs" / "slicegpt"))
+from helpers.paths import STANDIN, slicegpt_env_path
 
 
 @pytest.fixture(scope="session")
@@ -50,18 +44,6 @@ def bridge(slicegpt_env):
         yield b
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run ``slicebridge ARGS`` in a fresh process of the base env."""
-    return subprocess.run([sys.executable, "-m", "slicebridge.client.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def run_python(code: str, *args: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:
-    """Run a snippet in a fresh process of the base env."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
-
-
 @pytest.fixture(scope="session")
 def official_env(slicegpt_env, tmp_path_factory) -> Path:
     """The stand-in env plus the test stand-in of the official ``slicegpt`` package.
@@ -79,5 +61,5 @@ def official_env(slicegpt_env, tmp_path_factory) -> Path:
     own = subprocess.run(
         [str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True).stdout.strip()
-    Path(own, "slicebridge-standin.pth").write_text(f"{site_packages}\n{REPO / 'tests' / 'standin'}\n")
+    Path(own, "slicebridge-standin.pth").write_text(f"{site_packages}\n{STANDIN}\n")
     return path

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, slicegpt_env_path
+from helpers.paths import REPO, slicegpt_env_path
 
 EXPECTED_ROWS = {"convert_many", "convert_1b", "convert_1b_peak_rss", "export_1b", "ping_ipc", "ping_tcp", "echo",
                  "verify_1b", "crc_check", "startup", "cache_memory"}

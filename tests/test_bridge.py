@@ -191,5 +191,5 @@ def test_owned_server_stops_with_the_bridge(slicegpt_env):
     assert not Path(server.info.endpoint[len("ipc://"):]).exists()
 
 
-def test_the_base_interpreter_is_not_the_servers():
-    assert sys.executable != str(Path(os.environ.get("SLICEBRIDGE_TEST_SLICEGPT_ENV", "")) / "bin" / "python")
+def test_the_base_interpreter_is_not_the_servers(slicegpt_env):
+    assert sys.executable != str(slicegpt_env / "bin" / "python")

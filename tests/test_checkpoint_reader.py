@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import FIXTURE
 
 from slicebridge.model import checkpoint as checkpoint_module
 from slicebridge.model import errors
 from slicebridge.model.checkpoint import SlicedWidths, explain_width, read_checkpoint, sliced_width
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURE = REPO.parent / "shared" / "fixtures" / "slicegpt-llama-tiny"
 SLICED = FIXTURE / "sliced"
 CHECKPOINT = SLICED / "Meta-Llama-3-tiny_0.25.pt"
 SLICING_JSON = SLICED / "Meta-Llama-3-tiny_0.25.json"

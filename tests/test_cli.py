@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers.paths import FIXTURE, REPO
+from helpers.run import run_cli, run_python
 
 from slicebridge.model.binfile import load
-
-from conftest import FIXTURE, REPO, run_cli, run_python
 
 
 @pytest.fixture

@@ -14,13 +14,13 @@ from pathlib import Path
 import dill
 import pytest
 import torch
-from conftest import FIXTURE
-from helpers.logit_metrics import nmse, top1
+from helpers.paths import FIXTURE
 
 from slicebridge import Bridge
 from slicebridge.model import errors as checkpoint_errors
 from slicebridge.model.atomic import OutputError, OutputExists
 from slicebridge.model.binfile import UnsafeBinFile, load
+from slicebridge.model.compare import nmse, top1_agreement
 
 FP32_NMSE = 1e-8
 
@@ -37,8 +37,8 @@ def assert_matches_reference(model, reference):
         text = model(reference["text_ids"]).logits
     assert nmse(probe, reference["logits_fp32"]) <= FP32_NMSE
     assert nmse(text, reference["text_logits_fp32"]) <= FP32_NMSE
-    assert top1(probe, reference["logits_fp32"]) == 1.0
-    assert top1(text, reference["text_logits_fp32"]) == 1.0
+    assert top1_agreement(probe, reference["logits_fp32"]) == 1.0
+    assert top1_agreement(text, reference["text_logits_fp32"]) == 1.0
 
 
 def base_ids(text: str) -> list[int]:
@@ -105,7 +105,7 @@ def test_fp16_model_as_converted_matches_the_official_fp16_logits(converted, ref
     with torch.no_grad():
         logits = model(reference["probe_ids"]).logits
     assert nmse(logits, reference["logits_fp16"]) <= 2e-6  # fp16 rounding on another CPU
-    assert top1(logits, reference["logits_fp16"]) == 1.0
+    assert top1_agreement(logits, reference["logits_fp16"]) == 1.0
 
 
 def test_bin_generates_text(converted):
@@ -301,12 +301,12 @@ LOAD_IN_OLD_ENV = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
 from slicebridge.model.binfile import load
+from slicebridge.model.compare import nmse
 ref = torch.load(sys.argv[3], weights_only=True)
 model = load(sys.argv[1])["model"].float()
 with torch.no_grad():
     logits = model(ref["probe_ids"]).logits
-want = ref["logits_fp32"]
-print(float(((logits - want) ** 2).sum() / (want ** 2).sum()))
+print(nmse(logits, ref["logits_fp32"]))
 """
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers.run import run_cli
 
 from slicebridge import Bridge
 from slicebridge.bridge.envs import find_env

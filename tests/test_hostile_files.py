@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURE
+from helpers.paths import FIXTURE
 
 from slicebridge.bridge.errors import SlicebridgeError
 from slicebridge.model.binfile import ImplausibleBinFile, ModelRecipe, TokenizerRecipe

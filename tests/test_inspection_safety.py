@@ -21,6 +21,8 @@ from pathlib import Path
 import dill
 import pytest
 import torch
+from helpers.paths import FIXTURE
+from helpers.run import run_cli
 from safetensors import safe_open
 
 from slicebridge import Bridge
@@ -28,8 +30,6 @@ from slicebridge.bridge import protocol
 from slicebridge.model.binfile import BinFileError, save_bin, tokenizer_files, tokenizer_paths
 from slicebridge.model.checkpoint import read_checkpoint
 from slicebridge.model.export import ExportError, checkpoint_provenance, export_model
-
-from conftest import FIXTURE, run_cli
 
 CHECKPOINT = FIXTURE / "sliced"
 SEED_BIN = FIXTURE / "seed_pruned_model.bin"

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import run_cli
+from helpers.run import run_cli
 
 from slicebridge import Bridge
 from slicebridge.bridge import protocol
-from slicebridge.bridge.connection import detached_connection_path, pid_alive, read_connection_file
+from slicebridge.bridge.connection import detached_connection_path, read_connection_file
 from slicebridge.bridge.errors import ServerDied
 from slicebridge.bridge.signing import Signer, new_key
 from slicebridge.bridge.transport import Codec, admit
+from slicebridge.processes import pid_alive
 
 # A client process: attaches to the env's detached server, checks N echo round trips
 # (each payload unique to this client), and prints what it saw as JSON.

@@ -18,20 +18,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE, run_cli, run_python
+from helpers.paths import FIXTURE
+from helpers.run import run_cli, run_python
 
 from slicebridge import Bridge
 from slicebridge.bridge.connection import (
     ConnectionInfo,
     detached_connection_path,
-    pid_alive,
-    process_start_time,
     write_connection_file,
 )
 from slicebridge.bridge.envs import reported_prefix
 from slicebridge.bridge.errors import ServerEnvMismatch
 from slicebridge.bridge.launcher import LOGS_KEPT
 from slicebridge.bridge.signing import new_key
+from slicebridge.processes import pid_alive, process_start_time
 
 CLI = [sys.executable, "-m", "slicebridge.client.cli"]
 

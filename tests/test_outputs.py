@@ -19,15 +19,15 @@ import traceback
 from pathlib import Path
 
 import pytest
+from helpers.paths import FIXTURE
+from helpers.run import run_cli
 
 from slicebridge import Bridge
 from slicebridge.bridge.errors import RemoteError
-from slicebridge.model import atomic
+from slicebridge.model import atomic, request_scope
 from slicebridge.model.atomic import OutputExists
 from slicebridge.model.binfile import load
 from slicebridge.model.errors import SparsityMismatch
-
-from conftest import FIXTURE, run_cli
 
 CHECKPOINT = FIXTURE / "sliced"
 PT_NAME = "Meta-Llama-3-tiny_0.25.pt"
@@ -126,18 +126,20 @@ def test_overwrite_through_a_symlink_to_a_directory_replaces_its_target_and_leav
     assert not (tmp_path / "v1" / "stale.txt").exists() and (tmp_path / "v1" / "config.json").is_file()
 
 
-def test_concurrent_directory_publishes_lose_with_output_exists(tmp_path, monkeypatch):
+def test_concurrent_directory_publishes_lose_with_output_exists(tmp_path):
     """Writers released together at the publish step: one wins, every other one gets OutputExists."""
     writers = 6
     for round_ in range(15):
         target = tmp_path / f"export{round_}"
         barrier = threading.Barrier(writers)
-        monkeypatch.setattr(atomic, "before_publish", lambda path: barrier.wait(timeout=30))
         outcomes = []
 
         def write(index):
             try:
-                with atomic.atomic_directory(target) as tmp:
+                with (
+                    request_scope.serving(lambda: None, lambda path: barrier.wait(timeout=30)),
+                    atomic.atomic_directory(target) as tmp,
+                ):
                     (tmp / "writer.txt").write_text(str(index))
                 outcomes.append("won")
             except Exception as exc:  # noqa: BLE001 - the type is what is checked

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import FIXTURE
+from helpers.run import run_cli
 
 from slicebridge import Bridge
 from slicebridge.bridge.connection import read_connection_file
 from slicebridge.bridge.errors import RemoteOutOfMemory, ServerDied, ServerKeepsDying
 from slicebridge.model.binfile import load
-
-from conftest import FIXTURE, run_cli
 
 CHECKPOINT = FIXTURE / "sliced"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURE
+from helpers.paths import FIXTURE
 
 from slicebridge import Bridge
 from slicebridge.bridge import protocol

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.logit_metrics import nmse
-from helpers.logit_metrics import top1 as top1_agreement
+from helpers.paths import FIXTURE, HELPERS, REPO, slicegpt_env_path
 from safetensors.torch import load_file, save_file
 
 from slicebridge.model.checkpoint import read_checkpoint
+from slicebridge.model.compare import nmse, top1_agreement
 from slicebridge.model.dense import PRESETS, embedded_text, make_dense_llama
 from slicebridge.model.modeling_sliced_llama import (
     build_sliced_llama,
@@ -33,9 +32,8 @@ from slicebridge.model.modeling_sliced_llama import (
 )
 from slicebridge.model.slicing import slice_llama, sliced_file_stem
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURE_SLICED = REPO.parent / "shared" / "fixtures" / "slicegpt-llama-tiny" / "sliced"
-STANDIN_LOGITS = REPO / "tests" / "helpers" / "standin_logits.py"
+FIXTURE_SLICED = FIXTURE / "sliced"
+STANDIN_LOGITS = HELPERS / "standin_logits.py"
 
 EXACT_NMSE = 1e-10
 LOW_RANK = 64  # the residual-stream rank of the low-rank model (hidden 128, so sparsity 0.5 keeps it)
@@ -44,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 def slicegpt_python() -> Path:
-    env = Path(os.environ.get("SLICEBRIDGE_TEST_SLICEGPT_ENV", REPO / ".envs" / "slicegpt"))
+    env = slicegpt_env_path()
     return env / "bin" / "python"
 
 

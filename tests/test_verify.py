@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers.paths import FIXTURE
 
 from slicebridge.client.artifact_info import info
 from slicebridge.model.binfile import load, save_bin, tokenizer_files
 from slicebridge.model.compare import TOLERANCES
-
-from conftest import FIXTURE
 
 CHECKPOINT = FIXTURE / "sliced"
 

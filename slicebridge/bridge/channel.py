@@ -15,7 +15,6 @@ gone; and time this client itself was not running does not count as the server's
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -24,10 +23,10 @@ from typing import Any, Callable
 import zmq
 
 from slicebridge.bridge import protocol
-from slicebridge.bridge.connection import process_start_time
 from slicebridge.bridge.errors import RequestTimeout, ServerDied, remote_error
 from slicebridge.bridge.launcher import ServerProcess
 from slicebridge.bridge.transport import Codec, Dropped, admit
+from slicebridge.processes import process_start_time
 
 log = logging.getLogger("slicebridge.channel")
 
@@ -45,7 +44,6 @@ class Channel:
         info = server.info
         shared = info.shared_memory and bool(info.shm_dir)
         self.codec = Codec(info.key, info.max_message_bytes, shared_memory=shared, shm_dir=info.shm_dir or None)
-        self.counters: collections.Counter = collections.Counter()
         self._me = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
         self._context = zmq.Context.instance()
         self.socket = self._context.socket(zmq.DEALER)
@@ -137,6 +135,5 @@ class Channel:
         try:
             return self.codec.unpack(frames, protocol.SERVER_KINDS)
         except Dropped as dropped:
-            self.counters[dropped.reason] += 1
             log.warning("dropped a message from the server: %s", dropped)
             return None

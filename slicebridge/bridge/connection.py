@@ -18,17 +18,19 @@ Servers are told apart from a reused pid by their start time (``server_start``).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import os
+import secrets
+import shutil
 import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slicebridge import settings
 from slicebridge.bridge.envs import reported_prefix
 from slicebridge.bridge.errors import ConnectionFileError
 from slicebridge.bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
@@ -38,7 +40,6 @@ log = logging.getLogger(__name__)
 
 # Unix socket paths are limited to 107 bytes on Linux.
 _MAX_IPC_PATH = 100
-_TMP_LOCK_WAIT_S = 5.0
 _claimed: dict[Path, Path] = {}  # <tmp>/<name> that was not ours -> the private dir used instead
 
 
@@ -77,7 +78,7 @@ class ConnectionInfo:
 
 def runtime_dir() -> Path:
     """The per-user runtime directory, created with mode 0700 and checked to be ours."""
-    override = os.environ.get("SLICEBRIDGE_RUNTIME_DIR")
+    override = settings.runtime_dir_override()
     if override:
         return ensure_private_dir(Path(override))
     if os.environ.get("XDG_RUNTIME_DIR"):
@@ -122,25 +123,51 @@ def _not_private(path: Path) -> str | None:
 
 
 def _find_or_make_private(tmp: Path, name: str) -> Path:
-    """The first ``tmp/name-*`` that is ours and private, else a new one (mkdtemp): under a lock on
-    ``tmp`` (waited for a bounded time), so that processes starting together agree on one."""
-    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        deadline = time.monotonic() + _TMP_LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:  # someone holds it for long: go on without it
-                    break
-                time.sleep(0.01)
-        for candidate in sorted(tmp.glob(f"{name}-*")):
-            if _not_private(candidate) is None:
-                return candidate
-        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
-    finally:
-        os.close(fd)  # releases the lock
+    """The oldest ``tmp/name-*`` that is ours and private (made here: by its ``.made`` stamp), else a new one.
+
+    No lock is taken in the shared ``tmp`` (another user could hold it). A new dir is made under a
+    hidden name (mkdtemp), stamped, and renamed into place, so it never appears without its stamp.
+    Every process then picks the dir whose stamp is oldest (dirs made before stamps came first, then
+    by name) and removes its own if it was not picked, so that processes starting together agree on one.
+    """
+    found = _oldest_private(tmp, name)
+    if found is not None:
+        return found
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-staging-", dir=tmp))
+    os.close(os.open(staging / _MADE_STAMP, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    for _ in range(100):
+        ours = tmp / f"{name}-{secrets.token_hex(4)}"
+        try:
+            os.rename(staging, ours)  # fails on another's entry (sticky tmp) and on a non-empty dir
+        except OSError:
+            continue
+        if _not_private(ours) is not None:  # replaced an empty dir of someone else's? never use it
+            continue
+        break
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConnectionFileError(f"cannot create a private runtime dir in {tmp}")
+    chosen = _oldest_private(tmp, name) or ours
+    if chosen != ours:
+        shutil.rmtree(ours, ignore_errors=True)
+    return chosen
+
+
+_MADE_STAMP = ".made"
+
+
+def _oldest_private(tmp: Path, name: str) -> Path | None:
+    """The ``tmp/name-*`` of ours to use (see ``_find_or_make_private``), or None if there is none."""
+    ranked = []
+    for candidate in tmp.glob(f"{name}-*"):
+        if _not_private(candidate) is not None:
+            continue
+        try:
+            made = os.lstat(candidate / _MADE_STAMP).st_mtime_ns
+        except OSError:
+            made = 0  # made before stamps (or by the lock-taking version): in use already
+        ranked.append((made, candidate.name, candidate))
+    return min(ranked)[2] if ranked else None
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -218,45 +245,3 @@ def read_connection_file(path: Path) -> ConnectionInfo:
         return ConnectionInfo(**{k: v for k, v in data.items() if k in known})
     except (ValueError, TypeError) as exc:
         raise ConnectionFileError(f"connection file {path} is malformed: {exc}") from None
-
-
-def process_start_time(pid: int) -> str:
-    """The kernel's start time of a process (Linux), used to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return fields[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def pid_alive(pid: int, start_time: str = "") -> bool:
-    """True when ``pid`` is a live process (not a zombie), and the same one if ``start_time`` is given."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: /proc still shows its state and start time
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        if fields[0] in ("Z", "X"):
-            return False
-        return not start_time or fields[19] == start_time
-    except (OSError, IndexError):
-        return True
-
-
-def signal_process(pid: int, start_time: str, sig: int) -> bool:
-    """Send ``sig`` to ``pid`` only if it is still the process that started at ``start_time``
-    (never without a start time to check); True if it was sent."""
-    if not start_time or not pid_alive(pid, start_time):
-        return False
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        return False
-    return True

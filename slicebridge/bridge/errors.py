@@ -1,16 +1,15 @@
 """Error types of the bridge: each says what went wrong and what the user can do.
 
-Every error slicebridge raises derives from :class:`SlicebridgeError`. Errors that
-happen inside the server travel as ``error`` messages (type, message, remote
-traceback) and are raised in the client as :class:`RemoteError` or one of the
-subclasses registered in :data:`REMOTE_ERROR_TYPES`.
+Every one derives from :class:`SlicebridgeError` (``slicebridge.errors``, the root of the
+tree). Errors that happen inside the server travel as ``error`` messages (type, message,
+remote traceback) and are raised in the client as :class:`RemoteError`, made to be also the
+local error type of that name when there is one (``SparsityMismatch`` from the server is
+caught as ``SparsityMismatch``); one the client has no type for is a plain ``RemoteError``.
 """
 
 from __future__ import annotations
 
-
-class SlicebridgeError(Exception):
-    """Base class of every error slicebridge raises."""
+from slicebridge.errors import SlicebridgeError, find_error
 
 
 class EnvNotFound(SlicebridgeError):
@@ -148,6 +147,11 @@ register_remote_errors(MessageTooLarge)  # a reply too large to send comes back 
 
 
 def remote_error(error_type: str, message: str, remote_traceback: str = "") -> RemoteError:
-    """Build the client-side exception for an ``error`` message."""
-    cls = REMOTE_ERROR_TYPES.get(error_type, RemoteError)
-    return cls(error_type, message, remote_traceback)
+    """Build the client-side exception for an ``error`` message: a ``RemoteError`` that is also the
+    local error type of that name, when there is one (see ``slicebridge.errors.find_error``)."""
+    if error_type not in REMOTE_ERROR_TYPES:
+        local = find_error(error_type) if error_type else None
+        if local is None or issubclass(local, RemoteError):
+            return (local or RemoteError)(error_type, message, remote_traceback)
+        register_remote_errors(local)
+    return REMOTE_ERROR_TYPES[error_type](error_type, message, remote_traceback)

@@ -1,11 +1,11 @@
 """Starting a server in another Python environment, and keeping track of it.
 
 The server's code is not installed in the target env. It is staged: the parts that run
-there (``slicebridge/__init__.py``, ``bridge/``, ``server/``, ``model/``) are copied to
-a content-addressed directory in the runtime dir, and the target interpreter is started
-isolated (``python -I``: no ``PYTHONPATH``, no user site, no script dir) with only that
-directory put in front of its own ``sys.path``. Nothing of the base env's
-site-packages can leak in; the server reports its ``sys.path`` in ``hello``.
+there (the package's stdlib-only top modules, ``bridge/``, ``server/`` and ``model/`` less the
+demo's model making and slicing) are copied to a content-addressed directory in the runtime
+dir, and the target interpreter is started isolated (``python -I``: no ``PYTHONPATH``, no user
+site, no script dir) with only that directory put in front of its own ``sys.path``. Nothing of
+the base env's site-packages can leak in; the server reports its ``sys.path`` in ``hello``.
 
 Before importing anything, a tiny boot script checks the Python version and the two
 wire packages and exits with a marker line the client turns into an actionable error.
@@ -29,24 +29,21 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import slicebridge
+from slicebridge import settings
+from slicebridge.bridge import protocol
 from slicebridge.bridge.connection import (
     ConnectionInfo,
     detached_connection_path,
     ensure_private_dir,
     ipc_endpoint,
-    pid_alive,
-    process_start_time,
     read_connection_file,
     runtime_dir,
     servers_dir,
-    signal_process,
     write_connection_file,
 )
 from slicebridge.bridge.envs import PythonEnv, python_free_environ, reported_prefix
@@ -55,15 +52,20 @@ from slicebridge.bridge.errors import (
     EnvMissingPackages,
     EnvNotUsable,
     ServerStartFailed,
+    SlicebridgeError,
 )
+from slicebridge.bridge.leftovers import remove_leftovers
 from slicebridge.bridge.signing import new_key
+from slicebridge.processes import pid_alive, process_start_time, signal_process
 
-log = logging.getLogger("slicebridge.launcher")
+log = logging.getLogger(__name__)
 
 BOOT_ERROR_MARKER = "SLICEBRIDGE-BOOT-ERROR"
 LOGS_KEPT = 10  # logs of servers that are gone, newest first
 _BOOT_IMPORT = "from slicebridge.server.main import main"
-_STAGED_PARTS = ("__init__.py", "bridge", "server", "model")
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+_STAGED_PARTS = ("*.py", "bridge/**/*.py", "server/**/*.py", "model/**/*.py")  # the top modules are stdlib-only
+_NOT_STAGED = ("model/dense.py", "model/slicing.py")  # demo and test tooling: the server never imports them
 _BOOT_SCRIPT = f"""
 import sys
 if sys.version_info < (3, 10):
@@ -86,11 +88,11 @@ main(sys.argv[2])
 
 def stage_server_code() -> Path:
     """Copy the server-side package parts to ``<runtime>/code/<hash>/`` and return that dir."""
-    package_dir = Path(slicebridge.__file__).parent
+    package_dir = _PACKAGE_DIR
     files = []
-    for part in _STAGED_PARTS:
-        src = package_dir / part
-        files += [src] if src.is_file() else sorted(src.rglob("*.py"))
+    for pattern in _STAGED_PARTS:
+        files += sorted(package_dir.glob(pattern))
+    files = [path for path in files if path.relative_to(package_dir).as_posix() not in _NOT_STAGED]
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(package_dir)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -129,7 +131,6 @@ class ServerProcess:
     info: ConnectionInfo
     popen: subprocess.Popen | None = None
     owned: bool = False
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int:
@@ -202,9 +203,6 @@ class ServerProcess:
     def stop(self, channel, timeout: float) -> None:
         """Stop the server: ask it over ``channel`` (a ``bridge.channel.Channel``; SIGTERM if it
         cannot be asked), wait up to ``timeout``, then kill it; its connection file goes too."""
-        from slicebridge.bridge import protocol
-        from slicebridge.bridge.errors import SlicebridgeError
-
         if self.alive():
             try:
                 channel.request("shutdown", protocol.ShutdownArgs(), timeout=timeout)
@@ -223,7 +221,8 @@ class ServerProcess:
         if not self.wait_exit(timeout):
             log.warning("server pid %d did not stop; killing it", self.pid)
             self.kill()
-            self.wait_exit(timeout)
+            if self.wait_exit(timeout):  # a killed server cannot remove its socket and shm dir itself
+                remove_leftovers(self.info)
 
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -265,11 +264,12 @@ def start_server(
     """
     if transport not in ("ipc", "tcp"):
         raise ValueError(f"transport must be 'ipc' or 'tcp', not {transport!r}")
+    settings.check_all()
     if transport == "tcp" and not ip.startswith("127.") and ip not in ("::1", "localhost"):
-        if os.environ.get("SLICEBRIDGE_ALLOW_REMOTE") != "1":
+        if not settings.allow_remote():
             raise ValueError(
                 f"refusing to listen on {ip}: the bridge binds loopback only unless "
-                "SLICEBRIDGE_ALLOW_REMOTE=1 is set"
+                f"{settings.ALLOW_REMOTE.name}=1 is set"
             )
     code_dir = stage_server_code()
     run_dir = runtime_dir()
@@ -282,7 +282,7 @@ def start_server(
     prune_logs(logs_dir)
     log_path = logs_dir / f"server-{server_id}.log"
     if debug_ops is None:
-        debug_ops = os.environ.get("SLICEBRIDGE_DEBUG_OPS") == "1"
+        debug_ops = settings.debug_ops()
     info = ConnectionInfo(
         key=new_key(),
         transport=transport,
@@ -409,6 +409,8 @@ def attach(conn_path: Path, quiet: bool = False) -> ServerProcess | None:
             return None
         raise
     if not info.ready or not pid_alive(info.pid, info.server_start):
+        if info.ready:  # it died (killed, crashed): what it could not remove goes now
+            remove_leftovers(info)
         if quiet:
             return None
         raise ConnectionFileError(f"the server of {conn_path} (pid {info.pid}) is not running")
@@ -418,7 +420,3 @@ def attach(conn_path: Path, quiet: bool = False) -> ServerProcess | None:
 def list_detached() -> list[Path]:
     return sorted(p for p in (runtime_dir() / "servers").glob("server-*.json"))
 
-
-def current_python_env() -> PythonEnv:
-    """This interpreter as a PythonEnv (for tests and ``doctor``)."""
-    return PythonEnv(sys.executable, sys.executable, sys.prefix, "this interpreter")

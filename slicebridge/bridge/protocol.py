@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 import msgpack
 
 from slicebridge.bridge.errors import MessageTooLarge, ProtocolError
+from slicebridge.dtypes import dtype_name
 
 PROTOCOL_VERSION = 1
 MAGIC = b"SLB1"
@@ -90,7 +91,7 @@ class TensorFrame:
             if t.device.type != "cpu":
                 t = t.cpu()
             t = t.contiguous()
-            dtype = str(t.dtype).removeprefix("torch.")
+            dtype = dtype_name(t.dtype)
             if dtype not in DTYPE_SIZES:
                 raise ProtocolError(f"tensors of dtype {dtype} cannot travel over the bridge")
             raw = t.reshape(-1).view(_torch().uint8).numpy() if t.numel() else b""

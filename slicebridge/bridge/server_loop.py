@@ -45,10 +45,11 @@ from slicebridge.bridge import protocol, shm
 from slicebridge.bridge.connection import (
     ConnectionInfo,
     ipc_endpoint,
-    pid_alive,
     write_connection_file,
 )
+from slicebridge.bridge.errors import SlicebridgeError
 from slicebridge.bridge.transport import Codec, Dropped, Gatekeeper
+from slicebridge.processes import pid_alive
 
 log = logging.getLogger("slicebridge.server")
 
@@ -72,11 +73,11 @@ _ALLOCATION_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCP
 Handler = Callable[[Any, "RequestContext"], Any]
 
 
-class Cancelled(Exception):
+class Cancelled(SlicebridgeError):
     """Raised inside a handler by :meth:`RequestContext.check_cancelled`."""
 
 
-class HandlerError(Exception):
+class HandlerError(SlicebridgeError):
     """An error a handler raises on purpose: its class name and message reach the user as they are.
 
     Subclasses name the error type the client sees (``error_type`` defaults to the class name).

@@ -36,8 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from slicebridge.bridge.connection import pid_alive, runtime_dir
+from slicebridge.bridge.connection import runtime_dir
 from slicebridge.bridge.errors import ProtocolError
+from slicebridge.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def discard(names: list[str], directory: Path | None = None) -> None:
 
 def sweep(now: float | None = None) -> int:
     """Remove buffers in our directory whose writer is gone or that are older than an hour, and
-    the directories of our servers that died; return how many buffers and directories."""
+    the directories and sockets of our servers that died; return how many buffers, dirs and sockets."""
     now = time.time() if now is None else now
     removed = 0
     for path in shm_dir().glob("*.buf"):
@@ -154,7 +155,9 @@ def sweep(now: float | None = None) -> int:
         if stale:
             path.unlink(missing_ok=True)
             removed += 1
-    return removed + _sweep_dead_dirs()
+    from slicebridge.bridge.leftovers import sweep_sockets
+
+    return removed + _sweep_dead_dirs() + sweep_sockets()
 
 
 def _sweep_dead_dirs() -> int:

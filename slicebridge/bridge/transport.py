@@ -23,7 +23,7 @@ from typing import Sequence
 import zmq
 
 from slicebridge.bridge import protocol, shm
-from slicebridge.bridge.errors import ProtocolError
+from slicebridge.bridge.errors import ProtocolError, SlicebridgeError
 from slicebridge.bridge.signing import ReplayGuard, Signer, connect_token
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks who may connect
@@ -31,7 +31,7 @@ HANDSHAKE_TIMEOUT_MS = 5000
 _USER = b"slicebridge"
 
 
-class Dropped(Exception):
+class Dropped(SlicebridgeError):
     """A received message was refused; ``reason`` names the counter to bump."""
 
     def __init__(self, reason: str, detail: str = ""):

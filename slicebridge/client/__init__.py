@@ -26,21 +26,25 @@ from slicebridge.client.bridge import Bridge, default_env
 
 __all__ = ["Bridge", "convert", "export", "verify", "info", "upgrade", "bridge_for", "close", "ServerKeepsDying"]
 
-_bridges: dict[str, Bridge] = {}
+_bridges: dict[str, Bridge] = {}  # by the env as the caller named it
+_by_python: dict[str, Bridge] = {}  # by the interpreter it was resolved to: two names, one env, one bridge
 _lock = threading.Lock()
 
 
 def bridge_for(env: str | os.PathLike | None = None) -> Bridge:
-    """The process-wide warm bridge of ``env``, started on first use (it restarts a dead server itself)."""
+    """The process-wide warm bridge of ``env``, started on first use (it restarts a dead server itself).
+
+    ``env`` is resolved (``conda env list``, ...) once, the first time this process names it.
+    """
     spec = os.fspath(env) if env is not None else default_env()
-    key = find_env(spec).python
     with _lock:
-        bridge = _bridges.get(key)
+        bridge = _bridges.get(spec)
         if bridge is None:
-            bridge = Bridge(env=spec).start()
-            if not _bridges:
+            resolved = find_env(spec)
+            bridge = _by_python.get(resolved.python) or Bridge(env=resolved).start()
+            if not _by_python:
                 atexit.register(close)
-            _bridges[key] = bridge
+            _bridges[spec] = _by_python[resolved.python] = bridge
         return bridge
 
 
@@ -52,32 +56,35 @@ def _call(env, method: str, *args, **kwargs) -> Any:
 def close() -> None:
     """Close every bridge this process opened (servers it owns stop; detached ones stay)."""
     with _lock:
-        for bridge in _bridges.values():
+        for bridge in _by_python.values():
             bridge.close()
         _bridges.clear()
+        _by_python.clear()
 
 
-def default_output(checkpoint: str | os.PathLike, suffix: str = ".bin") -> str:
-    """``<checkpoint dir>/<stem><suffix>`` for a ``.pt`` or a run_slicegpt dir's single checkpoint."""
+def default_output(checkpoint: str | os.PathLike, suffix: str = ".bin", sparsity: float | None = None) -> str:
+    """``<checkpoint dir>/<stem><suffix>`` for a ``.pt`` or a run_slicegpt dir's checkpoint (its only
+    one, or the one named for ``sparsity``)."""
     path = Path(checkpoint).expanduser().absolute()
     if path.is_dir():
-        from slicebridge.model.checkpoint import read_checkpoint
+        from slicebridge.model.checkpoint import choose_checkpoint_in_dir
 
-        path = read_checkpoint(path).checkpoint_path
+        path = choose_checkpoint_in_dir(path, sparsity)
     return str(path.with_suffix(suffix) if suffix else path.with_suffix(""))
 
 
-def output_path(checkpoint: str | os.PathLike, output: str | os.PathLike | None, suffix: str = ".bin") -> str:
+def output_path(checkpoint: str | os.PathLike, output: str | os.PathLike | None, suffix: str = ".bin",
+                sparsity: float | None = None) -> str:
     """Where ``checkpoint``'s output goes: ``output``; inside it, named after the checkpoint, when it
     ends in a slash (a directory, made like ``mkdir -p``); beside the checkpoint when it is None."""
     if output is None:
-        return default_output(checkpoint, suffix)
+        return default_output(checkpoint, suffix, sparsity)
     text = os.fspath(output)
     if not text.endswith(("/", os.sep)):
         return text
     from slicebridge.model.atomic import make_directories
 
-    return str(make_directories(text) / Path(default_output(checkpoint, suffix)).name)
+    return str(make_directories(text) / Path(default_output(checkpoint, suffix, sparsity)).name)
 
 
 def convert(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | None = None,
@@ -89,15 +96,15 @@ def convert(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | N
     pickle_module, on_event. ``output`` defaults to ``<checkpoint>.bin`` beside it; ending in a
     slash, it is a directory that gets ``<checkpoint>.bin``.
     """
-    return _call(env, "convert", slicegpt_model, output_path(slicegpt_model, output), base_model=base_model,
-                 **options)
+    output = output_path(slicegpt_model, output, sparsity=options.get("sparsity"))
+    return _call(env, "convert", slicegpt_model, output, base_model=base_model, **options)
 
 
 def export(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | None = None,
            output: str | os.PathLike | None = None, *, env: str | None = None, **options):
     """Export a SliceGPT checkpoint as a pickle-free Hugging Face directory; returns an ``ExportResult``."""
-    return _call(env, "export", slicegpt_model, output_path(slicegpt_model, output, suffix=""),
-                 base_model=base_model, **options)
+    output = output_path(slicegpt_model, output, suffix="", sparsity=options.get("sparsity"))
+    return _call(env, "export", slicegpt_model, output, base_model=base_model, **options)
 
 
 def verify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, base_model: str | os.PathLike | None = None,

@@ -12,41 +12,75 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
-from slicebridge.model.facts import ArtifactInfo, constant_width, model_info
+from slicebridge.errors import InputNotFound
+from slicebridge.model.facts import ArtifactInfo, model_info
 
 
 def info(path: str | os.PathLike, *, base_model: str | os.PathLike | None = None, bridge=None) -> ArtifactInfo:
     """Describe a SliceGPT checkpoint (dir or ``.pt``), a ``.bin`` or an export directory."""
     path = Path(path).expanduser().absolute()
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.is_dir() and (path / "config.json").is_file() and \
-            json.loads((path / "config.json").read_text()).get("model_type") == "sliced_llama":
+        raise InputNotFound(f"{path} does not exist")
+    if _is_export_dir(path):
         return _export_info(path)
     if path.is_dir() or path.suffix == ".pt":
         return _checkpoint_info(path, base_model)
+    from slicebridge.model.binfile import BinFileError
+    from slicebridge.model.guards import require_regular_file
+
+    require_regular_file(path, BinFileError, ".bin file")  # before opening: a FIFO would block forever
+    if _is_safetensors(path):
+        raise BinFileError(f"{path} is a safetensors file (bare tensors), not a SliceGPT checkpoint, a .bin nor "
+                           "an export; for an export, pass the directory that holds it")
     return _bin_info(path, bridge)
+
+
+def info_targets(path: str | os.PathLike) -> list[Path]:
+    """What ``slicebridge info PATH`` describes: each checkpoint of a run_slicegpt dir that holds
+    several (one per sparsity), else ``PATH`` itself."""
+    path = Path(path).expanduser()
+    if path.is_dir() and not _is_export_dir(path):
+        checkpoints = sorted(p for p in path.glob("*.pt") if p.is_file())
+        if len(checkpoints) > 1:
+            return checkpoints
+    return [path]
+
+
+def _is_export_dir(path: Path) -> bool:
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "sliced_llama"
+    except (OSError, ValueError, AttributeError):  # not an export's config: the dir is read as what else it is
+        return False
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return struct.unpack("<Q", head[:8])[0] < path.stat().st_size
 
 
 def _checkpoint_info(path: Path, base_model) -> ArtifactInfo:
     from slicebridge.model.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(path, base_dir=base_model)
-    widths = checkpoint.widths.as_slicing_config(checkpoint.hidden_size)
-    dense = checkpoint.dense_parameter_count()
-    return ArtifactInfo(
+    facts = ArtifactInfo(
         path=str(checkpoint.checkpoint_path), kind="checkpoint",
         architecture=f"{(checkpoint.base_config.get('architectures') or ['LlamaForCausalLM'])[0]}, sliced by SliceGPT",
-        num_layers=checkpoint.num_layers, hidden_size=checkpoint.hidden_size,
-        sliced_width=constant_width(widths), widths=widths,
-        params={"dense": dense, "sliced": checkpoint.parameter_count,
-                "shortcut_q": checkpoint.shortcut_parameter_count},
-        actual_ratio=checkpoint.actual_ratio(), sparsity=checkpoint.sparsity,
-        round_interval=checkpoint.round_interval, dtype=checkpoint.dtype,
+        sparsity=checkpoint.sparsity, round_interval=checkpoint.round_interval, dtype=checkpoint.dtype,
         file_bytes=checkpoint.checkpoint_path.stat().st_size, producer={"slicegpt": "run_slicegpt"},
     )
+    facts.set_widths(checkpoint.widths, checkpoint.hidden_size)
+    facts.set_params(checkpoint.params())
+    return facts
 
 
 def _bin_info(path: Path, bridge) -> ArtifactInfo:
@@ -68,7 +102,7 @@ def _bin_info(path: Path, bridge) -> ArtifactInfo:
     contents = load(path)
     config = contents.get("config") or {}
     meta = {"sparsity": config.get("sparsity"), "round_interval": config.get("round_interval"),
-            "producer": contents.get("producer"), "loader": contents.get("loader"), "widths": contents.get("widths")}
+            "producer": contents.get("producer"), "loader": contents.get("loader")}
     return model_info(path, "bin", contents["model"], meta)
 
 

@@ -20,13 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from slicebridge.bridge.errors import SlicebridgeError
-from slicebridge.model import atomic, binfile
-from slicebridge.model import errors as checkpoint_errors
-
-# Errors that fail one checkpoint but not the batch (remote ones arrive as these types too).
-ITEM_ERRORS = (SlicebridgeError, checkpoint_errors.CheckpointError, atomic.OutputError, binfile.BinFileError,
-               FileNotFoundError, ValueError)
+from slicebridge.errors import SlicebridgeError
+from slicebridge.model import atomic
+from slicebridge.model.guards import OutputCollision, job_inputs, output_over_input
 
 
 @dataclass
@@ -45,24 +41,32 @@ class BatchRow:
         return not self.error and self.verify != "FAIL"
 
 
-def expand_checkpoints(specs: list[str]) -> list[Path]:
+def expand_checkpoints(specs: list[str], sparsity: float | None = None) -> list[Path]:
     """Checkpoint ``.pt`` files from paths, globs and sweep directories, in a stable order.
 
     A directory is a run_slicegpt save dir (its ``*.pt`` files) or a sweep of them (the
-    ``*.pt`` files of its subdirectories). A path that matches nothing is kept as it is,
-    so that its conversion fails with a clear error in the summary.
+    ``*.pt`` files of its subdirectories); with ``sparsity``, only the files named for it,
+    as ``--sliced-model-path DIR --sparsity S`` picks one. A path that matches nothing is
+    kept as it is, so that its conversion fails with a clear error in the summary.
     """
     found: list[Path] = []
     for spec in specs:
         matches = sorted(glob.glob(os.path.expanduser(spec))) if glob.has_magic(spec) else [spec]
         for match in matches:
             path = Path(match).expanduser()
-            if path.is_dir():
-                inside = sorted(path.glob("*.pt")) or sorted(path.glob("*/*.pt"))
-                found += inside or [path]
-            else:
-                found.append(path)
+            found += _checkpoints_in(path, sparsity) if path.is_dir() else [path]
     return list(dict.fromkeys(atomic.resolve(p, follow_final=False) for p in found))
+
+
+def _checkpoints_in(directory: Path, sparsity: float | None) -> list[Path]:
+    from slicebridge.model.checkpoint import choose_checkpoint_in_dir, named_for
+
+    if sparsity is not None and any(directory.glob("*.pt")):
+        return [choose_checkpoint_in_dir(directory, sparsity)]  # none for it: a typed error, before any work
+    inside = sorted(directory.glob("*.pt")) or sorted(directory.glob("*/*.pt"))
+    if sparsity is not None:
+        inside = [path for path in inside if named_for(path, sparsity)]
+    return inside or [directory]
 
 
 def output_for(checkpoint: Path, output: str | None, output_dir: str | None, suffix: str, depth: int = 0) -> Path:
@@ -75,8 +79,10 @@ def output_for(checkpoint: Path, output: str | None, output_dir: str | None, suf
     return directory / "-".join((*above, f"{name}{suffix}"))
 
 
-def outputs_for(checkpoints: list[Path], output: str | None, output_dir: str | None, suffix: str) -> list[Path]:
-    """One distinct output per checkpoint (see the module docstring); ``OutputCollision`` if impossible."""
+def outputs_for(checkpoints: list[Path], output: str | None, output_dir: str | None, suffix: str,
+                base_model: str | None = None) -> list[Path]:
+    """One distinct output per checkpoint (see the module docstring); ``OutputCollision`` if impossible,
+    or if an output is an input (a checkpoint, its ``.json``, ``base_model``) or a directory above one."""
     depths = [0] * len(checkpoints)
     outputs = [output_for(c, output, output_dir, suffix) for c in checkpoints]
     while clashing := _clashing(outputs):
@@ -87,11 +93,12 @@ def outputs_for(checkpoints: list[Path], output: str | None, output_dir: str | N
         for i in deeper:
             depths[i] += 1
             outputs[i] = output_for(checkpoints[i], output, output_dir, suffix, depths[i])
-    inputs = {atomic.resolve(c) for c in checkpoints}  # what they are, through any symlink
-    overwritten = [i for i, path in enumerate(outputs) if path in inputs]
+    inputs = [item for c in checkpoints for item in job_inputs(c, base_model)]  # through any symlink too
+    overwritten = [i for i, path in enumerate(outputs) if output_over_input(path, inputs) is not None]
     if overwritten:
-        raise OutputCollision(_collision_message(checkpoints, outputs, overwritten, "is one of the inputs",
-                                                 "choose another --output or --output-dir"))
+        raise OutputCollision(_collision_message(checkpoints, outputs, overwritten, "is one of the inputs "
+                                                 "(or a directory above one)", "choose another --output or "
+                                                 "--output-dir"))
     return outputs
 
 
@@ -105,17 +112,13 @@ def _collision_message(checkpoints: list[Path], outputs: list[Path], indices: li
     return f"refusing to start: an output {why} ({pairs}); {advice}"
 
 
-class OutputCollision(SlicebridgeError):
-    """Two checkpoints of one batch would write one output, or an output would replace an input."""
-
-
 def run_batch(checkpoints: list[Path], outputs: list[Path], one: Callable[[Path, Path], BatchRow]) -> list[BatchRow]:
     rows = []
     for checkpoint, output in zip(checkpoints, outputs):
         started = time.perf_counter()
         try:
             row = one(checkpoint, output)
-        except ITEM_ERRORS as exc:
+        except SlicebridgeError as exc:  # fails this checkpoint, not the batch (remote errors are ones too)
             kind = getattr(exc, "error_type", "") or type(exc).__name__  # a remote type with no local class
             row = BatchRow(str(checkpoint), str(output), error=f"{kind}: {_first_line(exc)}")
         row.seconds = time.perf_counter() - started

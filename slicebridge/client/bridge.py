@@ -17,28 +17,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slicebridge import settings
 from slicebridge.bridge import protocol
 from slicebridge.bridge.channel import Channel, EventCallback
 from slicebridge.bridge.envs import PythonEnv, find_env, reported_prefix
 from slicebridge.bridge.errors import ProtocolError, ServerDied, ServerEnvMismatch, ServerKeepsDying
 from slicebridge.bridge.launcher import ServerProcess, attach, find_detached, start_server
-from slicebridge.model.atomic import resolve
+from slicebridge.model.atomic import remove_orphaned_partials, resolve
 
-log = logging.getLogger("slicebridge.client")
+log = logging.getLogger(__name__)
 
-DEFAULT_ENV = "slicegpt"
 _SHUTDOWN_WAIT_S = 10.0
 
 
 def default_env() -> str:
-    return os.environ.get("SLICEBRIDGE_ENV", DEFAULT_ENV)
+    """The env used when none is named: ``$SLICEBRIDGE_ENV``, else ``slicegpt``."""
+    return settings.default_env()
 
 
 class Bridge:
     """A client of one slicebridge server.
 
     Args:
-        env: conda env name, env prefix or python executable of the slicegpt env.
+        env: conda env name, env prefix or python executable of the slicegpt env (or the
+            ``PythonEnv`` it was already resolved to).
         connection_file: attach to the server behind this file instead (``env`` is then ignored).
         attach: use the env's detached server when one is running (default True).
         transport: ``"ipc"`` (default) or ``"tcp"`` (loopback) for a server this bridge starts.
@@ -50,11 +52,15 @@ class Bridge:
         max_restarts: fresh servers started after deaths before giving up with ``ServerKeepsDying``.
     """
 
-    def __init__(self, env: str | os.PathLike | None = None, *, connection_file: str | os.PathLike | None = None,
-                 attach: bool = True, transport: str = "ipc", heartbeat_timeout: float = 10.0,
-                 ready_timeout: float = 120.0, max_message_bytes: int | None = None,
+    def __init__(self, env: str | os.PathLike | PythonEnv | None = None, *,
+                 connection_file: str | os.PathLike | None = None, attach: bool = True, transport: str = "ipc",
+                 heartbeat_timeout: float = 10.0, ready_timeout: float = 120.0, max_message_bytes: int | None = None,
                  debug_ops: bool | None = None, max_restarts: int = 3):
-        self.env_spec = os.fspath(env) if env is not None else default_env()
+        self.env: PythonEnv | None = env if isinstance(env, PythonEnv) else None
+        if self.env is not None:
+            self.env_spec = self.env.spec
+        else:
+            self.env_spec = os.fspath(env) if env is not None else default_env()
         self.connection_file = Path(connection_file) if connection_file else None
         self.attach_detached = attach
         self.transport = transport
@@ -62,7 +68,6 @@ class Bridge:
         self.ready_timeout = ready_timeout
         self.max_message_bytes = max_message_bytes
         self.debug_ops = debug_ops
-        self.env: PythonEnv | None = None
         self.server: ServerProcess | None = None
         self.channel: Channel | None = None
         self.server_hello: protocol.HelloResult | None = None
@@ -71,7 +76,7 @@ class Bridge:
 
     # ------------------------------------------------------------------ lifetime
 
-    def __enter__(self) -> "Bridge":
+    def __enter__(self) -> Bridge:
         self.start()
         return self
 
@@ -82,14 +87,14 @@ class Bridge:
     def owns_server(self) -> bool:
         return self.server is not None and self.server.owned
 
-    def start(self) -> "Bridge":
+    def start(self) -> Bridge:
         """Attach to or start the server and do the handshake (idempotent)."""
         if self.channel is not None:
             return self
         if self.connection_file is not None:
             self.server = attach(self.connection_file)
         else:
-            self.env = find_env(self.env_spec)
+            self.env = self.env or find_env(self.env_spec)
             self.server = find_detached(self.env) if self.attach_detached else None
             if self.server is None:
                 self.server = start_server(self.env, transport=self.transport,
@@ -247,8 +252,6 @@ class Bridge:
         try:
             return self.request(op, args, on_event=on_event)
         except ServerDied:
-            from slicebridge.model.atomic import remove_orphaned_partials
-
             remove_orphaned_partials(args.output)
             raise
 
@@ -280,17 +283,3 @@ def _output(checkpoint: str | os.PathLike, output: str | os.PathLike, suffix: st
 
     return str(resolve(output_path(checkpoint, output, suffix)))
 
-
-def _register_remote_errors() -> None:
-    """Errors the server raises on purpose come back as the same types (no torch needed)."""
-    import inspect
-
-    from slicebridge.bridge.errors import register_remote_errors
-    from slicebridge.model import atomic, binfile, errors
-
-    for module in (errors, atomic, binfile):
-        register_remote_errors(*(cls for _, cls in inspect.getmembers(module, inspect.isclass)
-                                 if issubclass(cls, Exception) and cls.__module__ == module.__name__))
-
-
-_register_remote_errors()

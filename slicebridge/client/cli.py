@@ -26,8 +26,8 @@ import os
 import sys
 import time
 
-from slicebridge.bridge.errors import SlicebridgeError
 from slicebridge.client.bridge import Bridge, default_env
+from slicebridge.errors import SlicebridgeError
 
 log = logging.getLogger("slicebridge.cli")
 
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
         job.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in the server)")
         job.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        job.add_argument("--overwrite-flag", default="--overwrite", help=argparse.SUPPRESS)  # make: OVERWRITE=1
         job.add_argument("--verify", action="store_true", help="verify each output in this env afterwards")
         _add_env(job)
         _add_output_flags(job)
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("artifact", help="a .bin or an export directory")
     verify.add_argument("--checkpoint", required=True, help="the SliceGPT checkpoint (run_slicegpt dir or .pt)")
     verify.add_argument("--base_model", "--base-model", dest="base_model", default=None)
+    verify.add_argument("--sparsity", type=float, default=None,
+                        help="picks the checkpoint in a run dir (default: the sparsity the artifact records)")
     verify.add_argument("--text", default=None, help="a text file for the text window (default: embedded text)")
     verify.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
     _add_env(verify)
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except _USER_ERRORS as exc:
+    except SlicebridgeError as exc:
         if args.debug:
             raise
         print(f"slicebridge: error: {exc}", file=sys.stderr)
@@ -140,15 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slicebridge: interrupted", file=sys.stderr)
         return 130
-
-
-def _user_errors() -> tuple:
-    from slicebridge.model import atomic, binfile, errors
-
-    return (SlicebridgeError, errors.CheckpointError, atomic.OutputError, binfile.BinFileError)
-
-
-_USER_ERRORS = _user_errors()
 
 
 def _print_json(data) -> None:
@@ -236,7 +230,7 @@ def cmd_job(args) -> int:
     specs = list(args.slicegpt_model) + list(args.checkpoints)
     if not specs:
         raise UsageError(f"{args.command}: name at least one checkpoint (or --slicegpt_model)")
-    checkpoints = expand_checkpoints(specs)
+    checkpoints = expand_checkpoints(specs, args.sparsity)
     outputs = _planned_outputs(args, checkpoints)
     client.bridge_for(args.env)  # a missing env or a server that cannot start fails the command now
 
@@ -244,10 +238,7 @@ def cmd_job(args) -> int:
         bridge = client.bridge_for(args.env)  # a fresh server if the last one died
         progress = _progress(args, checkpoint.name)
         try:
-            result = getattr(bridge, args.command)(
-                checkpoint, output, base_model=args.base_model, sparsity=args.sparsity,
-                round_interval=args.round_interval, loader=args.loader, device=args.device,
-                overwrite=args.overwrite, on_event=progress)
+            result = _run_job(bridge, args, checkpoint, output, progress)
             row = BatchRow(str(checkpoint), result.output, actual_ratio=result.actual_ratio,
                            loader=result.loader, cache_hit=result.cache_hit)
             if args.verify:
@@ -269,6 +260,20 @@ def cmd_job(args) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def _run_job(bridge, args, checkpoint, output, progress):
+    """One convert / export; an existing output is reported with the flag that replaces it where the
+    command came from (``OVERWRITE=1`` under make, which passes ``--overwrite-flag``)."""
+    from slicebridge.model.atomic import OutputExists
+
+    try:
+        return getattr(bridge, args.command)(
+            checkpoint, output, base_model=args.base_model, sparsity=args.sparsity,
+            round_interval=args.round_interval, loader=args.loader, device=args.device,
+            overwrite=args.overwrite, on_event=progress)
+    except OutputExists:
+        raise OutputExists(f"{output} already exists; pass {args.overwrite_flag} to replace it") from None
+
+
 def _planned_outputs(args, checkpoints) -> list:
     """Every output of the job, before any work (``batch.outputs_for`` names apart or refuses outputs
     that would coincide). ``--output D/`` (a trailing slash) is a directory, as ``--output-dir`` is;
@@ -283,7 +288,8 @@ def _planned_outputs(args, checkpoints) -> list:
         output, output_dir = None, output
     if output is not None and len(checkpoints) > 1:
         raise UsageError(f"--output names one file, but {len(checkpoints)} checkpoints were given; use --output-dir")
-    outputs = outputs_for(checkpoints, output, output_dir, ".bin" if args.command == "convert" else "")
+    outputs = outputs_for(checkpoints, output, output_dir, ".bin" if args.command == "convert" else "",
+                          base_model=getattr(args, "base_model", None))
     if output_dir is not None:
         make_directories(output_dir)
     return outputs
@@ -301,7 +307,7 @@ def cmd_verify(args) -> int:
     progress = _progress(args, "verify")
     try:
         report = client.verify(args.artifact, args.checkpoint, args.base_model, env=args.env, text=text,
-                               loader=args.loader, on_event=progress)
+                               sparsity=args.sparsity, loader=args.loader, on_event=progress)
     finally:
         progress.close()
     print(report.to_json() if args.json else report.table())
@@ -310,12 +316,13 @@ def cmd_verify(args) -> int:
 
 def cmd_info(args) -> int:
     from slicebridge import client
+    from slicebridge.client.artifact_info import info_targets
 
     reports, failed = [], False
-    for path in args.paths:
+    for path in [target for given in args.paths for target in info_targets(given)]:
         try:
             reports.append(client.info(path, args.base_model, env=args.env))
-        except (SlicebridgeError, FileNotFoundError, ValueError) as exc:
+        except SlicebridgeError as exc:  # this path is reported; the others are still described
             failed = True
             print(f"slicebridge: error: {path}: {exc}", file=sys.stderr)
     if args.json:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from slicebridge.bridge import protocol
 from slicebridge.bridge.channel import Channel
-from slicebridge.bridge.connection import detached_connection_path, pid_alive, read_connection_file
+from slicebridge.bridge.connection import detached_connection_path, read_connection_file
 from slicebridge.bridge.envs import find_env
 from slicebridge.bridge.errors import ConnectionFileError, ServerNotRunning, SlicebridgeError
 from slicebridge.bridge.launcher import (
@@ -30,6 +30,8 @@ from slicebridge.bridge.launcher import (
     list_detached,
     start_server,
 )
+from slicebridge.bridge.leftovers import remove_leftovers, sweep_sockets
+from slicebridge.processes import pid_alive
 
 log = logging.getLogger("slicebridge.servers")
 
@@ -106,6 +108,8 @@ def status(env: str | None = None) -> list[ServerStatus]:
             continue
         item = ServerStatus(str(path), "stale", info.pid, info.env, info.python, info.endpoint, info.log_path)
         if not info.ready or not pid_alive(info.pid, info.server_start):
+            if info.ready:  # it died: its socket and shm dir go with its file
+                remove_leftovers(info)
             path.unlink(missing_ok=True)
             found.append(item)
             continue
@@ -151,4 +155,6 @@ def stop_all() -> list[ServerStatus]:
             stopped.append(stop(connection_file=str(path)))
         except ServerNotRunning:
             pass
-    return stopped + [_terminate(s) for s in detached_server_processes()]
+    stopped += [_terminate(s) for s in detached_server_processes()]
+    sweep_sockets()  # those of servers that were killed before this
+    return stopped

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from slicebridge.bridge import protocol
-from slicebridge.model.compare import TOLERANCES, compare_logits, comparison_dtype, verification_inputs
+from slicebridge.dtypes import dtype_name
+from slicebridge.model.compare import compare, forward_logits, verification_inputs
+
 
 @dataclass
 class VerifyReport:
@@ -115,6 +117,8 @@ def verify_artifact(bridge, artifact: str | os.PathLike, checkpoint: str | os.Pa
         return report
     model = contents["model"].to(artifact_device).eval()
     loaded_at = time.perf_counter()
+    if sparsity is None and os.path.isdir(checkpoint_path):  # the run dir's checkpoint the artifact was made from
+        sparsity = (contents.get("provenance" if report.kind == "export" else "config") or {}).get("sparsity")
 
     tokenizer = contents.get("tokenizer")
     if tokenizer is None:
@@ -129,17 +133,12 @@ def verify_artifact(bridge, artifact: str | os.PathLike, checkpoint: str | os.Pa
         sparsity=sparsity, round_interval=round_interval, loader=loader, device=device), on_event=on_event)
     referenced_at = time.perf_counter()
 
-    comparisons = []
-    with torch.no_grad():
-        for (name, ids), want in zip(inputs.items(), reference.logits):
-            got = model(ids.to(artifact_device)).logits
-            comparisons.append(compare_logits(name, ids, got, want))
-    artifact_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    report.compared_dtype = comparison_dtype(artifact_dtype, reference.dtype)
-    report.tolerance = TOLERANCES[report.compared_dtype]
-    report.inputs = [c.as_dict() for c in comparisons]
-    report.failures = [f for c in comparisons for f in c.failures(report.tolerance)]
-    report.passed = not report.failures
+    artifact_dtype = dtype_name(next(model.parameters()).dtype)
+    comparison = compare(inputs, forward_logits(model, inputs.values(), artifact_device), reference.logits,
+                         (artifact_dtype, reference.dtype))
+    report.compared_dtype, report.tolerance = comparison.dtype, comparison.tolerance
+    report.inputs = [c.as_dict() for c in comparison.inputs]
+    report.failures, report.passed = comparison.failures, comparison.passed
     report.artifact_side = {"dtype": artifact_dtype, "device": artifact_device,
                             "loader": "slicebridge.load", "transformers": transformers.__version__,
                             "torch": str(torch.__version__)}

@@ -8,6 +8,9 @@
 - ``errors``: the ``CheckpointError`` family the reader raises.
 - ``export``: ``export_model`` writes the pickle-free Hugging Face directory (safetensors, config,
   remote code, tokenizer, model card); ``load_export`` reads it back without remote code.
+- ``loading``: ``load``, the dispatch ``slicebridge.load`` re-exports (a ``.bin`` or an export dir).
+- ``atomic`` writes every output whole or not at all; ``request_scope`` is what a served request
+  asks of the work done for it (notice cancellation, a last check before an output appears).
 
 Names are imported on first use, so ``import slicebridge.model`` does not import torch.
 """
@@ -34,6 +37,7 @@ _EXPORTS = {
     "ExportSummary": "export",
     "export_model": "export",
     "load_export": "export",
+    "load": "loading",
     "CheckpointError": "errors",
     "CheckpointNotFound": "errors",
     "AmbiguousCheckpoint": "errors",

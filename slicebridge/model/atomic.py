@@ -12,6 +12,9 @@ named through a symlink lands where the link points, and the link stays. A direc
 in place with Linux ``renameat2``: ``RENAME_NOREPLACE`` (no-clobber: of two writers one wins,
 the other gets ``OutputExists``) or, with ``overwrite``, ``RENAME_EXCHANGE`` (old and new swap
 in one step); where the file system lacks it, a rename with the same checks around it.
+
+Just before an output is put in place, ``request_scope.before_publish`` has the last word
+(in the server: a cancelled request's output is discarded).
 """
 
 from __future__ import annotations
@@ -24,16 +27,12 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
-from slicebridge.bridge.errors import SlicebridgeError
-
-
-# Called with the final path once an output is complete in its temporary, just before it is
-# put in place; an exception from it discards the output. The server sets it to drop the
-# output of a request cancelled while it was being written (and for fault injection).
-before_publish: Callable[[Path], None] | None = None
+from slicebridge.errors import SlicebridgeError
+from slicebridge.model import request_scope
+from slicebridge.processes import pid_alive
 
 
 class OutputError(SlicebridgeError):
@@ -99,8 +98,6 @@ def _partial_path(path: Path) -> Path:
 
 def remove_orphaned_partials(path: str | os.PathLike) -> list[Path]:
     """Remove temporaries of ``path`` left by writers that died (SIGKILL skips their cleanup)."""
-    from slicebridge.bridge.connection import pid_alive
-
     path = Path(path)
     removed = []
     for candidate in path.parent.glob(f".{glob.escape(path.name)}.*-*.partial"):
@@ -119,8 +116,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     try:
         yield tmp
         _fsync_file(tmp)
-        if before_publish is not None:
-            before_publish(path)
+        request_scope.before_publish(path)
         _publish_file(tmp, path, overwrite)
         _fsync_dir(path.parent)
     except OSError as exc:
@@ -158,8 +154,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         for child in tmp.rglob("*"):
             if child.is_file():
                 _fsync_file(child)
-        if before_publish is not None:
-            before_publish(path)
+        request_scope.before_publish(path)
         _publish_directory(tmp, path, overwrite)
         _fsync_dir(path.parent)
     except OSError as exc:

@@ -29,8 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from slicebridge.bridge.errors import SlicebridgeError
+from slicebridge.errors import SlicebridgeError
 from slicebridge.model.atomic import atomic_file
+from slicebridge.version import __version__
 
 log = logging.getLogger("slicebridge.binfile")
 
@@ -42,11 +43,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
 
 
-class BinFileError(Exception):
+class BinFileError(SlicebridgeError):
     """A ``.bin`` cannot be loaded; the message says why and what to do."""
 
 
-class ImplausibleBinFile(BinFileError, SlicebridgeError):
+class ImplausibleBinFile(BinFileError):
     """A ``.bin``'s recipes claim more than its bytes hold, or do not fit together; refused before
     anything is built, allocated or written for them."""
 
@@ -236,14 +237,12 @@ def producer_versions() -> dict[str, str | None]:
     import torch
     import transformers
 
-    import slicebridge
-
     try:
         import dill
         dill_version = dill.__version__
     except ImportError:
         dill_version = None
-    return {"slicebridge": slicebridge.__version__, "torch": str(torch.__version__),
+    return {"slicebridge": __version__, "torch": str(torch.__version__),
             "transformers": str(transformers.__version__), "dill": dill_version,
             "python": platform.python_version()}
 
@@ -327,6 +326,17 @@ ALLOWED_CALLS = (rebuild_model, rebuild_tokenizer)
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")  # how torch names the global it refused
 
 
+def _check_crcs(path: Path) -> None:
+    """``CorruptCheckpoint`` naming the first record of a torch zip whose bytes fail their CRC-32 (torch does
+    not check, and a damaged .bin would load as silently wrong weights)."""
+    import zipfile
+
+    from slicebridge.model.checkpoint import verify_archive_crcs
+
+    if zipfile.is_zipfile(path):
+        verify_archive_crcs(path)
+
+
 def load(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False) -> dict:
     """Load a ``.bin``. By default only slicebridge's two rebuild functions may run.
 
@@ -340,6 +350,7 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bo
     path = Path(path)
     if not path.is_file():
         raise BinFileError(f"{path} does not exist or is not a file")
+    _check_crcs(path)
     if trust_pickle:
         return torch.load(path, map_location=map_location, weights_only=False,
                           pickle_module=pickle_module_for("auto"))

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slicebridge.dtypes import dtype_name
+
 from .errors import (
     SUPPORTED_ARCHITECTURES,
     SUPPORTED_MODEL_TYPES,
@@ -108,6 +110,14 @@ class SlicedWidths:
         per_layer = (width,) * num_layers
         return cls(embedding=width, attention_input=per_layer, attention_output=per_layer,
                    mlp_input=per_layer, mlp_output=per_layer[:-1] + (head,), lm_head=head)
+
+    @classmethod
+    def of_config(cls, config: Any) -> SlicedWidths:
+        """The widths a ``SlicedLlamaConfig`` records."""
+        return cls(embedding=config.embedding_dimension, attention_input=tuple(config.attention_input_dimensions),
+                   attention_output=tuple(config.attention_output_dimensions),
+                   mlp_input=tuple(config.mlp_input_dimensions), mlp_output=tuple(config.mlp_output_dimensions),
+                   lm_head=config.lm_head_dimension)
 
     @property
     def num_layers(self) -> int:
@@ -190,9 +200,16 @@ class SliceGPTCheckpoint:
 
         return dense_llama_parameter_count(self.base_config)
 
+    def params(self) -> dict[str, int]:
+        """The parameter counts: ``dense`` (the base model's), ``sliced`` and ``shortcut_q``."""
+        return {"dense": self.dense_parameter_count(), "sliced": self.parameter_count,
+                "shortcut_q": self.shortcut_parameter_count}
+
     def actual_ratio(self) -> float:
-        """Fraction of the dense parameters removed: ``1 - sliced / dense`` (shortcut Qs count as kept)."""
-        return 1.0 - self.parameter_count / self.dense_parameter_count()
+        """Fraction of the dense parameters removed (see ``facts.actual_ratio``)."""
+        from .facts import actual_ratio
+
+        return actual_ratio(self.params())
 
     def load_tensors(self) -> dict[str, "torch.Tensor"]:
         """The state dict, memory-mapped (cheap: tensors are read when touched)."""
@@ -279,7 +296,15 @@ def _same_sparsity(first: float, second: float) -> bool:
     return math.isclose(first, second, rel_tol=0, abs_tol=1e-9)
 
 
-def _choose_checkpoint_in_dir(directory: Path, sparsity: float | None) -> Path:
+def named_for(path: Path, sparsity: float) -> bool:
+    """Whether ``path`` is named ``{model}_{sparsity}.pt`` for this sparsity."""
+    named = parse_checkpoint_name(path)[1]
+    return named is not None and _same_sparsity(named, sparsity)
+
+
+def choose_checkpoint_in_dir(directory: Path, sparsity: float | None) -> Path:
+    """The checkpoint of a run_slicegpt save dir: its only ``.pt``, or the one named for ``sparsity``
+    (as the official ``--sliced-model-path DIR --sparsity S`` picks it)."""
     candidates = sorted(p for p in directory.glob("*.pt") if p.is_file())
     if not candidates:
         raise CheckpointNotFound(
@@ -287,9 +312,7 @@ def _choose_checkpoint_in_dir(directory: Path, sparsity: float | None) -> Path:
             "(it holds {model}_{sparsity}.pt) or the .pt file itself"
         )
     if sparsity is not None:
-        matching = [
-            p for p in candidates if (s := parse_checkpoint_name(p)[1]) is not None and _same_sparsity(s, sparsity)
-        ]
+        matching = [p for p in candidates if named_for(p, sparsity)]
         if len(matching) == 1:
             return matching[0]
         found = ", ".join(p.name for p in candidates)
@@ -347,7 +370,7 @@ def _check_architecture(base_config: Mapping[str, Any], config_path: Path) -> No
 
 
 def _read_slicing_config(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    if not path.is_file():  # is_file follows links and is False for a FIFO: never opened
         return None
     try:
         slicing_config = json.loads(path.read_text())
@@ -372,6 +395,9 @@ def load_checkpoint_file(path: Path) -> Any:
 
     try:
         size = path.stat().st_size
+        if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or device: opening it blocks
+            raise NotASliceGPTCheckpoint(f"{path} is not a regular file (a FIFO, socket or device); refusing to "
+                                         "read it")
         with path.open("rb") as handle:
             magic = handle.read(4)
     except FileNotFoundError:
@@ -478,7 +504,7 @@ def tensor_bytes_problem(tensors: Mapping[str, "torch.Tensor"]) -> str | None:
         size = tensor.numel() * tensor.element_size()
         room = storage.nbytes() - tensor.storage_offset() * tensor.element_size()
         if size > room:
-            described = f"{list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+            described = f"{list(tensor.shape)} {dtype_name(tensor.dtype)}"
             return f"tensor {name} claims {_bytes(size)} ({described}) but the file holds {_bytes(max(room, 0))} for it"
         held[storage.data_ptr()] = storage.nbytes()
         if not _same_view(tensor, tensors.get(_TIED.get(name, ""))):
@@ -729,15 +755,36 @@ def _check_sparsity(
             f"{embedding_shape}: {explained}, not the {effective:g} {source} "
             f"(which gives {sliced_width(hidden, effective, round_interval)})"
         )
-    if sliced_width(hidden, effective, DEFAULT_ROUND_INTERVAL) == width:
-        return DEFAULT_ROUND_INTERVAL
-    if any(sliced_width(hidden, effective, r) == width for r in _CANDIDATE_ROUND_INTERVALS):
-        return None
-    raise SparsityMismatch(
-        f"{embedding_shape}: {explain_width(width, hidden)}, not the {effective:g} {source} "
-        f"(which gives {sliced_width(hidden, effective, DEFAULT_ROUND_INTERVAL)} "
-        f"with round_interval {DEFAULT_ROUND_INTERVAL})"
-    )
+    fitting = [r for r in _CANDIDATE_ROUND_INTERVALS if sliced_width(hidden, effective, r) == width]
+    if not fitting:
+        raise SparsityMismatch(
+            f"{embedding_shape}: {explain_width(width, hidden)}, not the {effective:g} {source} "
+            f"(which gives {sliced_width(hidden, effective, DEFAULT_ROUND_INTERVAL)} "
+            f"with round_interval {DEFAULT_ROUND_INTERVAL})"
+        )
+    usual = [r for r in (DEFAULT_ROUND_INTERVAL, 1) if r in fitting]
+    if usual:
+        return usual[0]
+    _refuse_unusual_interval(width, hidden, effective, fitting, path, f"{path.name}: {embedding_shape}", source)
+    return fitting[0] if len(fitting) == 1 else None
+
+
+def _refuse_unusual_interval(
+    width: int, hidden: int, sparsity: float, fitting: list[int], path: Path, described: str, source: str
+) -> None:
+    """A sparsity that gives ``width`` only with an unusual round_interval, while another sparsity gives it
+    with run_slicegpt's default or with none: the file was likely renamed, so say so rather than guess."""
+    for interval in (DEFAULT_ROUND_INTERVAL, 1):
+        other = _roundest_sparsity(width, hidden, interval)
+        if other is not None and not _same_sparsity(other, sparsity):
+            stem = parse_checkpoint_name(path)[0]
+            raise SparsityMismatch(
+                f"{described}, which is what sparsity {other:g} gives with round_interval {interval} "
+                f"(hidden {hidden}); the {sparsity:g} {source} gives it only with round_interval "
+                f"{' or '.join(map(str, fitting))}. If the file was renamed, name it (and its .json) "
+                f"{stem}_{other:g}.pt again; if the run used --round-interval {fitting[0]}, pass "
+                f"round_interval={fitting[0]}."
+            )
 
 
 def sliced_config_from_tensors(
@@ -787,7 +834,7 @@ def read_checkpoint(
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointNotFound(f"{path} does not exist; pass the run_slicegpt --save-dir directory or the .pt file")
-    checkpoint_path = _choose_checkpoint_in_dir(path, sparsity) if path.is_dir() else path
+    checkpoint_path = choose_checkpoint_in_dir(path, sparsity) if path.is_dir() else path
     model_stem, name_sparsity = parse_checkpoint_name(checkpoint_path)
     resolved_base_dir = Path(base_dir).expanduser() if base_dir is not None else checkpoint_path.parent
     if base_dir is not None and not resolved_base_dir.is_dir():
@@ -826,7 +873,7 @@ def read_checkpoint(
         widths=widths,
         base_config=base_config,
         slicing_config=slicing_config,
-        dtype=str(embedding.dtype).removeprefix("torch."),
+        dtype=dtype_name(embedding.dtype),
         parameter_count=sum(t.numel() for t in tensors.values()),
         shortcut_parameter_count=shortcut_count,
     )

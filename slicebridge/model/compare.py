@@ -27,13 +27,19 @@ small nudge to one weight (+1.0 on one q_proj entry) gives NMSE 5.6e-6 and passe
 fp16. Verification proves the function is the same within rounding, not that every
 byte is; compare checksums for that. Top-1 allows a few flips between near-tied logits
 at low precision.
+
+``compare`` is the one comparison: ``verify`` runs it in the caller's env, and the server
+runs it for the export's check against the official model.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from slicebridge.dtypes import dtype_name
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"nmse": 1e-6, "top1": 0.99, "ppl_rel": 1e-3},
@@ -48,10 +54,33 @@ PROBE_SEED = 1234
 TEXT_WINDOW = 128
 
 
-def comparison_dtype(*dtypes: str) -> str:
+def comparison_dtype(*dtypes) -> str:
     """The lowest precision among the sides (float64 counts as float32)."""
-    names = [d.removeprefix("torch.").replace("float64", "float32") for d in dtypes]
+    names = [dtype_name(d).replace("float64", "float32") for d in dtypes]
     return min(names, key=lambda d: _PRECISION_ORDER.index(d) if d in _PRECISION_ORDER else 2)
+
+
+def nmse(artifact_logits, reference_logits) -> float:
+    """Sum of squared differences over the sum of squared reference logits (in float64)."""
+    got, want = artifact_logits.double(), reference_logits.double()
+    return float(((got - want) ** 2).sum() / (want ** 2).sum())
+
+
+def top1_agreement(artifact_logits, reference_logits) -> float:
+    """The fraction of positions whose argmax agrees."""
+    return float((artifact_logits.argmax(-1) == reference_logits.argmax(-1)).double().mean())
+
+
+def logit_metrics(artifact_logits, reference_logits) -> dict[str, float]:
+    """max |Δlogit|, NMSE and top-1 agreement of two logit tensors of one shape (any float dtype, any device)."""
+    import torch
+
+    got = artifact_logits.detach().to("cpu", torch.float64)
+    want = reference_logits.detach().to("cpu", torch.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"artifact logits {tuple(got.shape)} vs reference {tuple(want.shape)}")
+    return {"max_abs_diff": float((got - want).abs().max()), "nmse": nmse(got, want),
+            "top1": top1_agreement(got, want)}
 
 
 @dataclass
@@ -85,23 +114,61 @@ class InputComparison:
 
 def compare_logits(name: str, input_ids, artifact_logits, reference_logits) -> InputComparison:
     """Metrics of one input: ``*_logits`` are [batch, seq, vocab] (any float dtype)."""
-    import torch
-
-    got = artifact_logits.detach().to("cpu", torch.float64)
-    want = reference_logits.detach().to("cpu", torch.float64)
-    if got.shape != want.shape:
-        raise ValueError(f"{name}: artifact logits {tuple(got.shape)} vs reference {tuple(want.shape)}")
-    diff = got - want
-    nmse = float((diff ** 2).sum() / (want ** 2).sum())
+    try:
+        metrics = logit_metrics(artifact_logits, reference_logits)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
     return InputComparison(
         name=name,
         tokens=int(input_ids.numel()),
-        max_abs_diff=float(diff.abs().max()),
-        nmse=nmse,
-        top1=float((got.argmax(-1) == want.argmax(-1)).double().mean()),
-        ppl_artifact=perplexity(got, input_ids),
-        ppl_reference=perplexity(want, input_ids),
+        **metrics,
+        ppl_artifact=perplexity(artifact_logits, input_ids),
+        ppl_reference=perplexity(reference_logits, input_ids),
     )
+
+
+@dataclass
+class Comparison:
+    """A whole verification's numbers: per-input metrics, the precision compared at and its tolerance."""
+
+    dtype: str
+    tolerance: dict[str, float]
+    inputs: list[InputComparison]
+
+    @property
+    def failures(self) -> list[str]:
+        return [problem for c in self.inputs for problem in c.failures(self.tolerance)]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def by_input(self) -> dict[str, dict[str, Any]]:
+        """Each input's metrics and whether it passed, by input name (the export's model card form)."""
+        return {c.name: {**{k: v for k, v in c.as_dict().items() if k != "name"},
+                         "passed": not c.failures(self.tolerance)} for c in self.inputs}
+
+
+def compare(inputs: Mapping[str, Any], artifact_logits: Sequence, reference_logits: Sequence,
+            dtypes: Sequence) -> Comparison:
+    """Compare the artifact's logits with the reference's on each named input, at the lowest of ``dtypes``."""
+    dtype = comparison_dtype(*dtypes)
+    compared = [compare_logits(name, ids, got, want)
+                for (name, ids), got, want in zip(inputs.items(), artifact_logits, reference_logits, strict=True)]
+    return Comparison(dtype, TOLERANCES[dtype], compared)
+
+
+def forward_logits(model, inputs: Iterable, device, on_input: Callable[[int], None] | None = None) -> list:
+    """The model's logits for each [batch, seq] id tensor, as float32 on the CPU (no gradients)."""
+    import torch
+
+    logits = []
+    with torch.no_grad():
+        for index, ids in enumerate(inputs):
+            if on_input is not None:
+                on_input(index)
+            logits.append(model(ids.to(device, torch.long)).logits.float().cpu())
+    return logits
 
 
 def perplexity(logits, input_ids) -> float:
@@ -116,7 +183,7 @@ def perplexity(logits, input_ids) -> float:
 
 
 def default_text() -> str:
-    from slicebridge.model.dense import embedded_text
+    from slicebridge.model.sample_text import embedded_text
 
     return embedded_text()
 

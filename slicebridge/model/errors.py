@@ -2,18 +2,19 @@
 
 Every error's message is meant for the person who passed the paths: it says what was found,
 what was expected, and what to pass instead. Callers show ``str(error)``; no traceback is
-needed to act on it. All derive from ``CheckpointError``. This module imports nothing heavy.
+needed to act on it. All derive from ``CheckpointError``, a ``SlicebridgeError``. This module
+imports nothing heavy.
 """
 
 from __future__ import annotations
 
-from slicebridge.bridge.errors import SlicebridgeError
+from slicebridge.errors import SlicebridgeError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
-class CheckpointError(Exception):
+class CheckpointError(SlicebridgeError):
     """A SliceGPT checkpoint (or its base model config) could not be used as given."""
 
 
@@ -33,7 +34,7 @@ class TruncatedCheckpoint(CheckpointError):
     """The file is a torch.save archive that ends early (an interrupted copy or download)."""
 
 
-class CorruptCheckpoint(CheckpointError, SlicebridgeError):
+class CorruptCheckpoint(CheckpointError):
     """A record of the torch.save archive fails its CRC-32 check: the file was damaged after it was written."""
 
     def __init__(self, path: str, record: str) -> None:
@@ -44,7 +45,7 @@ class CorruptCheckpoint(CheckpointError, SlicebridgeError):
         self.record = record
 
 
-class ImplausibleCheckpoint(CheckpointError, SlicebridgeError):
+class ImplausibleCheckpoint(CheckpointError):
     """The checkpoint's tensors claim more bytes than the file holds for them (views that repeat or
     overlap its storages, as only a crafted file has); refused before anything is allocated for them."""
 

@@ -36,12 +36,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slicebridge.dtypes import dtype_name
+from slicebridge.errors import SlicebridgeError
+
 from .atomic import atomic_directory, check_output
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .checkpoint import SliceGPTCheckpoint
+    from .checkpoint import SlicedWidths, SliceGPTCheckpoint
     from .configuration_sliced_llama import SlicedLlamaConfig
     from .modeling_sliced_llama import SlicedLlamaForCausalLM
 
@@ -73,7 +76,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-class ExportError(Exception):
+class ExportError(SlicebridgeError):
     """A directory is not a slicebridge export, or an export cannot be written as asked."""
 
 
@@ -117,34 +120,7 @@ def checkpoint_provenance(checkpoint: "SliceGPTCheckpoint", *, loader: str = "bu
         "sparsity": checkpoint.sparsity,
         "round_interval": checkpoint.round_interval,
         "loader": loader,
-        "params": {
-            "dense": checkpoint.dense_parameter_count(),
-            "sliced": checkpoint.parameter_count,
-            "shortcut_q": checkpoint.shortcut_parameter_count,
-        },
-        "actual_ratio": checkpoint.actual_ratio(),
-    }
-
-
-def _dense_count_from_config(config: Mapping[str, Any]) -> int:
-    """Parameters of the dense base model, from the sliced config's copy of the base fields."""
-    from .modeling_sliced_llama import dense_llama_parameter_count
-
-    base = dict(config)
-    base["tie_word_embeddings"] = bool(config.get("base_tie_word_embeddings", False))
-    return dense_llama_parameter_count(base)
-
-
-def widths_of(config: "SlicedLlamaConfig") -> dict[str, Any]:
-    """The per-layer sliced widths recorded in the config, as plain lists."""
-    return {
-        "hidden_size": config.hidden_size,
-        "embedding": config.embedding_dimension,
-        "attention_input": list(config.attention_input_dimensions),
-        "attention_output": list(config.attention_output_dimensions),
-        "mlp_input": list(config.mlp_input_dimensions),
-        "mlp_output": list(config.mlp_output_dimensions),
-        "lm_head": config.lm_head_dimension,
+        "params": checkpoint.params(),
     }
 
 
@@ -155,25 +131,21 @@ def complete_provenance(
 
     Keys read: ``base_model``, ``checkpoint`` (or ``slicegpt_model``), ``sparsity``,
     ``round_interval``, ``loader``, ``params`` (``dense``/``sliced``/``shortcut_q``),
-    ``actual_ratio``, ``producer``; other keys are kept as given (a ``widths`` entry as
-    ``source_widths``: ``widths`` is always read off the exported config). Parameter counts
-    missing from the mapping are computed from the model; producer versions default to this
-    interpreter's.
+    ``producer``; other keys are kept as given (a ``widths`` entry as
+    ``source_widths``: ``widths`` is always read off the exported config). The base model and
+    the checkpoint are recorded by name, never by a path of this machine (the README may be
+    published). Parameter counts missing from the mapping are computed from the model, and
+    ``actual_ratio`` from the counts; producer versions default to this interpreter's.
     """
     from .binfile import producer_versions
-    from .modeling_sliced_llama import count_sliced_parameters
+    from .checkpoint import SlicedWidths
+    from .facts import actual_ratio, dense_base_config, parameter_counts
 
     given = dict(provenance)
     config = model.config
-    counted = count_sliced_parameters(model)
-    params = dict(given.pop("params", None) or {})
-    params.setdefault("dense", _dense_count_from_config(config.to_dict()))
-    params.setdefault("sliced", counted.total)
-    params.setdefault("shortcut_q", counted.shortcut)
-    params = {key: int(value) for key, value in params.items() if value is not None}
-    actual_ratio = given.pop("actual_ratio", None)
-    if actual_ratio is None:
-        actual_ratio = 1.0 - params["sliced"] / params["dense"]
+    given.pop("actual_ratio", None)  # always the one the counts give
+    params = {**parameter_counts(model, dense_base_config(config.to_dict())),
+              **{key: int(value) for key, value in (given.pop("params", None) or {}).items() if value is not None}}
     checkpoint = given.pop("checkpoint", None) or given.pop("slicegpt_model", None)
     given.pop("slicegpt_model", None)
     if given.get("widths") is not None:  # the exported config is authoritative; keep the caller's as given
@@ -182,28 +154,32 @@ def complete_provenance(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": "SliceGPT",
-        "base_model": given.pop("base_model", None),
-        "checkpoint": checkpoint,
+        "base_model": _public_name(given.pop("base_model", None)),
+        "checkpoint": _public_name(checkpoint),
         "sparsity": given.pop("sparsity", getattr(config, "sparsity", None)),
         "round_interval": given.pop("round_interval", getattr(config, "round_interval", None)),
-        "actual_ratio": float(actual_ratio),
+        "actual_ratio": actual_ratio(params),
         "params": params,
-        "widths": widths_of(config),
+        "widths": SlicedWidths.of_config(config).as_slicing_config(config.hidden_size),
         "loader": given.pop("loader", None),
-        "dtype": _dtype_name(model.lm_head.weight.dtype),
+        "dtype": dtype_name(model.lm_head.weight.dtype),
         "producer": given.pop("producer", None) or producer_versions(),
         **given,
         "verification": dict(verification) if verification is not None else None,
     }
 
 
+def _public_name(path: str | None) -> str | None:
+    """A local path's last part (``/home/me/models/Llama-3-8B`` -> ``Llama-3-8B``); a hub name as it is."""
+    if path is None:
+        return None
+    text = os.fspath(path)
+    return Path(text).name if os.path.isabs(text) or text.startswith(("~", ".")) else text
+
+
 # --------------------------------------------------------------------------------------------
 # Tensors and shards
 # --------------------------------------------------------------------------------------------
-
-
-def _dtype_name(dtype: "torch.dtype") -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _tied_targets(model: "SlicedLlamaForCausalLM") -> set[str]:
@@ -334,7 +310,7 @@ def export_config_dict(config: "SlicedLlamaConfig", dtype: "torch.dtype") -> dic
     for name in own_fields:
         data[name] = getattr(config, name)
     for name in ("torch_dtype", "dtype"):
-        data[name] = _dtype_name(dtype)
+        data[name] = dtype_name(dtype)
     data.update(
         architectures=list(ARCHITECTURES),
         auto_map=dict(AUTO_MAP),
@@ -438,12 +414,12 @@ def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[str
     return lines
 
 
-def _width_rows(widths: Mapping[str, Any]) -> list[tuple[str, int, int, int, int]]:
+def _width_rows(widths: SlicedWidths) -> list[tuple[str, int, int, int, int]]:
     """Per-layer widths, consecutive identical layers merged into one row."""
-    columns = [widths[key] for key in ("attention_input", "attention_output", "mlp_input", "mlp_output")]
+    per_layer = list(zip(widths.attention_input, widths.attention_output, widths.mlp_input, widths.mlp_output,
+                         strict=True))
     rows: list[tuple[str, int, int, int, int]] = []
     start = 0
-    per_layer = list(zip(*columns))
     for idx in range(1, len(per_layer) + 1):
         if idx == len(per_layer) or per_layer[idx] != per_layer[start]:
             label = f"{start}" if idx - 1 == start else f"{start}–{idx - 1}"
@@ -452,16 +428,19 @@ def _width_rows(widths: Mapping[str, Any]) -> list[tuple[str, int, int, int, int
     return rows
 
 
-def _widths_section(widths: Mapping[str, Any]) -> list[str]:
-    hidden = widths.get("hidden_size")
-    all_widths = {widths["embedding"], *widths["attention_input"], *widths["attention_output"],
-                  *widths["mlp_input"], *widths["mlp_output"][:-1]}
-    if len(all_widths) == 1:
-        summary = (f"Constant sliced width {all_widths.pop()} of {hidden} in all "
-                   f"{len(widths['attention_input'])} layers; the LM head reads {widths['lm_head']}.")
+def _widths_section(recorded: Mapping[str, Any]) -> list[str]:
+    """The model card's widths: a sentence, and a table of the layers (``recorded`` in SlicingConfig form)."""
+    from .checkpoint import widths_from_slicing_config
+
+    hidden = recorded["hidden_size"]
+    widths = widths_from_slicing_config(recorded, recorded["layers_num"], hidden)
+    constant = widths.constant_width()
+    if constant is not None:
+        summary = (f"Constant sliced width {constant} of {hidden} in all "
+                   f"{widths.num_layers} layers; the LM head reads {widths.lm_head}.")
     else:
-        summary = (f"Per-layer sliced widths (dense width {hidden}); embeddings {widths['embedding']}, "
-                   f"LM head {widths['lm_head']}.")
+        summary = (f"Per-layer sliced widths (dense width {hidden}); embeddings {widths.embedding}, "
+                   f"LM head {widths.lm_head}.")
     header = ("layers", "attention in", "attention out", "MLP in", "MLP out")
     return [summary, "", *_table(header, [(label, *map(str, rest)) for label, *rest in _width_rows(widths)])]
 
@@ -625,7 +604,7 @@ def export_model(
         files=files,
         shards=weight_files,
         total_size=sum(_tensor_bytes(tensor) for tensor in tensors.values()),
-        dtype=_dtype_name(dtype),
+        dtype=dtype_name(dtype),
         sharded=len(weight_files) > 1,
         dropped_tied=dropped,
         provenance=record,
@@ -761,22 +740,12 @@ def load_export(
             "provenance": provenance}
 
 
-def is_export(path: str | os.PathLike) -> bool:
-    """Whether ``path`` looks like a slicebridge export (a directory with a sliced_llama config)."""
-    try:
-        _check_is_export(Path(path))
-    except ExportError:
-        return False
-    return True
-
-
 __all__ = [
     "ExportError",
     "ExportSummary",
     "checkpoint_provenance",
     "export_model",
     "find_pickles",
-    "is_export",
     "load_export",
     "load_state_dict",
     "read_export_config",

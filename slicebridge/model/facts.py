@@ -1,14 +1,22 @@
 """Facts about a sliced model for ``info``: architecture, widths, parameter counts, dtype, provenance.
 
 Shared by the caller's env (``client.info``) and the server (which reads the seed's
-``.bin`` files that only the slicegpt env can unpickle).
+``.bin`` files that only the slicegpt env can unpickle). The one place parameter counts
+and the actual ratio are computed, for ``info``, ``convert``, ``export`` and ``upgrade``
+alike; widths are ``checkpoint.SlicedWidths``, recorded in SliceGPT's SlicingConfig form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from slicebridge.dtypes import dtype_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import SlicedWidths
 
 
 @dataclass
@@ -33,11 +41,23 @@ class ArtifactInfo:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def set_widths(self, widths: SlicedWidths, hidden_size: int) -> None:
+        """Record ``widths`` (in SliceGPT's SlicingConfig form) and the dense width they slice."""
+        self.num_layers, self.hidden_size = widths.num_layers, hidden_size
+        self.widths = widths.as_slicing_config(hidden_size)
+        self.sliced_width = widths.constant_width()
+
+    def set_params(self, params: Mapping[str, int]) -> None:
+        """Record the parameter counts (``dense``, ``sliced``, ``shortcut_q``) and the ratio they give."""
+        self.params = {key: int(params[key]) for key in ("dense", "sliced", "shortcut_q")}
+        self.actual_ratio = actual_ratio(self.params)
+
     def table(self) -> str:
-        rows = [("path", self.path), ("kind", self.kind), ("architecture", self.architecture),
-                ("layers", str(self.num_layers)),
+        unknown = "unknown (see the notes)"  # facts a seed .bin's opcodes did not yield
+        rows = [("path", self.path), ("kind", self.kind), ("architecture", self.architecture or unknown),
+                ("layers", str(self.num_layers or unknown)),
                 ("hidden size", f"{self.hidden_size} → {self.sliced_width}" if self.sliced_width else
-                 str(self.hidden_size)),
+                 str(self.hidden_size or unknown)),
                 ("sparsity", _fmt(self.sparsity)), ("round_interval", _fmt(self.round_interval)),
                 ("dtype", self.dtype), ("file size", f"{self.file_bytes / 1e6:.2f} MB")]
         if self.params:
@@ -60,23 +80,32 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _widths_summary(widths: dict) -> str:
-    parts = []
-    for key in ("attention_input_dimensions", "attention_output_dimensions", "mlp_input_dimensions",
-                "mlp_output_dimensions"):
-        values = list(widths.get(key, {}).values())
-        if values:
-            shown = str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
-            parts.append(f"{key.replace('_dimensions', '')} {shown}")
-    return f"embedding {list(widths.get('embedding_dimensions', {}).values())}, " + ", ".join(parts) + \
-        f", head {widths.get('head_dimension')}"
+def _widths_summary(recorded: dict) -> str:
+    from .checkpoint import widths_from_slicing_config
+
+    hidden = int(recorded.get("hidden_size") or 0)
+    widths = widths_from_slicing_config(recorded, len(recorded.get("attention_input_dimensions") or {}), hidden)
+    constant = widths.constant_width()
+    if constant is not None:
+        return f"{constant} in all {widths.num_layers} layers, head {widths.lm_head}"
+    columns = {"attention_input": widths.attention_input, "attention_output": widths.attention_output,
+               "mlp_input": widths.mlp_input, "mlp_output": widths.mlp_output}
+    shown = ", ".join(f"{name} {'/'.join(map(str, values))}" for name, values in columns.items())
+    return f"embedding {widths.embedding}, {shown}, head {widths.lm_head}"
 
 
-def constant_width(widths: dict) -> int | None:
-    values = set(widths.get("embedding_dimensions", {}).values())
-    for key in ("attention_input_dimensions", "mlp_input_dimensions"):
-        values |= set(widths.get(key, {}).values())
-    return values.pop() if len(values) == 1 else None
+def actual_ratio(params: Mapping[str, int]) -> float:
+    """The fraction of the dense parameters removed: ``1 - sliced / dense`` (shortcut Qs count as kept)."""
+    return 1.0 - params["sliced"] / params["dense"]
+
+
+def parameter_counts(model, base_config: Mapping[str, Any]) -> dict[str, int]:
+    """``dense`` (the base model's, from its config), ``sliced`` and ``shortcut_q`` (the model's own)."""
+    from .modeling_sliced_llama import count_sliced_parameters, dense_llama_parameter_count
+
+    counted = count_sliced_parameters(model)
+    return {"dense": dense_llama_parameter_count(base_config), "sliced": counted.total,
+            "shortcut_q": counted.shortcut}
 
 
 def file_bytes(path: Path) -> int:
@@ -86,31 +115,23 @@ def file_bytes(path: Path) -> int:
 
 
 def model_info(path: Path, kind: str, model, meta: dict) -> ArtifactInfo:
-    from slicebridge.model.modeling_sliced_llama import count_sliced_parameters, dense_llama_parameter_count
+    """Facts about a loaded portable model (a ``.bin``'s or an export's), with ``meta``'s recorded settings."""
+    from .checkpoint import SlicedWidths
 
     config = model.config
-    counted = count_sliced_parameters(model)
-    dense = dense_llama_parameter_count(config.to_dict())
-    widths = meta.get("widths") or _widths_of_config(config)
-    return ArtifactInfo(
+    info = ArtifactInfo(
         path=str(path), kind=kind, architecture="SlicedLlamaForCausalLM (portable, SliceGPT-sliced Llama)",
-        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-        sliced_width=constant_width(widths), widths=widths,
-        params={"dense": dense, "sliced": counted.total, "shortcut_q": counted.shortcut},
-        actual_ratio=1 - counted.total / dense, sparsity=meta.get("sparsity"),
-        round_interval=meta.get("round_interval"),
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."), file_bytes=file_bytes(path),
+        sparsity=meta.get("sparsity"), round_interval=meta.get("round_interval"),
+        dtype=dtype_name(next(model.parameters()).dtype), file_bytes=file_bytes(path),
         producer=meta.get("producer") or {}, loader=meta.get("loader") or "",
     )
+    info.set_widths(SlicedWidths.of_config(config), config.hidden_size)
+    info.set_params(parameter_counts(model, dense_base_config(config.to_dict())))
+    return info
 
 
-def _widths_of_config(config) -> dict:
-    def per_layer(values):
-        return {str(i): int(v) for i, v in enumerate(values)}
-
-    return {"embedding_dimensions": {"0": config.embedding_dimension},
-            "attention_input_dimensions": per_layer(config.attention_input_dimensions),
-            "attention_output_dimensions": per_layer(config.attention_output_dimensions),
-            "mlp_input_dimensions": per_layer(config.mlp_input_dimensions),
-            "mlp_output_dimensions": per_layer(config.mlp_output_dimensions),
-            "head_dimension": config.lm_head_dimension}
+def dense_base_config(sliced_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The dense base model's config fields, from a sliced config's copy of them."""
+    base = dict(sliced_config)
+    base["tie_word_embeddings"] = bool(sliced_config.get("base_tie_word_embeddings", False))
+    return base

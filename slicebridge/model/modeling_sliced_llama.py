@@ -710,10 +710,6 @@ class SlicedParameterCount:
     total: int
     shortcut: int
 
-    @property
-    def without_shortcuts(self) -> int:
-        return self.total - self.shortcut
-
 
 def count_sliced_parameters(source: nn.Module | Mapping[str, torch.Tensor]) -> SlicedParameterCount:
     """Count the parameters of a sliced model or of its state dict (tied tensors counted once)."""

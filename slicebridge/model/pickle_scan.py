@@ -3,7 +3,8 @@
 ``pickletools.genops`` walks the pickle's opcodes; nothing in the file is imported or
 called. Two readings are built on it:
 
-- ``referenced_globals``: every ``GLOBAL`` / ``STACK_GLOBAL`` target, enough to tell in the
+- ``referenced_globals``: every ``GLOBAL`` / ``STACK_GLOBAL`` / ``INST`` target (what ``OBJ``,
+  ``REDUCE`` and ``NEWOBJ`` call is pushed by one of those), enough to tell in the
   caller's env why a ``.bin`` made the seed's way will not load here (``diagnose_seed_bin``:
   the three failures measured on the shared fixture). Whether a named class still exists
   is looked up without importing anything: ``find_spec`` of the top-level package, then a
@@ -24,9 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slicebridge.bridge.errors import SlicebridgeError
+from slicebridge.errors import SlicebridgeError
+from slicebridge.model import request_scope
+from slicebridge.model.guards import require_regular_file
 
 MAX_PICKLE_BYTES = 256 * 1024**2  # the seed's data.pkl for an 8B model is a few MB
+# A compressed data.pkl (torch.save stores it uncompressed) may inflate this much, and no more.
+MAX_INFLATION = 16
+MIN_INFLATED_LIMIT = 16 * 1024**2
+# The seed's pickle of an 8B model is well under 100k opcodes; bounds the time a hostile file costs.
+MAX_PICKLE_OPS = 2_000_000
+_CANCEL_CHECK_EVERY = 1 << 16
+# How deep a dict key or set item may nest before the reader drops it (hashing deeper ones recurses in C).
+_MAX_KEY_DEPTH = 16
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING"}
 _MEMO_PUT = {"BINPUT", "LONG_BINPUT", "PUT"}
@@ -39,26 +50,39 @@ class UnreadablePickle(SlicebridgeError, ValueError):
 
 def pickle_bytes(path: str | Path) -> bytes:
     """The pickle stream of a torch zip file (``*/data.pkl``), or the file itself if it is a raw pickle."""
-    path = Path(path)
+    path = require_regular_file(path, UnreadablePickle)  # a FIFO would block the reader forever
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             infos = [i for i in archive.infolist() if i.filename.endswith("data.pkl")]
             if not infos:
                 raise UnreadablePickle(f"{path} is a zip file without a data.pkl: not a torch file")
-            with archive.open(infos[0]) as stream:
-                data = stream.read(MAX_PICKLE_BYTES + 1)
+            record = infos[0]
+            limit = MAX_PICKLE_BYTES
+            if record.compress_type != zipfile.ZIP_STORED:  # a deflate bomb costs its inflated size in opcodes
+                limit = min(limit, max(MIN_INFLATED_LIMIT, MAX_INFLATION * record.compress_size))
+            with archive.open(record) as stream:
+                data = stream.read(limit + 1)
     else:
+        limit = MAX_PICKLE_BYTES
         with path.open("rb") as stream:
-            data = stream.read(MAX_PICKLE_BYTES + 1)
-    if len(data) > MAX_PICKLE_BYTES:
-        raise UnreadablePickle(f"{path}'s pickle is over {MAX_PICKLE_BYTES >> 20} MiB: not a model .bin")
+            data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise UnreadablePickle(f"{path}'s pickle is over {limit >> 20} MiB: not a model .bin")
     return data
 
 
 def _ops(data: bytes):
+    """The pickle's opcodes, at most ``MAX_PICKLE_OPS``; a served request's cancellation is noticed as they go."""
     try:
-        yield from pickletools.genops(data)
+        for count, op in enumerate(pickletools.genops(data)):
+            if count >= MAX_PICKLE_OPS:
+                raise UnreadablePickle(f"the pickle has over {MAX_PICKLE_OPS:,} opcodes: not a model .bin")
+            if count % _CANCEL_CHECK_EVERY == 0:
+                request_scope.check_cancelled()
+            yield op
     except ValueError as exc:
+        if isinstance(exc, UnreadablePickle):
+            raise
         raise UnreadablePickle(f"not a readable pickle: {exc}") from None
 
 
@@ -72,7 +96,7 @@ def referenced_globals(path: str | Path) -> list[str]:
         name = opcode.name
         if name in _STRING_OPS:
             last_values.append(arg if isinstance(arg, str) else None)
-        elif name == "GLOBAL":
+        elif name in ("GLOBAL", "INST"):  # INST imports its class as GLOBAL does, then calls it
             module, _, attr = arg.partition(" ")
             found[f"{module}.{attr}"] = None
             last_values.append(None)
@@ -155,7 +179,9 @@ class _InertReader:
                 return self.pop()
             try:
                 self.step(name, arg)
-            except (IndexError, KeyError, TypeError) as exc:
+            except UnreadablePickle:
+                raise
+            except (IndexError, KeyError, TypeError, ValueError, AttributeError, RecursionError, MemoryError) as exc:
                 raise UnreadablePickle(f"malformed pickle at {name}: {type(exc).__name__}") from None
         raise UnreadablePickle("the pickle has no STOP")
 
@@ -229,13 +255,15 @@ class _InertReader:
             self.stack.append(Global(module, attr))
         elif name == "STACK_GLOBAL":
             attr, module = self.pop(), self.pop()
-            self.stack.append(Global(str(module), str(attr)))
-        elif name == "INST":
+            if not (isinstance(module, str) and isinstance(attr, str)):  # never str() a structure of the file's
+                raise TypeError("STACK_GLOBAL of a value that is not a string")
+            self.stack.append(Global(module, attr))
+        elif name == "INST":  # INST and OBJ call what they name (cls(*args)), whatever it is: not a __new__
             module, _, attr = arg.partition(" ")
-            self.stack.append(Call(Global(module, attr), tuple(self.pop_mark()), new=True))
+            self.stack.append(Call(Global(module, attr), tuple(self.pop_mark())))
         elif name == "OBJ":
             cls, *args = self.pop_mark()
-            self.stack.append(Call(cls, tuple(args), new=True))
+            self.stack.append(Call(cls, tuple(args)))
         elif name == "REDUCE":
             args, func = self.pop(), self.pop()
             self.stack.append(Call(func, args))
@@ -271,10 +299,21 @@ class _InertReader:
 
 
 def _hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
+    """Whether ``value`` can be a dict key here: scalars, names, and tuples of them at most ``_MAX_KEY_DEPTH``
+    deep (checked without recursion: hashing a deeper tuple recurses in C, and a 1M-deep one crashes)."""
+    pending = [(value, 0)]
+    seen = 0
+    while pending:
+        item, depth = pending.pop()
+        seen += 1
+        if seen > 4096 or depth > _MAX_KEY_DEPTH:
+            return False
+        if isinstance(item, Persistent):
+            pending.append((item.pid, depth + 1))
+        elif isinstance(item, tuple):
+            pending.extend((child, depth + 1) for child in item)
+        elif not (item is None or isinstance(item, (str, bytes, int, float, bool, Global))):
+            return False
     return True
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slicebridge.bridge.errors import SlicebridgeError
-from slicebridge.model.facts import ArtifactInfo, constant_width
-from slicebridge.model.pickle_scan import (Call, Global, Persistent, UnreadablePickle, read_inert,
-                                          referenced_globals)
+from slicebridge.errors import SlicebridgeError
+from slicebridge.model.facts import ArtifactInfo
+from slicebridge.model.guards import require_regular_file
+from slicebridge.model.pickle_scan import Call, Global, Persistent, UnreadablePickle, read_inert, referenced_globals
 
 _STORAGE_DTYPES = {"HalfStorage": "float16", "FloatStorage": "float32", "BFloat16Storage": "bfloat16",
                    "DoubleStorage": "float64", "LongStorage": "int64", "IntStorage": "int32",
@@ -28,6 +28,7 @@ _STORAGE_DTYPES = {"HalfStorage": "float16", "FloatStorage": "float32", "BFloat1
 _TENSOR_REBUILDERS = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor"}
 _PARAMETER_REBUILDERS = {"torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"}
 _MAX_DEPTH = 32  # module nesting; a Llama is 4 deep
+_MAX_CONFIG_NODES = 100_000  # values walked in a pickled config: a LlamaConfig has about a hundred
 _BYTECODE = {"dill._dill._create_code", "dill._dill._create_function"}
 # What the seed's files import: the model's own packages, and dill's helpers for the class it makes.
 _MODEL_NAMESPACES = ("torch.", "transformers.", "tokenizers.", "slicegpt.", "dill._dill.", "collections.OrderedDict",
@@ -119,21 +120,36 @@ def _class_of(obj: Any) -> tuple[str, list[str]]:
         return cls.name, []
     if isinstance(cls, Call) and _qualified(cls.func) == "dill._dill._create_type" and len(cls.args) >= 3:
         name, bases = cls.args[1], cls.args[2]
-        return str(name), [b.qualified for b in bases if isinstance(b, Global)] if isinstance(bases, tuple) else []
+        if not isinstance(name, str):  # never str() a structure of the file's (it may nest a million deep)
+            return "", []
+        return name, [b.qualified for b in bases if isinstance(b, Global)] if isinstance(bases, tuple) else []
     return "", []
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
-    """Whether a config value is plain data (what config.json could hold)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return True
-    if depth > 8:
-        return False
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
-    return False
+def _plain(value: Any, budget: list[int] | None = None) -> bool:
+    """Whether a config value is plain data (what config.json could hold), at most 8 deep.
+
+    Walked without recursion, visiting at most ``budget[0]`` nodes (shared by the calls that pass one
+    list): a value of lists that share references would otherwise cost fan-out ** depth visits.
+    """
+    budget = budget if budget is not None else [_MAX_CONFIG_NODES]
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
+        if isinstance(item, (str, int, float, bool)) or item is None:
+            continue
+        if depth > 8:
+            return False
+        if isinstance(item, (list, tuple)):
+            pending.extend((v, depth + 1) for v in item)
+        elif isinstance(item, dict) and all(isinstance(k, str) for k in item):
+            pending.extend((v, depth + 1) for v in item.values())
+        else:
+            return False
+    return True
 
 
 def _architecture(model: Any) -> str:
@@ -167,7 +183,9 @@ def _model_facts(info: ArtifactInfo, root: dict, path: Path) -> None:
 
     model = root["model"]
     info.architecture = _architecture(model)
-    base_config = {k: v for k, v in _state(_state(model).get("config")).items() if isinstance(k, str) and _plain(v)}
+    budget = [_MAX_CONFIG_NODES]
+    base_config = {k: v for k, v in _state(_state(model).get("config")).items()
+                   if isinstance(k, str) and _plain(v, budget)}
     seed_config = root.get("config") if isinstance(root.get("config"), dict) else {}
     sparsity = seed_config.get("sparsity", root.get("pruning_ratio"))
     round_interval = seed_config.get("round_interval")
@@ -176,15 +194,10 @@ def _model_facts(info: ArtifactInfo, root: dict, path: Path) -> None:
     tensors = named_tensors(model)
     config = sliced_config_from_tensors(tensors, base_config, source=path, sparsity=info.sparsity,
                                         round_interval=info.round_interval)
-    info.hidden_size = int(base_config["hidden_size"])
-    info.num_layers = config.num_hidden_layers
-    info.widths = widths_from_tensors(tensors, config.num_hidden_layers).as_slicing_config(info.hidden_size)
-    info.sliced_width = constant_width(info.widths)
-    sliced = sum(t.numel() for t in tensors.values())
-    dense = dense_llama_parameter_count(base_config)
-    info.params = {"dense": dense, "sliced": sliced,
-                   "shortcut_q": sum(t.numel() for k, t in tensors.items() if k.endswith("_shortcut_Q"))}
-    info.actual_ratio = 1 - sliced / dense
+    info.set_widths(widths_from_tensors(tensors, config.num_hidden_layers), int(base_config["hidden_size"]))
+    info.set_params({"dense": dense_llama_parameter_count(base_config),
+                     "sliced": sum(t.numel() for t in tensors.values()),
+                     "shortcut_q": sum(t.numel() for k, t in tensors.items() if k.endswith("_shortcut_Q"))})
     info.dtype = tensors["model.embed_tokens.weight"].dtype
 
 
@@ -194,9 +207,12 @@ def describe_seed_bin(path: str | Path) -> ArtifactInfo:
     Facts the pickle does not yield (not a model object, not a sliced Llama) are left empty and
     a note says why. Raises ``NotASeedModel`` only when the file is not a readable pickle at all.
     """
+    from slicebridge.model.checkpoint import verify_archive_crcs
     from slicebridge.model.errors import CheckpointError
 
-    path = Path(path)
+    path = require_regular_file(path, NotASeedModel, ".bin file")
+    if zipfile.is_zipfile(path):
+        verify_archive_crcs(path)  # a damaged record: CorruptCheckpoint naming it, not facts read from bad bytes
     try:
         root = read_inert(path)
         names = referenced_globals(path)

@@ -64,6 +64,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slicebridge.dtypes import dtype_name
+
 from .atomic import atomic_file
 from .checkpoint import SlicedWidths, sliced_width
 from .configuration_sliced_llama import SLICEGPT_FUSED_NORM_EPS, SlicedLlamaConfig
@@ -611,7 +613,7 @@ def slice_llama(
             "directions beyond their rank are arbitrary", token_ids.numel(), shape.hidden_size,
         )
     logger.info("slicing %s (%d layers, hidden %d -> %d, %s) with %d x %d calibration tokens",
-                dense.directory, shape.num_layers, shape.hidden_size, width, str(out_dtype).removeprefix("torch."),
+                dense.directory, shape.num_layers, shape.hidden_size, width, dtype_name(out_dtype),
                 token_ids.shape[0], token_ids.shape[1])
 
     def orient(basis: torch.Tensor, kept: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""What runs inside the slicegpt env: request handlers, runtime facts, (later) loaders and the model cache.
+"""What runs inside the slicegpt env: the entry point (``main``), request handlers, the model
+loaders (official and builtin), the warm model cache, runtime facts and fault injection.
 
-This package is the only place on the server side that imports torch. It is not
-installed in the slicegpt env: the launcher stages it there (see ``bridge.launcher``).
+It is not installed in the slicegpt env: the launcher stages it there with ``bridge`` and
+``model`` (see ``bridge.launcher``). Torch is imported here and in ``model``, never in ``bridge``.
 """

@@ -4,9 +4,9 @@ Entries are keyed by what determines the loaded model (the checkpoint file's rea
 path, size and mtime, the base model dir, the loader and the device), so a
 checkpoint rewritten on disk is loaded again. Least recently used entries are
 evicted when the total size of the cached models' tensors exceeds the budget
-(``SLICEBRIDGE_CACHE_BYTES``, default: half of the host memory, or of the GPU's for
-models on CUDA). An entry larger than the whole budget is still served, and
-dropped once the next model is loaded.
+(``SLICEBRIDGE_CACHE_BYTES``, default: half of the host memory). It is one budget for models on
+the host and on a GPU alike: GPU memory itself is not tracked. An entry larger than the whole
+budget is still served, and dropped once the next model is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-log = logging.getLogger("slicebridge.server.cache")
+from slicebridge import settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,9 @@ class CacheKey:
 
 
 def default_budget_bytes() -> int:
-    override = os.environ.get("SLICEBRIDGE_CACHE_BYTES")
-    if override:
-        return int(override)
+    override = settings.cache_bytes()
+    if override is not None:
+        return override
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -63,11 +65,10 @@ class ModelCache:
     def used_bytes(self) -> int:
         return sum(size for _, size in self._entries.values())
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def keys(self) -> list[CacheKey]:
-        return list(self._entries)
+    def entries(self) -> list[tuple[CacheKey, int]]:
+        """The cached models' keys and sizes in bytes, least recently used first."""
+        with self._lock:
+            return [(key, size) for key, (_, size) in self._entries.items()]
 
     def get_or_load(self, key: CacheKey, load: Callable[[], Any], size_of: Callable[[Any], int]) -> tuple[Any, bool]:
         with self._lock:
@@ -83,14 +84,6 @@ class ModelCache:
             self._entries.move_to_end(key)
             self._evict(keep=key)
         return value, False
-
-    def discard(self, key: CacheKey) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
     def _evict(self, keep: CacheKey) -> None:
         while self.used_bytes > self.budget_bytes and len(self._entries) > 1:

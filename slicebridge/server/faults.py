@@ -13,9 +13,9 @@ Actions: ``pause=SECONDS`` (cancellable, like real work at that point) and
 from __future__ import annotations
 
 import logging
-import os
 import time
 
+from slicebridge import settings
 from slicebridge.bridge.server_loop import current_request
 
 log = logging.getLogger("slicebridge.server.faults")
@@ -31,7 +31,7 @@ _RAISABLE = {"MemoryError": MemoryError, "CudaOutOfMemory": OutOfMemoryError, "R
 
 
 def install_from_environment() -> None:
-    spec = os.environ.get("SLICEBRIDGE_DEBUG_FAULTS", "")
+    spec = settings.debug_faults()
     for item in filter(None, (part.strip() for part in spec.split(","))):
         point, _, action = item.partition(":")
         kind, _, value = action.partition("=")

@@ -7,11 +7,14 @@ answered by the event loop itself and have no handler here.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from pathlib import Path
 
 from slicebridge.bridge import protocol
 from slicebridge.bridge.server_loop import RequestContext
+from slicebridge.model import request_scope
 from slicebridge.server import faults, runtime_info
 
 
@@ -61,10 +64,30 @@ def fail(args: protocol.FailArgs, ctx: RequestContext):
 
 
 def build_handlers() -> dict:
+    from slicebridge.server import seed
     from slicebridge.server.convert import ConvertService
 
     service = ConvertService()
-    return {"echo": echo, "sleep": sleep, "fail": fail,
-            "convert": service.convert, "export": service.export, "upgrade": service.upgrade, "reference": service.reference,
-            "info": service.info,
-            "cache_info": service.cache_info}
+    handlers = {"echo": echo, "sleep": sleep, "fail": fail,
+                "convert": service.convert, "export": service.export, "reference": service.reference,
+                "cache_info": service.cache_info, "upgrade": seed.upgrade, "info": seed.info}
+    return {op: _in_request_scope(handler) for op, handler in handlers.items()}
+
+
+def _in_request_scope(handler):
+    """``handler``, run so that the model code it calls notices the request's cancellation and
+    passes each output to ``before_publish`` first (``model.request_scope``)."""
+
+    @functools.wraps(handler)
+    def run(args, ctx: RequestContext):
+        with request_scope.serving(ctx.check_cancelled, functools.partial(before_publish, ctx)):
+            return handler(args, ctx)
+
+    return run
+
+
+def before_publish(ctx: RequestContext, path: Path) -> None:
+    """Last stop before an output of ``ctx``'s request is put in place: if the request was cancelled
+    meanwhile, its output is discarded (``faults`` may pause or fail here in a debug server)."""
+    faults.at("publish")
+    ctx.check_cancelled()

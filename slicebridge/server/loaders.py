@@ -17,7 +17,9 @@ validated, so bad input gets the same clear errors whichever loader is used. The
   directory form is tried first and the path form second.
 
 ``auto`` is ``official`` when ``slicegpt`` can be imported, else ``builtin``. Every
-result says which loader was used.
+result says which loader was used. Either way the model keeps the checkpoint's dtype (the
+official loader builds fp16 modules whatever the checkpoint holds: they are cast back and
+given the checkpoint's tensors again, so an fp32 checkpoint stays fp32, exactly).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,7 +64,6 @@ class LoadedCheckpoint:
     device: str
     load_seconds: float
     official_model: Any = None  # the slicegpt model object, when loaded officially
-    tokenizer_dir: Path = field(default=None)
 
     @property
     def nbytes(self) -> int:
@@ -126,7 +127,7 @@ def load_checkpoint(checkpoint, loader: str, device: str,
     progress("load", 3, 3)
     seconds = time.perf_counter() - started
     log.info("loaded %s with the %s loader on %s in %.2fs", checkpoint.checkpoint_path.name, loader, device, seconds)
-    return LoadedCheckpoint(model, checkpoint, loader, device, seconds, official_model, checkpoint.base_dir)
+    return LoadedCheckpoint(model, checkpoint, loader, device, seconds, official_model)
 
 
 # ---------------------------------------------------------------------------------- official
@@ -200,13 +201,25 @@ def _load_official(checkpoint):
                 with _checked_torch_load(pt_path, state_dict):
                     model_adapter, _tokenizer = hf_utils.load_sliced_model(model_name, location, **kwargs)
                 log.info("slicegpt.load_sliced_model took the %s form", style)
-                return model_adapter.model
+                return _in_checkpoint_dtype(model_adapter.model, state_dict, checkpoint.dtype)
             except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
                 attempts.append(f"{style}: {type(exc).__name__}: {exc}")
         raise OfficialLoaderFailed(
             f"slicegpt.hf_utils.load_sliced_model could not load {checkpoint.checkpoint_path} as {model_name!r}:\n  "
             + "\n  ".join(attempts) + "\nloader='builtin' loads it without slicegpt."
         )
+
+
+def _in_checkpoint_dtype(official_model, state_dict: dict, dtype: str):
+    """The official model in the checkpoint's dtype, holding the checkpoint's exact values."""
+    import torch
+
+    wanted = getattr(torch, dtype)
+    if next(official_model.parameters()).dtype != wanted:
+        log.info("slicegpt's loader built %s modules; casting them to the checkpoint's %s",
+                 next(official_model.parameters()).dtype, wanted)
+        official_model.to(wanted).load_state_dict(state_dict)
+    return official_model
 
 
 def _portable_from_official(official_model, checkpoint):

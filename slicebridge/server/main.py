@@ -11,13 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-from slicebridge.bridge.connection import process_start_time, read_connection_file
-from slicebridge.bridge.server_loop import ServerLoop, current_request
-from slicebridge.model import atomic
+from slicebridge import settings
+from slicebridge.bridge.connection import read_connection_file
+from slicebridge.bridge.server_loop import ServerLoop
+from slicebridge.processes import process_start_time
 from slicebridge.server import faults
 from slicebridge.server.handlers import build_handlers, runtime_facts
 
-DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
 _LOG_CHECK_S = 1.0
 
 
@@ -30,12 +30,10 @@ def main(conn_path: str) -> None:
     info = read_connection_file(Path(conn_path))
     info.server_start = process_start_time(os.getpid())  # written with ``ready``, against pid reuse
     if info.log_path:
-        max_bytes = int(os.environ.get("SLICEBRIDGE_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES))
-        threading.Thread(target=cap_own_log, args=(info.log_path, max_bytes), name="slicebridge-log-cap",
-                         daemon=True).start()
+        threading.Thread(target=cap_own_log, args=(info.log_path, settings.log_max_bytes()),
+                         name="slicebridge-log-cap", daemon=True).start()
     if info.debug_ops:
         faults.install_from_environment()
-    atomic.before_publish = before_publish
     ServerLoop(Path(conn_path), info, build_handlers(), runtime_facts=runtime_facts,
                on_out_of_memory=free_memory).run()
 
@@ -66,14 +64,6 @@ def _keep_tail(path: str, size: int, keep: int) -> None:
     os.ftruncate(2, 0)  # O_APPEND: every writer goes on at the new end
     os.write(2, f"[slicebridge: log cut to its last {len(tail)} bytes; the {size - len(tail)} before "
                 "were dropped]\n".encode() + tail)
-
-
-def before_publish(path: Path) -> None:
-    """Last stop before an output is put in place: a cancelled request's output is discarded."""
-    faults.at("publish")
-    request = current_request()
-    if request is not None:
-        request.check_cancelled()
 
 
 def free_memory() -> None:

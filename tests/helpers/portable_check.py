@@ -23,13 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # logit_metrics, beside this file
-
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from logit_metrics import compare_logits  # noqa: E402
 
 from slicebridge.model.checkpoint import read_checkpoint  # noqa: E402
+from slicebridge.model.compare import logit_metrics  # noqa: E402
 from slicebridge.model.configuration_sliced_llama import SlicedLlamaConfig  # noqa: E402
 from slicebridge.model.modeling_sliced_llama import (  # noqa: E402
     SlicedLlamaForCausalLM,
@@ -152,7 +150,7 @@ def run(fixture_dir: Path) -> dict[str, Any]:
         for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
             model = checkpoint.build_model(dtype=dtype)
             report[precision] = {
-                name: compare_logits(
+                name: logit_metrics(
                     model(reference[ids]).logits, reference[f"{'' if name == 'probe' else 'text_'}logits_{precision}"]
                 )
                 for name, ids in INPUTS.items()

@@ -32,18 +32,18 @@ from pathlib import Path
 from typing import Any
 
 STANDIN = Path(__file__).resolve().parents[1] / "standin"
-if str(STANDIN) not in sys.path:
-    sys.path.insert(0, str(STANDIN))
+REPO = Path(__file__).resolve().parents[2]  # for slicebridge.model.compare's metrics (torch only)
+for path in (STANDIN, REPO):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import dill  # noqa: E402
 import slicegpt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # logit_metrics, beside this file
-
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from logit_metrics import compare_logits  # noqa: E402
 from slicegpt import hf_utils  # noqa: E402
+
+from slicebridge.model.compare import logit_metrics  # noqa: E402
 
 INPUTS = {"probe": ("probe_ids", "logits_{}"), "text": ("text_ids", "text_logits_{}")}
 # Globals that only say how dill/torch rebuild things, not which classes they need.
@@ -56,7 +56,7 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def against_reference(model, reference: dict, precision: str) -> dict[str, Any]:
-    return {name: compare_logits(logits_of(model, reference[ids]), reference[key.format(precision)])
+    return {name: logit_metrics(logits_of(model, reference[ids]), reference[key.format(precision)])
             for name, (ids, key) in INPUTS.items()}
 
 
@@ -210,7 +210,7 @@ def main(fixture: Path) -> dict[str, Any]:
         "layer_params": list(seed_layer._parameters),
         "norm_attrs": sorted(k for k in vars(seed_layer.input_layernorm) if not k.startswith("_")),
         "dtype": str(seed_model.dtype),
-        "fp16": {"probe": compare_logits(seed_fp16, reference["logits_fp16"])},
+        "fp16": {"probe": logit_metrics(seed_fp16, reference["logits_fp16"])},
         "identical_to_standin_fp16": torch.equal(seed_fp16, standin_fp16),
         "max_abs_diff_to_standin_fp16": float((seed_fp16 - standin_fp16).abs().max()),
     }

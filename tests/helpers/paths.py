@@ -1,0 +1,16 @@
+"""Where the tests find things: the repository, the shared fixtures, the helper scripts, the envs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "slicegpt-llama-tiny"  # the official SliceGPT run's outputs
+HELPERS = REPO / "tests" / "helpers"  # scripts run by other interpreters
+STANDIN = REPO / "tests" / "standin"  # the test stand-in of the official slicegpt package
+
+
+def slicegpt_env_path() -> Path:
+    """The stand-in slicegpt env: ``$SLICEBRIDGE_TEST_SLICEGPT_ENV``, else ``.envs/slicegpt``."""
+    return Path(os.environ.get("SLICEBRIDGE_TEST_SLICEGPT_ENV", REPO / ".envs" / "slicegpt"))

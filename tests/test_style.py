@@ -1,0 +1,19 @@
+"""Style: ruff's lint and format (configured in pyproject.toml) are clean over the whole tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.paths import REPO
+
+RUFF = Path(sys.executable).with_name("ruff")
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean(command):
+    assert RUFF.exists(), f"ruff is missing from {RUFF.parent}: `make test` installs it (requirements/base-env.txt)"
+    done = subprocess.run([str(RUFF), *command, "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
