@@ -15,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -37,8 +38,15 @@ def summary(samples: list[float]) -> dict[str, Any]:
         q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     else:
         q1 = q3 = xs[0]
-    return {"n": len(xs), "median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q1, "q3": q3,
-            "samples": [float(x) for x in samples]}
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs),
+        "min": xs[0],
+        "max": xs[-1],
+        "q1": q1,
+        "q3": q3,
+        "samples": [float(x) for x in samples],
+    }
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -56,9 +64,13 @@ def ratio_summary(subject: list[float], baseline: list[float], invert: bool = Fa
     per-repeat ratios (repeats are paired: baseline and subject are measured alternately)."""
     ms, mb = statistics.median(subject), statistics.median(baseline)
     value = mb / ms if invert else ms / mb
-    pairs = [(b / s if invert else s / b) for s, b in zip(subject, baseline) if s > 0 and b > 0]
-    return {"value": value, "min": min(pairs) if pairs else value, "max": max(pairs) if pairs else value,
-            "pairs": pairs}
+    pairs = [(b / s if invert else s / b) for s, b in zip(subject, baseline, strict=False) if s > 0 and b > 0]
+    return {
+        "value": value,
+        "min": min(pairs) if pairs else value,
+        "max": max(pairs) if pairs else value,
+        "pairs": pairs,
+    }
 
 
 # ------------------------------------------------------------------------------ rows
@@ -81,7 +93,7 @@ class Row:
     analysis: list = field(default_factory=list)  # sentences: what bounds it, what would move it
     notes: list = field(default_factory=list)
 
-    def judge(self) -> "Row":
+    def judge(self) -> Row:
         op, value = self.target.get("op"), self.target.get("value")
         metric = self.target.get("metric", "ratio")
         if op is None:
@@ -148,8 +160,9 @@ def env_python(env: str | os.PathLike) -> tuple[Path, Path]:
     return path, path.parent.parent
 
 
-def run_python(python: Path, code: str, *args: str, timeout: float = 900, check: bool = True,
-               isolated: bool = True) -> tuple[float, str]:
+def run_python(
+    python: Path, code: str, *args: str, timeout: float = 900, check: bool = True, isolated: bool = True
+) -> tuple[float, str]:
     """Run ``code`` in a fresh process of ``python``; (wall seconds, stdout)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     cmd = [str(python), *(["-I"] if isolated else []), "-c", code, *args]
@@ -251,8 +264,11 @@ def pyspy_path() -> str | None:
     requirement: ``pip install --target /tmp/pyspy py-spy`` and point the variable at its bin/py-spy)."""
     import shutil
 
-    candidates = [os.environ.get("SLICEBRIDGE_BENCH_PYSPY"), shutil.which("py-spy"),
-                  str(Path(sys.executable).parent / "py-spy")]
+    candidates = [
+        os.environ.get("SLICEBRIDGE_BENCH_PYSPY"),
+        shutil.which("py-spy"),
+        str(Path(sys.executable).parent / "py-spy"),
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
@@ -271,10 +287,23 @@ class PySpy:
         self.proc = None
         self.binary = pyspy_path()
 
-    def __enter__(self) -> "PySpy":
+    def __enter__(self) -> PySpy:
         if self.binary:
-            cmd = [self.binary, "record", "--pid", str(self.pid), "--format", "raw", "--output", str(self.out),
-                   "--rate", str(self.rate), "--nonblocking", "--threads", "--idle"]
+            cmd = [
+                self.binary,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--format",
+                "raw",
+                "--output",
+                str(self.out),
+                "--rate",
+                str(self.rate),
+                "--nonblocking",
+                "--threads",
+                "--idle",
+            ]
             if self.native:
                 cmd.append("--native")
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -338,7 +367,7 @@ class CpuDelta:
         self.pid = pid
         self.user = self.system = 0.0
 
-    def __enter__(self) -> "CpuDelta":
+    def __enter__(self) -> CpuDelta:
         self._start = proc_cpu(self.pid)
         return self
 
@@ -353,8 +382,17 @@ def ratio_of_minimums(subject: list[float], baseline: list[float], invert: bool 
     return min(baseline) / min(subject) if invert else min(subject) / min(baseline)
 
 
-_IDLE_FRAMES = ("Poller.poll", "Socket.poll", "Condition.wait", "Event.wait", "GarbageCollectorThread.run",
-                "time.sleep", "select", "Thread.join", "PySpy.")
+_IDLE_FRAMES = (
+    "Poller.poll",
+    "Socket.poll",
+    "Condition.wait",
+    "Event.wait",
+    "GarbageCollectorThread.run",
+    "time.sleep",
+    "select",
+    "Thread.join",
+    "PySpy.",
+)
 
 
 def busy_frames(profile: dict, n: int = 6, kind: str = "self") -> str:

@@ -24,8 +24,8 @@ from common import (
     Row,
     busy_frames,
     drop_file,
-    last_json,
     fmt_seconds,
+    last_json,
     proc_status,
     ratio_of_minimums,
     ratio_summary,
@@ -107,33 +107,44 @@ def run(ctx: Context) -> list[Row]:
             timings.append(result.timings)
             out_bytes = (out_dir / "bridge.bin").stat().st_size
         drop_file(out_dir / "bridge.bin")
-        ctx.log(f"   rep {rep + 1}/{reps}: baseline {baseline[-1]:.2f}s (+fsync {baseline_fsync[-1]:.2f}s), "
-                f"bridge {subject[-1]:.2f}s (load {timings[-1]['load']:.2f}s, save {timings[-1]['save']:.2f}s), "
-                f"server VmHWM {hwm[-1] / MB:.0f} MB")
+        ctx.log(
+            f"   rep {rep + 1}/{reps}: baseline {baseline[-1]:.2f}s (+fsync {baseline_fsync[-1]:.2f}s), "
+            f"bridge {subject[-1]:.2f}s (load {timings[-1]['load']:.2f}s, save {timings[-1]['save']:.2f}s), "
+            f"server VmHWM {hwm[-1] / MB:.0f} MB"
+        )
     drop_file(out_dir)
 
     med = lambda xs: summary(xs)["median"]  # noqa: E731
     preset = ctx.big_preset
     time_row = Row(
-        bench=NAME, name=NAME,
+        bench=NAME,
+        name=NAME,
         what=f"convert the {preset} model ({ckpt_bytes / MB:,.0f} MB fp16 checkpoint, sparsity {SPARSITY}), "
-             "fresh warm server, cache miss",
+        "fresh warm server, cache miss",
         baseline="torch.load + torch.save of the same tensors, same disk, fresh slicegpt-env process "
-                 "(the two calls timed)",
-        unit="s", subject=summary(subject), baseline_measured=summary(baseline),
+        "(the two calls timed)",
+        unit="s",
+        subject=summary(subject),
+        baseline_measured=summary(baseline),
         ratio={**ratio_summary(subject, baseline), "definition": "bridge time / baseline time"},
         target={"text": "≤ 1.3× baseline", "metric": "ratio", "op": "<=", "value": 1.3},
-        absolute={"checkpoint_bytes": ckpt_bytes, "bin_bytes": out_bytes,
-                  "baseline_fsync_s": summary(baseline_fsync),
-                  "ratio_against_baseline_plus_fsync": med(subject) / (med(baseline) + med(baseline_fsync)),
-                  "ratio_of_minimums": ratio_of_minimums(subject, baseline)},
-        breakdown={"server_timings_s": {k: med([t[k] for t in timings]) for k in timings[0]},
-                   "server_cpu_user_s": summary([c[0] for c in cpu]),
-                   "server_cpu_system_s": summary([c[1] for c in cpu]),
-                   "baseline_cpu_user_s": summary([c[0] for c in baseline_cpu]),
-                   "baseline_cpu_system_s": summary([c[1] for c in baseline_cpu]),
-                   "baseline_load_save_s": med(baseline), "baseline_fsync_s": med(baseline_fsync),
-                   **({"pyspy_server": profile} if profile else {})},
+        absolute={
+            "checkpoint_bytes": ckpt_bytes,
+            "bin_bytes": out_bytes,
+            "baseline_fsync_s": summary(baseline_fsync),
+            "ratio_against_baseline_plus_fsync": med(subject) / (med(baseline) + med(baseline_fsync)),
+            "ratio_of_minimums": ratio_of_minimums(subject, baseline),
+        },
+        breakdown={
+            "server_timings_s": {k: med([t[k] for t in timings]) for k in timings[0]},
+            "server_cpu_user_s": summary([c[0] for c in cpu]),
+            "server_cpu_system_s": summary([c[1] for c in cpu]),
+            "baseline_cpu_user_s": summary([c[0] for c in baseline_cpu]),
+            "baseline_cpu_system_s": summary([c[1] for c in baseline_cpu]),
+            "baseline_load_save_s": med(baseline),
+            "baseline_fsync_s": med(baseline_fsync),
+            **({"pyspy_server": profile} if profile else {}),
+        },
     ).judge()
     if timings:
         t = time_row.breakdown["server_timings_s"]
@@ -155,34 +166,50 @@ def run(ctx: Context) -> list[Row]:
             time_row.analysis.append("py-spy (server, self time): " + busy_frames(profile, 6, "self"))
 
     rss_row = Row(
-        bench=NAME, name=f"{NAME}_peak_rss",
+        bench=NAME,
+        name=f"{NAME}_peak_rss",
         what=f"peak RSS (VmHWM) of a fresh server converting the {preset} model",
         baseline=f"the checkpoint's size ({ckpt_bytes / MB:,.0f} MB)",
-        unit="B", subject=summary(hwm), baseline_measured=summary([ckpt_bytes] * len(hwm)),
+        unit="B",
+        subject=summary(hwm),
+        baseline_measured=summary([ckpt_bytes] * len(hwm)),
         ratio={**ratio_summary(hwm, [ckpt_bytes] * len(hwm)), "definition": "server VmHWM / checkpoint bytes"},
         target={"text": "≤ 1.5× checkpoint size", "metric": "ratio", "op": "<=", "value": 1.5},
-        absolute={"rss_after_start_B": summary(rss_started), "rss_after_warmup_B": summary(rss_warm),
-                  "rss_after_convert_B": summary(rss_after), "rss_anon_after_B": summary(anon_after),
-                  "rss_file_after_B": summary(file_after),
-                  "baseline_process_vmhwm_B": summary(baseline_hwm)},
+        absolute={
+            "rss_after_start_B": summary(rss_started),
+            "rss_after_warmup_B": summary(rss_warm),
+            "rss_after_convert_B": summary(rss_after),
+            "rss_anon_after_B": summary(anon_after),
+            "rss_file_after_B": summary(file_after),
+            "baseline_process_vmhwm_B": summary(baseline_hwm),
+        },
     ).judge()
     if hwm:
         rss_row.analysis.append(
             f"start-up RSS (python, torch, transformers imported) is {med(rss_started) / MB:.0f} MB and "
             f"{med(rss_warm) / MB:.0f} MB after a first convert; after the convert RssAnon is "
             f"{med(anon_after) / MB:.0f} MB and RssFile (the mmap'd checkpoint) {med(file_after) / MB:.0f} MB. "
-            f"A plain torch.load+torch.save process peaks at {med(baseline_hwm) / MB:.0f} MB.")
+            f"A plain torch.load+torch.save process peaks at {med(baseline_hwm) / MB:.0f} MB."
+        )
 
     cache_row = Row(
-        bench=NAME, name="cache_memory",
+        bench=NAME,
+        name="cache_memory",
         what=f"memory held by the warm cache after the {preset} convert",
         baseline="cache_info().used_bytes (the cached model's tensor bytes)",
-        unit="B", subject=summary(rss_after), baseline_measured=summary(cache_used),
+        unit="B",
+        subject=summary(rss_after),
+        baseline_measured=summary(cache_used),
         ratio={**ratio_summary(rss_after, cache_used), "definition": "server VmRSS / cache used_bytes"},
         target={"text": "report", "metric": "ratio", "op": None, "value": None},
-        absolute={"rss_anon_B": summary(anon_after), "rss_file_B": summary(file_after),
-                  "rss_after_start_B": summary(rss_started)},
-        notes=["RssFile counts the cached model's mmap-backed tensors (the checkpoint's page-cache pages "
-               "mapped into the server); RssAnon is the interpreter, torch/transformers and any copies."],
+        absolute={
+            "rss_anon_B": summary(anon_after),
+            "rss_file_B": summary(file_after),
+            "rss_after_start_B": summary(rss_started),
+        },
+        notes=[
+            "RssFile counts the cached model's mmap-backed tensors (the checkpoint's page-cache pages "
+            "mapped into the server); RssAnon is the interpreter, torch/transformers and any copies."
+        ],
     ).judge()
     return [time_row, rss_row, cache_row]

@@ -75,8 +75,9 @@ def run(ctx: Context) -> list[Row]:
         for i, ckpt in enumerate(checkpoints):
             bridge.convert(ckpt, out_dir / f"bridge-{i}.bin", overwrite=True)
         hit.append(time.perf_counter() - started)
-        ctx.log(f"   rep {rep + 1}/{reps}: baseline {baseline[-1]:.2f}s, bridge {miss[-1]:.3f}s "
-                f"(cache hits {hit[-1]:.3f}s)")
+        ctx.log(
+            f"   rep {rep + 1}/{reps}: baseline {baseline[-1]:.2f}s, bridge {miss[-1]:.3f}s (cache hits {hit[-1]:.3f}s)"
+        )
 
     # Where one bridge convert's time goes (server-side timings of a cache miss).
     os.utime(checkpoints[0])
@@ -84,17 +85,23 @@ def run(ctx: Context) -> list[Row]:
     drop_file(out_dir)
 
     row = Row(
-        bench=NAME, name=NAME,
+        bench=NAME,
+        name=NAME,
         what=f"convert {n} tiny checkpoints (fp16, {n} sparsities)",
         baseline="a fresh slicegpt-env process per checkpoint: import torch+transformers, torch.load, "
-                 "config+tokenizer, torch.save (dill)",
-        unit="s", subject=summary(miss), baseline_measured=summary(baseline),
+        "config+tokenizer, torch.save (dill)",
+        unit="s",
+        subject=summary(miss),
+        baseline_measured=summary(baseline),
         ratio={**ratio_summary(miss, baseline, invert=True), "definition": "baseline time / bridge time (speed-up)"},
         target={"text": "warm bridge ≥ 20× faster", "metric": "ratio", "op": ">=", "value": 20.0},
-        absolute={"per_checkpoint_bridge_s": summary([m / n for m in miss])["median"],
-                  "per_checkpoint_baseline_s": summary([b / n for b in baseline])["median"],
-                  "bridge_cache_hits_s": summary(hit), "first_convert_on_fresh_server_s": first_convert,
-                  "n_checkpoints": n},
+        absolute={
+            "per_checkpoint_bridge_s": summary([m / n for m in miss])["median"],
+            "per_checkpoint_baseline_s": summary([b / n for b in baseline])["median"],
+            "bridge_cache_hits_s": summary(hit),
+            "first_convert_on_fresh_server_s": first_convert,
+            "n_checkpoints": n,
+        },
         breakdown={"server_timings_one_miss_s": detail.timings},
     ).judge()
     if miss:
@@ -102,5 +109,6 @@ def run(ctx: Context) -> list[Row]:
         row.analysis.append(
             f"one cache-miss convert takes {t['total'] * 1e3:.0f} ms in the server (load {t['load'] * 1e3:.0f} ms, "
             f"save {t['save'] * 1e3:.0f} ms); the baseline's per-checkpoint cost is dominated by interpreter start "
-            "and the torch+transformers imports, which the bridge pays once.")
+            "and the torch+transformers imports, which the bridge pays once."
+        )
     return [row]

@@ -59,18 +59,31 @@ def run(ctx: Context) -> list[Row]:
         ctx.log(f"   rep {rep + 1}/{reps}: torch.load {plain[-1]:.3f}s, CRC check {crc[-1]:.3f}s + torch.load")
     crc_median = summary(crc)["median"]
     row = Row(
-        bench=NAME, name=NAME,
+        bench=NAME,
+        name=NAME,
         what=f"CRC-32 check of every record, then torch.load, of the {ctx.big_preset} checkpoint "
-             f"({size / 1024**2:,.0f} MB), page cache warm",
+        f"({size / 1024**2:,.0f} MB), page cache warm",
         baseline="torch.load of the same checkpoint in the same process, no check",
-        unit="s", subject=summary(checked), baseline_measured=summary(plain),
+        unit="s",
+        subject=summary(checked),
+        baseline_measured=summary(plain),
         ratio={**ratio_summary(checked, plain), "definition": "(check + torch.load) / torch.load"},
-        target={"text": "report (the price of refusing damaged checkpoints)", "metric": "ratio", "op": None,
-                "value": None},
-        absolute={"crc_s": summary(crc), "crc_GB_per_second": size / 1e9 / crc_median if crc_median > 0 else 0.0,
-                  "checkpoint_bytes": size, "ratio_of_minimums": ratio_of_minimums(checked, plain)},
-        notes=["the check runs once per file and server process (a file unchanged since is not summed again); "
-               "a convert's own load stays memory-mapped, so against a whole convert the check adds "
-               "crc_s and nothing else."],
+        target={
+            "text": "report (the price of refusing damaged checkpoints)",
+            "metric": "ratio",
+            "op": None,
+            "value": None,
+        },
+        absolute={
+            "crc_s": summary(crc),
+            "crc_GB_per_second": size / 1e9 / crc_median if crc_median > 0 else 0.0,
+            "checkpoint_bytes": size,
+            "ratio_of_minimums": ratio_of_minimums(checked, plain),
+        },
+        notes=[
+            "the check runs once per file and server process (a file unchanged since is not summed again); "
+            "a convert's own load stays memory-mapped, so against a whole convert the check adds "
+            "crc_s and nothing else."
+        ],
     ).judge()
     return [row]

@@ -88,15 +88,21 @@ def run(ctx: Context) -> list[Row]:
         assert result.cache_hit
         nbytes = dir_bytes(out_dir / "bridge-hf")
         drop_file(out_dir / "bridge-hf")
-        return {"seconds": seconds, "user": used.user, "system": used.system, "timings": result.timings,
-                "bytes": nbytes}
+        return {
+            "seconds": seconds,
+            "user": used.user,
+            "system": used.system,
+            "timings": result.timings,
+            "bytes": nbytes,
+        }
 
     base_runs, bridge_runs, idle_runs = [], [], {}
     profile = {}
     for rep in range(reps):
         rep_idle = idle if rep == 0 else 0.0
-        _, out = run_python(ctx.env_python, BASELINE_SCRIPT, str(ckpt), str(out_dir / "baseline.safetensors"),
-                            str(tries), str(rep_idle))
+        _, out = run_python(
+            ctx.env_python, BASELINE_SCRIPT, str(ckpt), str(out_dir / "baseline.safetensors"), str(tries), str(rep_idle)
+        )
         runs = last_json(out)
         if rep_idle:
             idle_runs["baseline"] = runs.pop()
@@ -113,15 +119,24 @@ def run(ctx: Context) -> list[Row]:
         if rep_idle:
             time.sleep(rep_idle)
             idle_runs["bridge"] = export_once()
-        ctx.log(f"   rep {rep + 1}/{reps}: save_file " + ", ".join(f"{r['save']:.2f}s" for r in base_runs[-1])
-                + " back-to-back (sys " + ", ".join(f"{r['system']:.2f}" for r in base_runs[-1])
-                + "); bridge export " + ", ".join(f"{r['seconds']:.2f}s" for r in runs)
-                + " (server sys " + ", ".join(f"{r['system']:.2f}" for r in runs) + ")")
+        ctx.log(
+            f"   rep {rep + 1}/{reps}: save_file "
+            + ", ".join(f"{r['save']:.2f}s" for r in base_runs[-1])
+            + " back-to-back (sys "
+            + ", ".join(f"{r['system']:.2f}" for r in base_runs[-1])
+            + "); bridge export "
+            + ", ".join(f"{r['seconds']:.2f}s" for r in runs)
+            + " (server sys "
+            + ", ".join(f"{r['system']:.2f}" for r in runs)
+            + ")"
+        )
     drop_file(out_dir)
     if idle_runs:
-        ctx.log(f"   after {idle:.0f}s idle: save_file {idle_runs['baseline']['save']:.2f}s "
-                f"(sys {idle_runs['baseline']['system']:.2f}s), bridge export {idle_runs['bridge']['seconds']:.2f}s "
-                f"(server sys {idle_runs['bridge']['system']:.2f}s)")
+        ctx.log(
+            f"   after {idle:.0f}s idle: save_file {idle_runs['baseline']['save']:.2f}s "
+            f"(sys {idle_runs['baseline']['system']:.2f}s), bridge export {idle_runs['bridge']['seconds']:.2f}s "
+            f"(server sys {idle_runs['bridge']['system']:.2f}s)"
+        )
 
     med = lambda xs: summary(xs)["median"]  # noqa: E731
     best = lambda runs, key: min(r[key] for r in runs)  # noqa: E731
@@ -133,35 +148,49 @@ def run(ctx: Context) -> list[Row]:
     best_base = [min(runs, key=lambda r: r["save"]) for runs in base_runs]
     export_bytes = bridge_runs[0][0]["bytes"]
     row = Row(
-        bench=NAME, name=NAME,
+        bench=NAME,
+        name=NAME,
         what=f"export the {ctx.big_preset} model to an HF directory ({export_bytes / MB:,.0f} MB), warm cache; "
-             f"best of {tries} back-to-back exports per repeat",
+        f"best of {tries} back-to-back exports per repeat",
         baseline=f"safetensors.torch.save_file of the same tensors (mmap-loaded), same disk, best of {tries} "
-                 "back-to-back in a fresh process",
-        unit="s", subject=summary(subject), baseline_measured=summary(baseline),
+        "back-to-back in a fresh process",
+        unit="s",
+        subject=summary(subject),
+        baseline_measured=summary(baseline),
         ratio={**ratio_summary(subject, baseline), "definition": "bridge time / baseline time"},
         target={"text": "≤ 1.3× baseline", "metric": "ratio", "op": "<=", "value": 1.3},
-        absolute={"export_bytes": export_bytes, "first_export_cache_miss_s": first_seconds,
-                  "first_export_server_timings_s": first.timings,
-                  "first_of_each_repeat_bridge_s": summary(first_subject),
-                  "first_of_each_repeat_baseline_s": summary(first_baseline),
-                  "ratio_first_of_each_repeat": med(first_subject) / med(first_baseline),
-                  "baseline_fsync_s": summary([r["fsync"] for r in best_base]),
-                  "ratio_against_baseline_plus_fsync": med(subject) / med([r["save"] + r["fsync"] for r in best_base]),
-                  "ratio_of_minimums": ratio_of_minimums(subject, baseline),
-                  **({f"after_{idle:.0f}s_idle_bridge_s": idle_runs["bridge"]["seconds"],
-                      f"after_{idle:.0f}s_idle_baseline_s": idle_runs["baseline"]["save"]} if idle_runs else {})},
-        breakdown={"server_timings_s": {k: med([r["timings"][k] for r in best_bridge]) for k in first.timings},
-                   "server_cpu_user_s": summary([r["user"] for r in best_bridge]),
-                   "server_cpu_system_s": summary([r["system"] for r in best_bridge]),
-                   "baseline_cpu_user_s": summary([r["user"] for r in best_base]),
-                   "baseline_cpu_system_s": summary([r["system"] for r in best_base]),
-                   "all_runs_bridge_s": [[round(r["seconds"], 3) for r in runs] for runs in bridge_runs],
-                   "all_runs_bridge_server_system_s": [[round(r["system"], 3) for r in runs] for runs in bridge_runs],
-                   "all_runs_baseline_s": [[round(r["save"], 3) for r in runs] for runs in base_runs],
-                   "all_runs_baseline_system_s": [[round(r["system"], 3) for r in runs] for runs in base_runs],
-                   **({"idle_runs": idle_runs} if idle_runs else {}),
-                   **({"pyspy_server": profile} if profile else {})},
+        absolute={
+            "export_bytes": export_bytes,
+            "first_export_cache_miss_s": first_seconds,
+            "first_export_server_timings_s": first.timings,
+            "first_of_each_repeat_bridge_s": summary(first_subject),
+            "first_of_each_repeat_baseline_s": summary(first_baseline),
+            "ratio_first_of_each_repeat": med(first_subject) / med(first_baseline),
+            "baseline_fsync_s": summary([r["fsync"] for r in best_base]),
+            "ratio_against_baseline_plus_fsync": med(subject) / med([r["save"] + r["fsync"] for r in best_base]),
+            "ratio_of_minimums": ratio_of_minimums(subject, baseline),
+            **(
+                {
+                    f"after_{idle:.0f}s_idle_bridge_s": idle_runs["bridge"]["seconds"],
+                    f"after_{idle:.0f}s_idle_baseline_s": idle_runs["baseline"]["save"],
+                }
+                if idle_runs
+                else {}
+            ),
+        },
+        breakdown={
+            "server_timings_s": {k: med([r["timings"][k] for r in best_bridge]) for k in first.timings},
+            "server_cpu_user_s": summary([r["user"] for r in best_bridge]),
+            "server_cpu_system_s": summary([r["system"] for r in best_bridge]),
+            "baseline_cpu_user_s": summary([r["user"] for r in best_base]),
+            "baseline_cpu_system_s": summary([r["system"] for r in best_base]),
+            "all_runs_bridge_s": [[round(r["seconds"], 3) for r in runs] for runs in bridge_runs],
+            "all_runs_bridge_server_system_s": [[round(r["system"], 3) for r in runs] for runs in bridge_runs],
+            "all_runs_baseline_s": [[round(r["save"], 3) for r in runs] for runs in base_runs],
+            "all_runs_baseline_system_s": [[round(r["system"], 3) for r in runs] for runs in base_runs],
+            **({"idle_runs": idle_runs} if idle_runs else {}),
+            **({"pyspy_server": profile} if profile else {}),
+        },
     ).judge()
     t = row.breakdown["server_timings_s"]
     row.analysis += [
@@ -181,11 +210,15 @@ def run(ctx: Context) -> list[Row]:
         "the time of a 1.8 GB write is mostly system time and depends on the machine's memory history, not on "
         "the writer: it is fast when the kernel reuses pages freed moments ago and several times slower when "
         "they have gone idle (the VM runs a DAMON pageout scheme and a virtio balloon with free page "
-        "reporting, the likely cause)" + (
+        "reporting, the likely cause)"
+        + (
             f"; the same export after {idle:.0f}s idle took {fmt_seconds(idle_runs['bridge']['seconds'])} (server "
             f"system {fmt_seconds(idle_runs['bridge']['system'])}), save_file after {idle:.0f}s idle "
             f"{fmt_seconds(idle_runs['baseline']['save'])} (system {fmt_seconds(idle_runs['baseline']['system'])})"
-            if idle_runs else "") + ". Hence best-of-back-to-back on both sides is what the target is judged on.",
+            if idle_runs
+            else ""
+        )
+        + ". Hence best-of-back-to-back on both sides is what the target is judged on.",
     ]
     if profile:
         row.analysis.append("py-spy (server, self time, one export): " + busy_frames(profile, 6, "self"))

@@ -72,7 +72,8 @@ def model_set(cache_dir: Path, preset: str, sparsities: list[float], log=print) 
         if not (target / ".complete").is_file():
             log(f"   slicing it at sparsity {sparsity} into {target} ...")
         result.sliced[sparsity] = _build_atomically(
-            target, lambda tmp, s=sparsity: slice_llama(dense, tmp, sparsity=s, model_name=MODEL_NAME))
+            target, lambda tmp, s=sparsity: slice_llama(dense, tmp, sparsity=s, model_name=MODEL_NAME)
+        )
     result.made_seconds = time.perf_counter() - started
     return result
 

@@ -64,11 +64,17 @@ def cpu_breakdown(number: int = 2000) -> dict[str, dict[str, float]]:
     key = new_key()
     client, server = Codec(key), Codec(key)
     requests = [client.pack(protocol.new_request("ping", protocol.PingArgs())) for _ in range(number * 5 + 10)]
-    replies = [server.pack(protocol.Message(protocol.RESULT, "r" * 32, dataclasses.asdict(
-        protocol.PingResult(os.getpid(), time.time(), False, 0)))) for _ in range(number * 5 + 10)]
+    replies = [
+        server.pack(
+            protocol.Message(
+                protocol.RESULT, "r" * 32, dataclasses.asdict(protocol.PingResult(os.getpid(), time.time(), False, 0))
+            )
+        )
+        for _ in range(number * 5 + 10)
+    ]
     it_req, it_rep = iter(requests), iter(replies)
     msg = protocol.new_request("ping", protocol.PingArgs())
-    header, = protocol.encode(msg)
+    (header,) = protocol.encode(msg)
     signer = Signer(key)
     guard = ReplayGuard()
     ids = iter([os.urandom(16).hex() for _ in range(number * 5 + 10)])
@@ -77,19 +83,25 @@ def cpu_breakdown(number: int = 2000) -> dict[str, dict[str, float]]:
     parts = {
         "client: new_request + Codec.pack": lambda: client.pack(protocol.new_request("ping", protocol.PingArgs())),
         "server: Codec.unpack (verify, decode, replay guard)": lambda: server.unpack(
-            next(it_req), protocol.CLIENT_KINDS),
+            next(it_req), protocol.CLIENT_KINDS
+        ),
         "server: from_wire(PingArgs)": lambda: protocol.from_wire(protocol.PingArgs, {}),
-        "server: PingResult + asdict + Codec.pack": lambda: server.pack(protocol.Message(
-            protocol.RESULT, "r" * 32, dataclasses.asdict(protocol.PingResult(1, time.time(), False, 0)))),
+        "server: PingResult + asdict + Codec.pack": lambda: server.pack(
+            protocol.Message(
+                protocol.RESULT, "r" * 32, dataclasses.asdict(protocol.PingResult(1, time.time(), False, 0))
+            )
+        ),
         "client: Codec.unpack of the reply": lambda: client.unpack(next(it_rep), protocol.SERVER_KINDS),
         "client: from_wire(PingResult) + _tensors_to_torch": lambda: _tensors_to_torch(
-            protocol.from_wire(protocol.PingResult, result_body)),
+            protocol.from_wire(protocol.PingResult, result_body)
+        ),
     }
     steps = {name: _per_call(fn, number) for name, fn in parts.items()}
     detail = {
         "uuid4().hex": lambda: __import__("uuid").uuid4().hex,
-        "msgpack.packb(header)": lambda: msgpack.packb({"v": 1, "kind": "request", "id": "a" * 32, "rid": "b" * 32,
-                                                        "ts": 1.0, "body": b"x" * 20, "tensors": []}),
+        "msgpack.packb(header)": lambda: msgpack.packb(
+            {"v": 1, "kind": "request", "id": "a" * 32, "rid": "b" * 32, "ts": 1.0, "body": b"x" * 20, "tensors": []}
+        ),
         "protocol.encode": lambda: protocol.encode(msg),
         "Signer.sign (HMAC-SHA256 of the header)": lambda: signer.sign([header]),
         "Signer.verify": lambda: signer.verify(b"0" * 64, [header]),
@@ -106,12 +118,13 @@ class ZmqEcho:
     def __init__(self, env_python, endpoint: str):
         self.env_python, self.endpoint = env_python, endpoint
 
-    def __enter__(self) -> "ZmqEcho":
+    def __enter__(self) -> ZmqEcho:
         import zmq
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        self.proc = subprocess.Popen([str(self.env_python), "-I", "-c", ZMQ_ECHO, self.endpoint],
-                                     stdout=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen(
+            [str(self.env_python), "-I", "-c", ZMQ_ECHO, self.endpoint], stdout=subprocess.PIPE, env=env
+        )
         self.proc.stdout.readline()
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -148,23 +161,35 @@ def zmq_floor(env_python, endpoint: str, frames: list, count: int) -> list[float
         return echo.round_trips(frames, count, warmup=min(200, count))
 
 
-def _row(ctx: Context, transport: str, per_rep: list[list[float]], spawn: list[float], breakdown: dict,
-         profile: dict) -> Row:
+def _row(
+    ctx: Context, transport: str, per_rep: list[list[float]], spawn: list[float], breakdown: dict, profile: dict
+) -> Row:
     p50s = [percentile(r, 50) for r in per_rep]
     p90s = [percentile(r, 90) for r in per_rep]
     p99s = [percentile(r, 99) for r in per_rep]
     row = Row(
-        bench=NAME, name=f"ping_{transport}",
+        bench=NAME,
+        name=f"ping_{transport}",
         what=f"bridge round trip (ping) over {transport}",
         baseline="spawn the env's python to do nothing (python -c pass)",
-        unit="s", subject=summary(p50s), baseline_measured=summary(spawn),
-        ratio={**ratio_summary(p50s, spawn, invert=True),
-               "definition": "spawn time / ping p50 (speed-up)"},
-        target=({"text": "p50 ≤ 200 µs", "metric": "p50_s", "op": "<=", "value": 200e-6} if transport == "ipc"
-                else {"text": "report", "metric": "p50_s", "op": None, "value": None}),
-        absolute={"p50_s": summary(p50s)["median"], "p90_s": summary(p90s)["median"],
-                  "p99_s": summary(p99s)["median"], "p50_per_rep_s": p50s, "p90_per_rep_s": p90s,
-                  "p99_per_rep_s": p99s, "pings_per_rep": len(per_rep[0])},
+        unit="s",
+        subject=summary(p50s),
+        baseline_measured=summary(spawn),
+        ratio={**ratio_summary(p50s, spawn, invert=True), "definition": "spawn time / ping p50 (speed-up)"},
+        target=(
+            {"text": "p50 ≤ 200 µs", "metric": "p50_s", "op": "<=", "value": 200e-6}
+            if transport == "ipc"
+            else {"text": "report", "metric": "p50_s", "op": None, "value": None}
+        ),
+        absolute={
+            "p50_s": summary(p50s)["median"],
+            "p90_s": summary(p90s)["median"],
+            "p99_s": summary(p99s)["median"],
+            "p50_per_rep_s": p50s,
+            "p90_per_rep_s": p90s,
+            "p99_per_rep_s": p99s,
+            "pings_per_rep": len(per_rep[0]),
+        },
         breakdown={**breakdown, **({"pyspy": profile} if profile else {})},
     ).judge()
     return row
@@ -187,8 +212,10 @@ def run(ctx: Context) -> list[Row]:
     ipc = ctx.bridge()
     tcp = Bridge(env=str(ctx.env_prefix), attach=False, transport="tcp").start()
     frames = Codec(ipc.server.info.key).pack(protocol.new_request("ping", protocol.PingArgs()))
-    floors = {"ipc": ZmqEcho(ctx.env_python, ipc_endpoint("bench-zmq-echo")),
-              "tcp": ZmqEcho(ctx.env_python, "tcp://127.0.0.1:%d" % _free_port())}
+    floors = {
+        "ipc": ZmqEcho(ctx.env_python, ipc_endpoint("bench-zmq-echo")),
+        "tcp": ZmqEcho(ctx.env_python, f"tcp://127.0.0.1:{_free_port()}"),
+    }
     try:
         with floors["ipc"], floors["tcp"]:
             results = {"ipc": [], "tcp": []}
@@ -197,15 +224,18 @@ def run(ctx: Context) -> list[Row]:
                 _latencies(bridge, warmup)
                 floors[transport].round_trips(frames, warmup)
             for rep in range(reps):  # interleaved, so that load from others hits all alike
-                spawn.append(summary([run_python(ctx.env_python, "pass", isolated=False)[0]
-                                      for _ in range(3)])["median"])
+                spawn.append(
+                    summary([run_python(ctx.env_python, "pass", isolated=False)[0] for _ in range(3)])["median"]
+                )
                 for transport, bridge in (("ipc", ipc), ("tcp", tcp)):
                     results[transport].append(_latencies(bridge, count))
                     floor[transport].append(floors[transport].round_trips(frames, count))
-                ctx.log(f"   rep {rep + 1}/{reps}: p50 ipc {percentile(results['ipc'][-1], 50) * 1e6:.0f} µs "
-                        f"(bare zmq {percentile(floor['ipc'][-1], 50) * 1e6:.0f} µs), "
-                        f"tcp {percentile(results['tcp'][-1], 50) * 1e6:.0f} µs "
-                        f"(bare zmq {percentile(floor['tcp'][-1], 50) * 1e6:.0f} µs)")
+                ctx.log(
+                    f"   rep {rep + 1}/{reps}: p50 ipc {percentile(results['ipc'][-1], 50) * 1e6:.0f} µs "
+                    f"(bare zmq {percentile(floor['ipc'][-1], 50) * 1e6:.0f} µs), "
+                    f"tcp {percentile(results['tcp'][-1], 50) * 1e6:.0f} µs "
+                    f"(bare zmq {percentile(floor['tcp'][-1], 50) * 1e6:.0f} µs)"
+                )
 
         profiles = {}
         if ctx.profile:
@@ -214,8 +244,10 @@ def run(ctx: Context) -> list[Row]:
             client_spy = PySpy(os.getpid(), out / "client.txt", rate=1000)
             with server_spy, client_spy:
                 _latencies(ipc, 20000)
-            profiles = {"server": server_spy.top(15, thread="MainThread"),
-                        "client": client_spy.top(15, thread="MainThread")}
+            profiles = {
+                "server": server_spy.top(15, thread="MainThread"),
+                "client": client_spy.top(15, thread="MainThread"),
+            }
         try:
             cpu = cpu_breakdown(500 if ctx.smoke else 3000)
         except Exception:  # the product's internals changed: report it, keep the measurement
@@ -228,10 +260,13 @@ def run(ctx: Context) -> list[Row]:
     for transport in ("ipc", "tcp"):
         floor50s = [percentile(f, 50) for f in floor[transport]]
         p50s = [percentile(r, 50) for r in results[transport]]
-        over = [p - f for p, f in zip(p50s, floor50s)]
-        breakdown = {"zmq_floor_p50_s": summary(floor50s),
-                     "zmq_floor_p90_s": summary([percentile(f, 90) for f in floor[transport]]),
-                     "p50_above_zmq_floor_s": summary(over), "cpu_per_ping_s": cpu}
+        over = [p - f for p, f in zip(p50s, floor50s, strict=True)]
+        breakdown = {
+            "zmq_floor_p50_s": summary(floor50s),
+            "zmq_floor_p90_s": summary([percentile(f, 90) for f in floor[transport]]),
+            "p50_above_zmq_floor_s": summary(over),
+            "cpu_per_ping_s": cpu,
+        }
         row = _row(ctx, transport, results[transport], spawn, breakdown, profiles if transport == "ipc" else {})
         row.absolute["p50_best_rep_s"] = min(p50s)
         if transport == "ipc" and cpu["steps_s"]:
@@ -251,32 +286,41 @@ def run(ctx: Context) -> list[Row]:
                 "(see the py-spy line).",
                 "message handling per ping: " + "; ".join(f"{k} {v * 1e6:.1f} µs" for k, v in main.items()) + ".",
                 "inside it: " + "; ".join(f"{k} {v * 1e6:.1f} µs" for k, v in cpu["inside_s"].items()) + ".",
-                (f"at this load the floor alone ({floor50 * 1e6:.0f} µs) is at or over the 200 µs budget"
-                 if floor50 >= 200e-6 else
-                 f"at this load the floor leaves {(200e-6 - floor50) * 1e6:.0f} µs of the 200 µs budget and the "
-                 f"bridge's own message handling ({cpu_total * 1e6:.0f} µs) already exceeds that"
-                 if floor50 + cpu_total > 200e-6 else
-                 f"the floor plus the message handling come to {(floor50 + cpu_total) * 1e6:.0f} µs: the loop "
-                 "overhead above is what stands between the bridge and the target")
+                (
+                    f"at this load the floor alone ({floor50 * 1e6:.0f} µs) is at or over the 200 µs budget"
+                    if floor50 >= 200e-6
+                    else f"at this load the floor leaves {(200e-6 - floor50) * 1e6:.0f} µs of the 200 µs budget and "
+                    "the "
+                    f"bridge's own message handling ({cpu_total * 1e6:.0f} µs) already exceeds that"
+                    if floor50 + cpu_total > 200e-6
+                    else f"the floor plus the message handling come to {(floor50 + cpu_total) * 1e6:.0f} µs: the loop "
+                    "overhead above is what stands between the bridge and the target"
+                )
                 + f"; in the quietest repeat the bare echo took {min(floor50s) * 1e6:.0f} µs and the ping "
                 f"{min(p50s) * 1e6:.0f} µs. What would move it: less Python per message on each side (its "
-                "largest parts: " + ", ".join(f"{k} {v * 1e6:.1f} µs" for k, v in sorted(
-                    cpu["inside_s"].items(), key=lambda kv: -kv[1])[:3])
+                "largest parts: "
+                + ", ".join(
+                    f"{k} {v * 1e6:.1f} µs" for k, v in sorted(cpu["inside_s"].items(), key=lambda kv: -kv[1])[:3]
+                )
                 + "; the body is msgpack-packed and then packed again inside the header: two packb and two "
                 "unpackb per message) and a leaner server loop; the floor is set by the shared 2-CPU VM.",
             ]
-            sends = {side: sum(p for f, p in profiles.get(side, {}).get("self", []) if f.startswith("Socket.send"))
-                     for side in ("server", "client")}
+            sends = {
+                side: sum(p for f, p in profiles.get(side, {}).get("self", []) if f.startswith("Socket.send"))
+                for side in ("server", "client")
+            }
             if sends["server"] > 10:
                 row.analysis.append(
                     f"py-spy takes wall-clock samples (time spent descheduled included): {sends['server']:.0f} % of "
                     f"the server's main-thread samples and {sends['client']:.0f} % of the client's are in "
                     "Socket.send. A send wakes zmq's I/O thread; with four busy threads (two per process) on two "
                     "vCPUs the sender is often descheduled right there, which is where the time above the floor "
-                    "that the in-process timings do not cover goes (an interpretation of the samples).")
+                    "that the in-process timings do not cover goes (an interpretation of the samples)."
+                )
             if profiles.get("server", {}).get("samples"):
-                row.analysis.append("py-spy over 20000 pings, server (self time): "
-                                    + busy_frames(profiles["server"], 6, "self"))
+                row.analysis.append(
+                    "py-spy over 20000 pings, server (self time): " + busy_frames(profiles["server"], 6, "self")
+                )
                 row.analysis.append("py-spy, client (self time): " + busy_frames(profiles["client"], 6, "self"))
         rows.append(row)
     return rows

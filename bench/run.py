@@ -37,25 +37,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, Context, atomic_write, env_python, fmt_summary, fmt_value, pyspy_path  # noqa: E402
 
 BENCHMARKS = ["startup", "ping", "echo", "convert_many", "convert_1b", "export_1b", "verify_1b", "crc_check"]
-ROW_ORDER = ["convert_many", "convert_1b", "convert_1b_peak_rss", "export_1b", "ping_ipc", "ping_tcp", "echo",
-             "verify_1b", "crc_check", "startup", "cache_memory"]
+ROW_ORDER = [
+    "convert_many",
+    "convert_1b",
+    "convert_1b_peak_rss",
+    "export_1b",
+    "ping_ipc",
+    "ping_tcp",
+    "echo",
+    "verify_1b",
+    "crc_check",
+    "startup",
+    "cache_memory",
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", default=str(REPO / ".envs" / "slicegpt"),
-                        help="the slicegpt env: a prefix dir or its python (default: .envs/slicegpt)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes and few repeats (no 1B model): checks that every benchmark runs")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
-                        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--env",
+        default=str(REPO / ".envs" / "slicegpt"),
+        help="the slicegpt env: a prefix dir or its python (default: .envs/slicegpt)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes and few repeats (no 1B model): checks that every benchmark runs",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=BENCHMARKS,
+        metavar="NAME",
+        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="repeats of every benchmark (default: each its own)")
-    parser.add_argument("--keep", default=str(REPO / "bench" / ".cache"),
-                        help="directory where made models are kept between runs (default: bench/.cache)")
-    parser.add_argument("--results-dir", default=str(REPO / "bench" / "results"),
-                        help="where results.json and results.md go (default: bench/results)")
-    parser.add_argument("--no-profile", action="store_true",
-                        help="skip the py-spy profiles (taken when py-spy is found)")
+    parser.add_argument(
+        "--keep",
+        default=str(REPO / "bench" / ".cache"),
+        help="directory where made models are kept between runs (default: bench/.cache)",
+    )
+    parser.add_argument(
+        "--results-dir",
+        default=str(REPO / "bench" / "results"),
+        help="where results.json and results.md go (default: bench/results)",
+    )
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the py-spy profiles (taken when py-spy is found)"
+    )
     return parser.parse_args(argv)
 
 
@@ -79,16 +108,26 @@ def machine_info(ctx: Context) -> dict:
             pass
     try:
         names = ["torch", "transformers", "pyzmq", "msgpack", "safetensors", "dill"]
-        out = subprocess.run([str(ctx.env_python), "-I", "-c",
-                              "import sys, importlib.metadata as m\nfor n in sys.argv[1:]:\n"
-                              "    try: print(m.version(n))\n    except Exception: print('-')", *names],
-                             capture_output=True, text=True, timeout=120).stdout.split()
-        info["slicegpt_env"] = dict(zip(names, out))
+        out = subprocess.run(
+            [
+                str(ctx.env_python),
+                "-I",
+                "-c",
+                "import sys, importlib.metadata as m\nfor n in sys.argv[1:]:\n"
+                "    try: print(m.version(n))\n    except Exception: print('-')",
+                *names,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout.split()
+        info["slicegpt_env"] = dict(zip(names, out, strict=False))
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        info["git"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, timeout=10).stdout.strip()
+        info["git"] = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     return info
@@ -121,7 +160,8 @@ def render_markdown(results: dict) -> str:
     lines = [
         "# slicebridge benchmarks",
         "",
-        f"Measured {meta['finished']} with `{meta['command']}`" + (" (**smoke sizes**)" if meta.get("smoke") else "")
+        f"Measured {meta['finished']} with `{meta['command']}`"
+        + (" (**smoke sizes**)" if meta.get("smoke") else "")
         + ".",
         f"Machine: {meta['machine'].get('cpu', '?')}, {meta['machine'].get('cpus')} CPUs, "
         f"{meta['machine'].get('mem_total_gb')} GB; load average at start {meta['machine'].get('loadavg_start')} "
@@ -129,8 +169,12 @@ def render_markdown(results: dict) -> str:
         f"Base env: {meta['machine'].get('base_env')}; slicegpt env: {meta['machine'].get('slicegpt_env')}.",
         "",
         "Values are median [min–max] over the repeats; ratios are of the medians, with the range of the per-repeat "
-        "ratios." + (" At smoke sizes the verdicts mean nothing: this run only checks that every benchmark runs."
-                     if meta.get("smoke") else ""),
+        "ratios."
+        + (
+            " At smoke sizes the verdicts mean nothing: this run only checks that every benchmark runs."
+            if meta.get("smoke")
+            else ""
+        ),
         "",
         "| row | measured | baseline (same run) | ratio | target | met |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -140,27 +184,39 @@ def render_markdown(results: dict) -> str:
         if row.get("error"):
             lines.append(f"| {row['name']} | error: {row['error'].splitlines()[-1][:80]} | | | | ERROR |")
             continue
-        lines.append(f"| {row['name']}: {row['what']} | {_measured_text(row)} | {row['baseline']}: "
-                     f"{fmt_summary(row['baseline_measured'], row['unit'])} | {_ratio_text(row)} "
-                     f"({row['ratio']['definition']}) | {row['target']['text']} | {_met_text(row)} |")
+        lines.append(
+            f"| {row['name']}: {row['what']} | {_measured_text(row)} | {row['baseline']}: "
+            f"{fmt_summary(row['baseline_measured'], row['unit'])} | {_ratio_text(row)} "
+            f"({row['ratio']['definition']}) | {row['target']['text']} | {_met_text(row)} |"
+        )
     lines.append("")
     for row in rows:
         if row.get("error"):
             lines += [f"## {row['name']}: ERROR", "", "```", row["error"], "```", ""]
             continue
         verdict = {True: "target met", False: "TARGET MISSED", None: "report"}[row["met"]]
-        lines += [f"## {row['name']} — {verdict}", "", f"- measured: {row['what']}", f"- baseline: {row['baseline']}",
-                  f"- ratio: {_ratio_text(row)} = {row['ratio']['definition']}; target {row['target']['text']}"]
+        lines += [
+            f"## {row['name']} — {verdict}",
+            "",
+            f"- measured: {row['what']}",
+            f"- baseline: {row['baseline']}",
+            f"- ratio: {_ratio_text(row)} = {row['ratio']['definition']}; target {row['target']['text']}",
+        ]
         if row["absolute"]:
             lines.append("- absolute: " + _compact(row["absolute"]))
         if row["breakdown"]:
-            lines.append("- breakdown: " + _compact({k: v for k, v in row["breakdown"].items() if k != "pyspy"
-                                                     and not k.startswith("pyspy")}))
+            lines.append(
+                "- breakdown: "
+                + _compact({k: v for k, v in row["breakdown"].items() if k != "pyspy" and not k.startswith("pyspy")})
+            )
         for note in row.get("notes", []):
             lines.append(f"- note: {note}")
         if row.get("analysis"):
-            title = ("What bounds it, and what would move it" if row["met"] is False
-                     else "Where the time goes (what bounds it)")
+            title = (
+                "What bounds it, and what would move it"
+                if row["met"] is False
+                else "Where the time goes (what bounds it)"
+            )
             lines += ["", f"**{title}:**", ""]
             lines += [f"- {a}" for a in row["analysis"]]
         lines.append("")
@@ -180,8 +236,15 @@ def _compact(value, unit: str | None = None) -> str:
     if isinstance(value, dict):
         if {"median", "min", "max"} <= set(value):
             return f"{_num(value['median'], unit)} [{_num(value['min'], unit)}–{_num(value['max'], unit)}]"
-        return "{" + ", ".join(f"{k}: {_compact(v, _unit_of(k, unit))}" for k, v in value.items()
-                               if k not in ("samples", "pairs") and not k.endswith("_per_rep_s")) + "}"
+        return (
+            "{"
+            + ", ".join(
+                f"{k}: {_compact(v, _unit_of(k, unit))}"
+                for k, v in value.items()
+                if k not in ("samples", "pairs") and not k.endswith("_per_rep_s")
+            )
+            + "}"
+        )
     if isinstance(value, list):
         return "[" + ", ".join(_compact(v, unit) for v in value[:8]) + ("…" if len(value) > 8 else "") + "]"
     return _num(value, unit)
@@ -217,21 +280,31 @@ def main(argv=None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    ctx = Context(env_python=python, env_prefix=prefix, smoke=args.smoke, repeats=args.repeats,
-                  cache_dir=cache_dir, work_dir=work_dir, log=log,
-                  profile=not args.no_profile and not args.smoke and pyspy_path() is not None)
+    ctx = Context(
+        env_python=python,
+        env_prefix=prefix,
+        smoke=args.smoke,
+        repeats=args.repeats,
+        cache_dir=cache_dir,
+        work_dir=work_dir,
+        log=log,
+        profile=not args.no_profile and not args.smoke and pyspy_path() is not None,
+    )
     chosen = args.only or BENCHMARKS
     started = time.perf_counter()
-    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "smoke": args.smoke,
-            "started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(ctx),
-            "profiled_with_pyspy": ctx.profile}
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "smoke": args.smoke,
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(ctx),
+        "profiled_with_pyspy": ctx.profile,
+    }
     rows: list[dict] = []
     failed = []
     try:
         # Make the models first (outside any timing).
-        from models import model_set
-
         from convert_many import SPARSITIES
+        from models import model_set
 
         log("== models")
         model_set(cache_dir, "tiny", sorted(set(SPARSITIES[: 2 if args.smoke else 8]) | {0.25}), log=log)
@@ -246,8 +319,10 @@ def main(argv=None) -> int:
                 produced = modules[name].run(ctx)
                 rows += [r.as_dict() for r in produced]
                 for r in produced:
-                    log(f"   {r.name}: ratio {r.ratio['value']:.3g} ({r.ratio['definition']}), target "
-                        f"{r.target['text']}: {_met_text(r.as_dict())}")
+                    log(
+                        f"   {r.name}: ratio {r.ratio['value']:.3g} ({r.ratio['definition']}), target "
+                        f"{r.target['text']}: {_met_text(r.as_dict())}"
+                    )
             except Exception:
                 failed.append(name)
                 error = traceback.format_exc()

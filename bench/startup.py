@@ -28,8 +28,9 @@ def importtime(python, code: str) -> dict[str, float]:
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    proc = subprocess.run([str(python), "-I", "-X", "importtime", "-c", code], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [str(python), "-I", "-X", "importtime", "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     out = {}
     for line in proc.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\S.*)$", line)
@@ -91,8 +92,10 @@ def run(ctx: Context) -> list[Row]:
         client_bridge.start_server = original
 
     code_dir = stage_server_code()
-    boot = importtime(ctx.env_python, f"import sys; sys.path.insert(0, {str(code_dir)!r}); import zmq, msgpack; "
-                                      "import slicebridge.server.main")
+    boot = importtime(
+        ctx.env_python,
+        f"import sys; sys.path.insert(0, {str(code_dir)!r}); import zmq, msgpack; import slicebridge.server.main",
+    )
     hello_imports = importtime(ctx.env_python, "import torch, transformers, dill")
     stage_s = min(_timed(stage_server_code) for _ in range(3))
 
@@ -100,24 +103,33 @@ def run(ctx: Context) -> list[Row]:
     boot_keys = {k: v for k, v in boot.items() if k in ("zmq", "msgpack", "slicebridge.server.main")}
     hello_keys = {k: v for k, v in hello_imports.items() if k in ("torch", "transformers", "dill")}
     row = Row(
-        bench=NAME, name=NAME,
+        bench=NAME,
+        name=NAME,
         what="server start-up: Bridge(env).start() to a finished hello",
         baseline="python -c pass in the env",
-        unit="s", subject=summary(totals), baseline_measured=summary(spawn),
+        unit="s",
+        subject=summary(totals),
+        baseline_measured=summary(spawn),
         ratio={**ratio_summary(totals, spawn), "definition": "start-up time / bare interpreter start"},
         target={"text": "report", "metric": "ratio", "op": None, "value": None},
         absolute={"ready_s": summary(ready), "hello_s": summary(hello)},
-        breakdown={"python_start_s": med(spawn), "stage_code_s": stage_s,
-                   "boot_imports_s (python -X importtime, cumulative)": boot_keys,
-                   "hello_imports_s (python -X importtime, cumulative)": hello_keys,
-                   "client_notices_ready_after_s": med(notice_lag)},
+        breakdown={
+            "python_start_s": med(spawn),
+            "stage_code_s": stage_s,
+            "boot_imports_s (python -X importtime, cumulative)": boot_keys,
+            "hello_imports_s (python -X importtime, cumulative)": hello_keys,
+            "client_notices_ready_after_s": med(notice_lag),
+        },
     ).judge()
     row.notes.append(
         f"ready after {med(ready):.2f}s: interpreter start {med(spawn) * 1e3:.0f} ms, server imports before "
-        "ready " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in boot_keys.items())
+        "ready "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in boot_keys.items())
         + f", staging the code {stage_s * 1e3:.0f} ms, the client noticed 'ready' {med(notice_lag) * 1e3:.0f} ms "
         f"after the server logged it. hello took {med(hello):.2f}s, nearly all imports: "
-        + ", ".join(f"{k} {v:.2f}s" for k, v in hello_keys.items()) + ".")
+        + ", ".join(f"{k} {v:.2f}s" for k, v in hello_keys.items())
+        + "."
+    )
     return [row]
 
 

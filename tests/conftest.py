@@ -57,9 +57,15 @@ def official_env(slicegpt_env, tmp_path_factory) -> Path:
     subprocess.run([str(python), "-m", "venv", "--without-pip", str(path)], check=True)
     site_packages = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True).stdout.strip()
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     own = subprocess.run(
         [str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True).stdout.strip()
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(own, "slicebridge-standin.pth").write_text(f"{site_packages}\n{STANDIN}\n")
     return path

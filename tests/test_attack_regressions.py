@@ -65,22 +65,35 @@ def _snapshot(*dirs: Path) -> dict[str, bytes]:
 def test_f1_cli_export_over_the_checkpoint_dir_is_refused(workdir, slicegpt_env):
     ck = workdir / "top" / "ck"
     before = _snapshot(ck, workdir / "base")
-    result = run_cli("export", str(ck / CHECKPOINT.name), "--base_model", str(workdir / "base"),
-                     "--output", str(ck), "--overwrite", "--env", str(slicegpt_env), "--quiet")
+    result = run_cli(
+        "export",
+        str(ck / CHECKPOINT.name),
+        "--base_model",
+        str(workdir / "base"),
+        "--output",
+        str(ck),
+        "--overwrite",
+        "--env",
+        str(slicegpt_env),
+        "--quiet",
+    )
     assert result.returncode != 0, result.stdout
     assert "OutputCollision" in result.stderr or "refusing to start" in result.stderr, result.stderr
     assert _snapshot(ck, workdir / "base") == before
 
 
-@pytest.mark.parametrize("command,output", [
-    ("export", "top/ck"),  # the checkpoint's dir
-    ("export", "top"),  # a dir above the checkpoint
-    ("export", "base"),  # the base model dir
-    ("convert", "top/ck/Meta-Llama-3-tiny_0.25.pt"),  # the checkpoint itself
-    ("convert", "link.bin"),  # a link to the checkpoint
-    ("convert", "top/ck/Meta-Llama-3-tiny_0.25.json"),  # its slicing config
-    ("convert", "base/tokenizer.json"),  # a file read from the base model dir
-])
+@pytest.mark.parametrize(
+    "command,output",
+    [
+        ("export", "top/ck"),  # the checkpoint's dir
+        ("export", "top"),  # a dir above the checkpoint
+        ("export", "base"),  # the base model dir
+        ("convert", "top/ck/Meta-Llama-3-tiny_0.25.pt"),  # the checkpoint itself
+        ("convert", "link.bin"),  # a link to the checkpoint
+        ("convert", "top/ck/Meta-Llama-3-tiny_0.25.json"),  # its slicing config
+        ("convert", "base/tokenizer.json"),  # a file read from the base model dir
+    ],
+)
 def test_f1_server_refuses_an_output_over_an_input(bridge, workdir, command, output):
     """API callers go straight to the server: it refuses before any work, and nothing is lost."""
     from slicebridge.model.guards import OutputCollision
@@ -88,8 +101,9 @@ def test_f1_server_refuses_an_output_over_an_input(bridge, workdir, command, out
     os.symlink(workdir / "top" / "ck" / CHECKPOINT.name, workdir / "link.bin")
     before = _snapshot(workdir / "top", workdir / "base")
     with pytest.raises(OutputCollision, match="refusing to start"):
-        getattr(bridge, command)(workdir / "top" / "ck" / CHECKPOINT.name, workdir / output,
-                                 base_model=workdir / "base", overwrite=True)
+        getattr(bridge, command)(
+            workdir / "top" / "ck" / CHECKPOINT.name, workdir / output, base_model=workdir / "base", overwrite=True
+        )
     assert _snapshot(workdir / "top", workdir / "base") == before
     assert bridge.echo("still serving") == "still serving"
 
@@ -103,7 +117,8 @@ def test_f1_batch_planning_refuses_outputs_over_inputs(workdir):
         with pytest.raises(OutputCollision):
             outputs_for([checkpoint], str(output), None, "", base_model=str(workdir / "base"))
     assert outputs_for([checkpoint], None, str(workdir / "out"), ".bin", base_model=str(workdir / "base")) == [
-        workdir / "out" / "Meta-Llama-3-tiny_0.25.bin"]
+        workdir / "out" / "Meta-Llama-3-tiny_0.25.bin"
+    ]
 
 
 # ------------------------------------------------------------------------------------- F2, F3
@@ -111,8 +126,13 @@ def test_f1_batch_planning_refuses_outputs_over_inputs(workdir):
 
 def _info_local(path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "slicebridge.client.cli", "info", str(path)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "slicebridge.client.cli", "info", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_f2_a_million_deep_tuple_key_does_not_crash_info(tmp_path):
@@ -186,8 +206,10 @@ def test_f3_the_reader_stops_at_its_opcode_cap(tmp_path):
 
 def test_f2_f3_the_server_survives_hostile_seed_files(bridge, tmp_path):
     deep = b"N" + b"\x85" * 1_000_000
-    hostile = [_torch_zip(tmp_path / "deep_key.bin", b"\x80\x02}(" + deep + b"K\x01" + _DILL + b"u."),
-               _dag_config_bin(tmp_path / "dag.bin")]
+    hostile = [
+        _torch_zip(tmp_path / "deep_key.bin", b"\x80\x02}(" + deep + b"K\x01" + _DILL + b"u."),
+        _dag_config_bin(tmp_path / "dag.bin"),
+    ]
     from slicebridge.bridge import protocol
 
     pid = bridge.hello().pid
@@ -247,8 +269,13 @@ def _flip_record_bytes(path: Path) -> str:
     with open(path, "r+b") as handle:
         handle.seek(record.header_offset)
         header = handle.read(30)
-        start = record.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
-            int.from_bytes(header[28:30], "little") + record.file_size // 2
+        start = (
+            record.header_offset
+            + 30
+            + int.from_bytes(header[26:28], "little")
+            + int.from_bytes(header[28:30], "little")
+            + record.file_size // 2
+        )
         handle.seek(start)
         damaged = bytes(b ^ 0x5A for b in handle.read(100))
         handle.seek(start)
@@ -281,7 +308,7 @@ def test_f6_a_killed_server_leaves_no_socket_and_no_shm_dir(slicegpt_env):
     from slicebridge.bridge.launcher import start_server
 
     server = start_server(find_env(str(slicegpt_env)))
-    socket = Path(server.info.endpoint[len("ipc://"):])
+    socket = Path(server.info.endpoint[len("ipc://") :])
     shm_dir = Path(server.info.shm_dir)
     assert socket.exists() and shm_dir.is_dir()
     os.kill(server.pid, signal.SIGSTOP)  # frozen: it cannot clean up, so stop must kill it
@@ -297,7 +324,7 @@ def test_f6_the_sweep_removes_the_socket_of_a_dead_server(slicegpt_env):
 
     for remove in ("attach", "sweep"):
         server = start_server(find_env(str(slicegpt_env)))
-        socket = Path(server.info.endpoint[len("ipc://"):])
+        socket = Path(server.info.endpoint[len("ipc://") :])
         shm_dir = Path(server.info.shm_dir)
         os.kill(server.pid, signal.SIGKILL)  # crashed: nothing of it runs any more
         server.popen.wait(timeout=30)
@@ -333,8 +360,16 @@ def test_f7_a_lock_held_on_the_shared_tmp_dir_costs_nothing(tmp_path):
     fcntl.flock(holder, fcntl.LOCK_EX)  # what another user could do to the shared dir for as long as they like
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        runs = [subprocess.Popen([sys.executable, "-c", _FIND_DIR, str(tmp)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _FIND_DIR, str(tmp)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(3)
+        ]
         outputs = [run.communicate(timeout=60) for run in runs]
     finally:
         os.close(holder)
@@ -350,10 +385,13 @@ def test_f7_a_lock_held_on_the_shared_tmp_dir_costs_nothing(tmp_path):
 # ------------------------------------------------------------------------------------- F8
 
 
-@pytest.mark.parametrize("payload", [
-    b"(" + _unicode(b"echo pwned") + b"ios\nsystem\n",  # INST
-    b"(" + _glob("os", "system") + _unicode(b"echo pwned") + b"o",  # OBJ
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"(" + _unicode(b"echo pwned") + b"ios\nsystem\n",  # INST
+        b"(" + _glob("os", "system") + _unicode(b"echo pwned") + b"o",  # OBJ
+    ],
+)
 def test_f8_inst_and_obj_calls_are_reported(tmp_path, payload):
     from slicebridge.model.pickle_scan import referenced_globals
     from slicebridge.model.seed_bin import describe_seed_bin
@@ -364,4 +402,3 @@ def test_f8_inst_and_obj_calls_are_reported(tmp_path, payload):
     assert any("would also call os.system" in note for note in facts.notes), facts.notes
     assert "system" not in (facts.architecture or "")
     assert not list(tmp_path.glob("pwned*"))
-

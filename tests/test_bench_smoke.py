@@ -14,17 +14,39 @@ import sys
 
 from helpers.paths import REPO, slicegpt_env_path
 
-EXPECTED_ROWS = {"convert_many", "convert_1b", "convert_1b_peak_rss", "export_1b", "ping_ipc", "ping_tcp", "echo",
-                 "verify_1b", "crc_check", "startup", "cache_memory"}
+EXPECTED_ROWS = {
+    "convert_many",
+    "convert_1b",
+    "convert_1b_peak_rss",
+    "export_1b",
+    "ping_ipc",
+    "ping_tcp",
+    "echo",
+    "verify_1b",
+    "crc_check",
+    "startup",
+    "cache_memory",
+}
 
 
 def test_bench_smoke_writes_every_row(tmp_path):
     env = slicegpt_env_path()
     results = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--env", str(env),
-         "--results-dir", str(results), "--keep", str(tmp_path / "keep")],
-        capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--smoke",
+            "--env",
+            str(env),
+            "--results-dir",
+            str(results),
+            "--keep",
+            str(tmp_path / "keep"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
         env={**os.environ, "SLICEBRIDGE_DEBUG_OPS": "0"},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -85,8 +85,11 @@ def test_tensors_roundtrip_bit_exactly(bridge):
     back = bridge.echo(payload)
 
     def same_bits(a, b):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-            a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+        )
 
     for key in ("fp32", "fp16", "bf16", "ids", "mask", "strided", "empty"):
         assert same_bits(back[key], payload[key]), key
@@ -176,7 +179,7 @@ def test_files_and_sockets_are_private(bridge, private_runtime_dir):
     info = read_connection_file(bridge.server.conn_path)
     assert stat.S_IMODE(os.stat(private_runtime_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(bridge.server.conn_path).st_mode) == 0o600
-    socket_path = info.endpoint[len("ipc://"):]
+    socket_path = info.endpoint[len("ipc://") :]
     assert stat.S_IMODE(os.stat(socket_path).st_mode) & 0o077 == 0
     assert info.key not in Path(info.log_path).read_text()
     assert stat.S_IMODE(os.stat(info.log_path).st_mode) == 0o600
@@ -188,7 +191,7 @@ def test_owned_server_stops_with_the_bridge(slicegpt_env):
     b.close()
     assert not server.alive()
     assert not server.conn_path.exists()
-    assert not Path(server.info.endpoint[len("ipc://"):]).exists()
+    assert not Path(server.info.endpoint[len("ipc://") :]).exists()
 
 
 def test_the_base_interpreter_is_not_the_servers(slicegpt_env):

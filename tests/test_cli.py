@@ -34,8 +34,9 @@ def three_checkpoints(tmp_path):
 def test_batch_goes_on_past_a_bad_checkpoint_and_exits_non_zero(slicegpt_env, three_checkpoints, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    done = run_cli("convert", *map(str, three_checkpoints), "--output-dir", str(out), "--env", str(slicegpt_env),
-                   "--json")
+    done = run_cli(
+        "convert", *map(str, three_checkpoints), "--output-dir", str(out), "--env", str(slicegpt_env), "--json"
+    )
     assert done.returncode == 1, done.stderr
     rows = json.loads(done.stdout)
     assert [r["ok"] for r in rows] == [True, True, False]
@@ -48,8 +49,9 @@ def test_batch_goes_on_past_a_bad_checkpoint_and_exits_non_zero(slicegpt_env, th
 
 
 def test_batch_summary_table_and_verify(slicegpt_env, three_checkpoints, tmp_path):
-    done = run_cli("convert", str(three_checkpoints[0]), "--output-dir", str(tmp_path), "--verify",
-                   "--env", str(slicegpt_env))
+    done = run_cli(
+        "convert", str(three_checkpoints[0]), "--output-dir", str(tmp_path), "--verify", "--env", str(slicegpt_env)
+    )
     assert done.returncode == 0, done.stderr
     header, rule, row, total = done.stdout.strip().splitlines()
     assert header.split()[:3] == ["checkpoint", "output", "seconds"] and "verify" in header
@@ -63,27 +65,55 @@ def test_seed_flags_and_a_sweep_dir(slicegpt_env, tmp_path):
     for name in ("a", "b"):
         shutil.copytree(FIXTURE / "sliced", sweep / name)
     (tmp_path / "o").mkdir()
-    done = run_cli("convert", "--slicegpt_model", str(sweep), "--base_model", str(FIXTURE / "base"),
-                   "--output-dir", str(tmp_path / "o"), "--env", str(slicegpt_env), "--json")
+    done = run_cli(
+        "convert",
+        "--slicegpt_model",
+        str(sweep),
+        "--base_model",
+        str(FIXTURE / "base"),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--env",
+        str(slicegpt_env),
+        "--json",
+    )
     rows = json.loads(done.stdout)
     assert done.returncode == 0 and len(rows) == 2
     # same file names in two runs: each output is named after its run dir
-    assert sorted(Path(r["output"]).name for r in rows) == ["a-Meta-Llama-3-tiny_0.25.bin",
-                                                            "b-Meta-Llama-3-tiny_0.25.bin"]
+    assert sorted(Path(r["output"]).name for r in rows) == [
+        "a-Meta-Llama-3-tiny_0.25.bin",
+        "b-Meta-Llama-3-tiny_0.25.bin",
+    ]
     assert rows[1]["cache_hit"] is False
 
 
 def test_single_output_with_the_seed_script_flags(slicegpt_env, tmp_path):
     out = tmp_path / "pruned_model.bin"
-    done = run_cli("convert", "--slicegpt_model", str(FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt"),
-                   "--base_model", str(FIXTURE / "base"), "--output", str(out), "--env", str(slicegpt_env))
+    done = run_cli(
+        "convert",
+        "--slicegpt_model",
+        str(FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt"),
+        "--base_model",
+        str(FIXTURE / "base"),
+        "--output",
+        str(out),
+        "--env",
+        str(slicegpt_env),
+    )
     assert done.returncode == 0, done.stderr
     assert load(out)["pruning_ratio"] == 0.25  # sparsity read from the file name
 
 
 def test_usage_errors_are_one_sentence(slicegpt_env, three_checkpoints, tmp_path):
-    done = run_cli("convert", str(three_checkpoints[0]), str(three_checkpoints[1]), "--output",
-                   str(tmp_path / "x.bin"), "--env", str(slicegpt_env))
+    done = run_cli(
+        "convert",
+        str(three_checkpoints[0]),
+        str(three_checkpoints[1]),
+        "--output",
+        str(tmp_path / "x.bin"),
+        "--env",
+        str(slicegpt_env),
+    )
     assert done.returncode == 2 and "use --output-dir" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x.bin").exists()
     done = run_cli("convert", "--env", str(slicegpt_env))
@@ -95,14 +125,27 @@ def test_verify_and_info_and_upgrade_commands(slicegpt_env, official_env, tmp_pa
     assert run_cli("convert", str(FIXTURE / "sliced"), "--output", str(out), "--env", str(slicegpt_env)).returncode == 0
     verified = run_cli("verify", str(out), "--checkpoint", str(FIXTURE / "sliced"), "--env", str(slicegpt_env))
     assert verified.returncode == 0 and "PASS" in verified.stdout
-    seed = run_cli("verify", str(FIXTURE / "seed_pruned_model.bin"), "--checkpoint", str(FIXTURE / "sliced"),
-                   "--env", str(slicegpt_env), "--json")
+    seed = run_cli(
+        "verify",
+        str(FIXTURE / "seed_pruned_model.bin"),
+        "--checkpoint",
+        str(FIXTURE / "sliced"),
+        "--env",
+        str(slicegpt_env),
+        "--json",
+    )
     assert seed.returncode == 1 and json.loads(seed.stdout)["kind"] == "seed-bin"
     described = run_cli("info", str(FIXTURE / "sliced"), str(out), "--json")
     facts = json.loads(described.stdout)
     assert [f["sliced_width"] for f in facts] == [96, 96] and [f["num_layers"] for f in facts] == [4, 4]
-    upgraded = run_cli("upgrade", str(FIXTURE / "seed_pruned_model.bin"), str(tmp_path / "up.bin"),
-                       "--env", str(official_env), "--trust-pickle")
+    upgraded = run_cli(
+        "upgrade",
+        str(FIXTURE / "seed_pruned_model.bin"),
+        str(tmp_path / "up.bin"),
+        "--env",
+        str(official_env),
+        "--trust-pickle",
+    )
     assert upgraded.returncode == 0, upgraded.stderr
     assert load(tmp_path / "up.bin")["method"] == "SliceGPT"
 
@@ -126,17 +169,36 @@ def test_module_api_shares_one_warm_server(slicegpt_env, tmp_path):
     done = run_python(MODULE_API, str(slicegpt_env), str(FIXTURE / "sliced"), str(tmp_path))
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen == {"first_hit": False, "second_hit": True, "passed": True, "width": 96, "sparsity": 0.25,
-                    "one_server": True, "owned": True}
+    assert seen == {
+        "first_hit": False,
+        "second_hit": True,
+        "passed": True,
+        "width": 96,
+        "sparsity": 0.25,
+        "one_server": True,
+        "owned": True,
+    }
 
 
 def test_make_convert_twice_reuses_one_detached_server(slicegpt_env, tmp_path):
     env = {**os.environ, "SLICEBRIDGE_TEST_SLICEGPT_ENV": str(slicegpt_env)}
 
     def make_convert(name):
-        return subprocess.run(["make", "--no-print-directory", "convert", f"SLICEGPT_MODEL={FIXTURE / 'sliced'}",
-                               f"OUTPUT={tmp_path / name}", f"ENV={slicegpt_env}"],
-                              cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        return subprocess.run(
+            [
+                "make",
+                "--no-print-directory",
+                "convert",
+                f"SLICEGPT_MODEL={FIXTURE / 'sliced'}",
+                f"OUTPUT={tmp_path / name}",
+                f"ENV={slicegpt_env}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
 
     try:
         first, second = make_convert("one.bin"), make_convert("two.bin")
@@ -158,4 +220,11 @@ def test_demo_smoke(slicegpt_env, tmp_path):
     lines = [line for line in done.stdout.splitlines() if line.startswith("sliced-")]
     assert len(lines) == 2 and all(line.count("PASS") == 2 for line in lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "dense", "sliced-0.25", "sliced-0.25-hf", "sliced-0.25.bin", "sliced-0.5", "sliced-0.5-hf", "sliced-0.5.bin"]
+        "dense",
+        "sliced-0.25",
+        "sliced-0.25-hf",
+        "sliced-0.25.bin",
+        "sliced-0.5",
+        "sliced-0.5-hf",
+        "sliced-0.5.bin",
+    ]

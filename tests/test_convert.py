@@ -120,7 +120,9 @@ def test_second_convert_comes_from_the_warm_cache(bridge, converted, tmp_path):
     result = bridge.convert(FIXTURE / "sliced", tmp_path / "again.bin")
     assert result.cache_hit is True and result.timings["load"] == 0.0
     info = bridge.cache_info()
-    assert [e["checkpoint"] for e in info.entries] == [os.path.realpath(FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt")]
+    assert [e["checkpoint"] for e in info.entries] == [
+        os.path.realpath(FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt")
+    ]
     assert info.hits >= 1 and info.entries[0]["bytes"] > 0
 
 
@@ -138,8 +140,9 @@ def test_cache_evicts_least_recently_used_under_its_budget(slicegpt_env, tmp_pat
 
 
 def test_bare_pt_plus_base_dir(bridge, tmp_path):
-    result = bridge.convert(FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt", tmp_path / "m.bin",
-                            base_model=FIXTURE / "base")
+    result = bridge.convert(
+        FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt", tmp_path / "m.bin", base_model=FIXTURE / "base"
+    )
     assert result.sparsity == 0.25 and load(tmp_path / "m.bin")["config"]["base_model"] == str(FIXTURE / "base")
 
 
@@ -167,8 +170,10 @@ def truncated_pt(tmp_path: Path) -> Path:
 def not_slicegpt(tmp_path: Path) -> Path:
     target = tmp_path / "notsliced"
     shutil.copytree(FIXTURE / "sliced", target)
-    torch.save({"model.embed_tokens.weight": torch.zeros(4, 4), "model.layers.0.input_layernorm.weight": torch.ones(4)},
-               target / "Meta-Llama-3-tiny_0.25.pt")
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(4, 4), "model.layers.0.input_layernorm.weight": torch.ones(4)},
+        target / "Meta-Llama-3-tiny_0.25.pt",
+    )
     return target
 
 
@@ -188,15 +193,27 @@ def mistral(tmp_path: Path) -> Path:
 
 
 BAD_INPUTS = {
-    "missing .pt": (lambda tmp: tmp / "nothing" / "x_0.25.pt", {}, checkpoint_errors.CheckpointNotFound,
-                    "does not exist"),
+    "missing .pt": (
+        lambda tmp: tmp / "nothing" / "x_0.25.pt",
+        {},
+        checkpoint_errors.CheckpointNotFound,
+        "does not exist",
+    ),
     "not a SliceGPT state dict": (not_slicegpt, {}, checkpoint_errors.NotASliceGPTCheckpoint, "plain, unsliced"),
     "truncated file": (truncated_pt, {}, checkpoint_errors.TruncatedCheckpoint, ""),
     "base dir without config": (no_config, {}, checkpoint_errors.BaseConfigMissing, "config.json"),
-    "wrong sparsity": (lambda tmp: FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt", {"sparsity": 0.2},
-                       checkpoint_errors.SparsityMismatch, "0.25"),
-    "wrong round_interval": (lambda tmp: FIXTURE / "sliced", {"round_interval": 64},
-                             checkpoint_errors.SparsityMismatch, "round_interval"),
+    "wrong sparsity": (
+        lambda tmp: FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt",
+        {"sparsity": 0.2},
+        checkpoint_errors.SparsityMismatch,
+        "0.25",
+    ),
+    "wrong round_interval": (
+        lambda tmp: FIXTURE / "sliced",
+        {"round_interval": 64},
+        checkpoint_errors.SparsityMismatch,
+        "round_interval",
+    ),
     "unsupported architecture": (mistral, {}, checkpoint_errors.UnsupportedArchitecture, "Llama"),
 }
 
@@ -312,8 +329,20 @@ print(nmse(logits, ref["logits_fp32"]))
 
 def test_bin_also_loads_under_transformers_4_41(converted, slicegpt_env):
     repo = Path(__file__).resolve().parent.parent
-    done = subprocess.run([str(slicegpt_env / "bin" / "python"), "-I", "-c", LOAD_IN_OLD_ENV, str(converted[0]),
-                           str(repo), str(FIXTURE / "reference.pt")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(slicegpt_env / "bin" / "python"),
+            "-I",
+            "-c",
+            LOAD_IN_OLD_ENV,
+            str(converted[0]),
+            str(repo),
+            str(FIXTURE / "reference.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip()) <= FP32_NMSE
 

@@ -45,10 +45,7 @@ def test_conda_name_from_an_envs_dir(slicegpt_env, no_conda, monkeypatch):
 
 def test_conda_name_from_conda_env_list(slicegpt_env, no_conda, monkeypatch):
     fake_conda = no_conda / "conda"
-    fake_conda.write_text(
-        "#!/bin/sh\n"
-        f"echo '{json.dumps({'envs': ['/nonexistent/root', str(slicegpt_env)]})}'\n"
-    )
+    fake_conda.write_text(f"#!/bin/sh\necho '{json.dumps({'envs': ['/nonexistent/root', str(slicegpt_env)]})}'\n")
     fake_conda.chmod(0o755)
     monkeypatch.setenv("CONDA_EXE", str(fake_conda))
     env = find_env(slicegpt_env.name)

@@ -68,10 +68,21 @@ def run_in_slicegpt_env(script: str, *args: str, tmp: Path, timeout: float = 240
     """Run ``script`` isolated (``python -I``) in the slicegpt env; returns its last stdout line as JSON."""
     path = tmp / "script.py"
     path.write_text(script)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp / "hf-modules"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
-    completed = subprocess.run([str(slicegpt_python()), "-I", str(path), *args], capture_output=True, text=True,
-                               timeout=timeout, env=env, cwd=str(tmp), stdin=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp / "hf-modules"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    completed = subprocess.run(
+        [str(slicegpt_python()), "-I", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(tmp),
+        stdin=subprocess.DEVNULL,
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -107,7 +118,7 @@ def export_fixture(model, out: Path, **kwargs: Any):
 
 
 # The 4.41 side: loads each export with remote code only (slicebridge must not be importable).
-LOAD_SCRIPT_441 = r'''
+LOAD_SCRIPT_441 = r"""
 import importlib.util, json, sys
 import torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,10 +142,10 @@ for directory in sys.argv[5:]:
     report["exports"][directory] = entry
 torch.save(logits, sys.argv[4])  # compared in the test, with slicebridge's own metrics
 print(json.dumps(report))
-'''
+"""
 
 # The 4.41 side of production: export there (repo put on sys.path explicitly), read here.
-EXPORT_SCRIPT_441 = r'''
+EXPORT_SCRIPT_441 = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import transformers
@@ -147,7 +158,7 @@ checkpoint = read_checkpoint(fixture + "/sliced")
 summary = export_model(checkpoint.build_model(), out, tokenizer_files=tokenizer_files(fixture + "/sliced"),
                        provenance=checkpoint_provenance(checkpoint, loader="builtin"))
 print(json.dumps({"transformers": transformers.__version__, "files": summary.files}))
-'''
+"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,8 +195,16 @@ def sharded_dir(portable_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report_441(export_dir, sharded_dir, tmp_path_factory, reference) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("load441")
-    report = run_in_slicegpt_env(LOAD_SCRIPT_441, str(FIXTURE / "reference.pt"), str(FIXTURE / "base"), SAMPLE_TEXT,
-                                 str(tmp / "logits.pt"), str(export_dir), str(sharded_dir), tmp=tmp)
+    report = run_in_slicegpt_env(
+        LOAD_SCRIPT_441,
+        str(FIXTURE / "reference.pt"),
+        str(FIXTURE / "base"),
+        SAMPLE_TEXT,
+        str(tmp / "logits.pt"),
+        str(export_dir),
+        str(sharded_dir),
+        tmp=tmp,
+    )
     logits = torch.load(tmp / "logits.pt", weights_only=True)
     for directory, entry in report["exports"].items():
         entry["probe"] = logit_metrics(logits[directory]["probe"], reference["logits_fp32"])
@@ -254,10 +273,22 @@ def test_provenance_json_and_model_card(export_dir, sharded_dir):
     front_matter = card.split("---\n")[1]
     assert "library_name: transformers" in front_matter
     assert all(f"- {tag}" in front_matter for tag in ("slicegpt", "sliced", "slicebridge"))
-    for expected in ("982,144", "855,552", "76,800", "0.1289", "| sparsity | 0.25 |", "| round_interval | 8 |",
-                     "Meta-Llama-3-tiny_0.25.pt", "| base model | `sliced` |", "| loader used | builtin |",
-                     "Constant sliced width 96 of 128", "trust_remote_code=True", "slicebridge.load(",
-                     "Not verified", f"| transformers | {provenance['producer']['transformers']} |"):
+    for expected in (
+        "982,144",
+        "855,552",
+        "76,800",
+        "0.1289",
+        "| sparsity | 0.25 |",
+        "| round_interval | 8 |",
+        "Meta-Llama-3-tiny_0.25.pt",
+        "| base model | `sliced` |",
+        "| loader used | builtin |",
+        "Constant sliced width 96 of 128",
+        "trust_remote_code=True",
+        "slicebridge.load(",
+        "Not verified",
+        f"| transformers | {provenance['producer']['transformers']} |",
+    ):
         assert expected in card, expected
 
     verified = json.loads((sharded_dir / "slicebridge.json").read_text())["verification"]
@@ -310,8 +341,11 @@ def test_remote_code_in_transformers_4_41_without_slicebridge(report_441, export
             assert entry[name]["nmse"] <= NMSE_LIMIT and entry[name]["top1"] == 1.0, (name, entry[name])
         assert entry["tokens_match_base"]
     # greedy decoding in 4.41 gives the tokens our own classes give here
-    expected = load_export(export_dir)["model"].float().generate(
-        reference["probe_ids"][:, :12], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = (
+        load_export(export_dir)["model"]
+        .float()
+        .generate(reference["probe_ids"][:, :12], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    )
     assert report_441["exports"][str(export_dir)]["generated"] == expected.tolist()
 
 
@@ -369,7 +403,8 @@ def test_sharded_export_has_valid_index_and_same_logits(sharded_dir, export_dir,
     stored: dict[str, torch.Tensor] = {}
     for name in shards:
         assert (sharded_dir / name).stat().st_size <= SMALL_SHARD + 64 * 1024 or len(
-            safetensors.torch.load_file(str(sharded_dir / name))) == 1
+            safetensors.torch.load_file(str(sharded_dir / name))
+        ) == 1
         part = safetensors.torch.load_file(str(sharded_dir / name))
         assert all(index["weight_map"][key] == name for key in part)
         stored.update(part)
@@ -549,8 +584,7 @@ def test_export_through_the_server_loads_both_ways(bridge, tmp_path):
     assert result.params == {"dense": 982144, "sliced": 855552, "shortcut_q": 76800}
     assert result.verification["status"].startswith("not checked here")
     reference = torch.load(FIXTURE / "reference.pt", weights_only=True)
-    for model in (slicebridge.load(out)["model"],
-                  AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):
+    for model in (slicebridge.load(out)["model"], AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):
         with torch.no_grad():
             logits = model.float()(reference["probe_ids"]).logits
         want = reference["logits_fp32"]

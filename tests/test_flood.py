@@ -103,8 +103,12 @@ def test_a_flood_without_the_key_does_not_hold_up_a_client(tcp_bridge, capsys):
     rss_before = rss_bytes(b.server.pid)
     log_before = Path(b.server.info.log_path).read_text().count("\n")
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.getuid() == 0 else []
-    flood = subprocess.Popen([*as_nobody, sys.executable, "-c", FLOOD, str(port), str(FLOOD_S)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flood = subprocess.Popen(
+        [*as_nobody, sys.executable, "-c", FLOOD, str(port), str(FLOOD_S)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert flood.stdout.readline().strip() == "ready", flood.stderr.read()
         latencies = []
@@ -121,10 +125,12 @@ def test_a_flood_without_the_key_does_not_hold_up_a_client(tcp_bridge, capsys):
     assert flood.returncode == 0, err[-2000:]
     p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 2 else latencies[0]
     with capsys.disabled():
-        print(f"\nlegitimate echo during an {FLOOD_S:.0f}s flood without the key: {len(latencies)} requests, "
-              f"p50 {statistics.median(latencies) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, "
-              f"max {max(latencies) * 1e3:.1f} ms; {out.split()[-1]} of 1100 idle connections closed "
-              f"(handshake timeout {HANDSHAKE_TIMEOUT_MS / 1000:.0f}s)")
+        print(
+            f"\nlegitimate echo during an {FLOOD_S:.0f}s flood without the key: {len(latencies)} requests, "
+            f"p50 {statistics.median(latencies) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, "
+            f"max {max(latencies) * 1e3:.1f} ms; {out.split()[-1]} of 1100 idle connections closed "
+            f"(handshake timeout {HANDSHAKE_TIMEOUT_MS / 1000:.0f}s)"
+        )
     assert max(latencies) < 5.0  # generous: before, an echo took 18 s
     assert out.split()[-2:] == ["closed", "1100"]
     counters = b.stats().counters

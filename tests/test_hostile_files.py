@@ -62,8 +62,16 @@ for path in sys.argv[2:]:
 
 
 def _save_bin(path: Path, config: dict, state_dict: dict, tokenizer_files: dict | None = None) -> Path:
-    torch.save({"model": ModelRecipe(config, state_dict), "tokenizer": TokenizerRecipe(tokenizer_files or {}),
-                "method": "SliceGPT", "format": "slicebridge.bin", "format_version": 1}, path)
+    torch.save(
+        {
+            "model": ModelRecipe(config, state_dict),
+            "tokenizer": TokenizerRecipe(tokenizer_files or {}),
+            "method": "SliceGPT",
+            "format": "slicebridge.bin",
+            "format_version": 1,
+        },
+        path,
+    )
     return path
 
 
@@ -75,23 +83,33 @@ def capped_loads(tmp_path_factory):
     config = model.config.to_dict()
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     vocab = 2**22  # [vocab, 96] + [vocab, 128] float32: 3.8 GB claimed, 8 bytes stored
-    stride0 = {**state, "model.embed_tokens.weight": torch.zeros(1).as_strided((vocab, 96), (0, 0)),
-               "lm_head.weight": torch.zeros(1).as_strided((vocab, 128), (0, 0))}
+    stride0 = {
+        **state,
+        "model.embed_tokens.weight": torch.zeros(1).as_strided((vocab, 96), (0, 0)),
+        "lm_head.weight": torch.zeros(1).as_strided((vocab, 128), (0, 0)),
+    }
     no_widths = {key: value for key, value in config.items() if not key.endswith(("_dimension", "_dimensions"))}
     blob = b"x" * 2**20
     paths = {
         "real": _save_bin(directory / "real.bin", config, state),
         "stride0": _save_bin(directory / "stride0.bin", {**config, "vocab_size": vocab}, stride0),
         "layers": _save_bin(directory / "layers.bin", {**no_widths, "num_hidden_layers": 3_000_000}, {}),
-        "tokenizer": _save_bin(directory / "tokenizer.bin", config, state,
-                               {f"tokenizer{idx}.json": blob for idx in range(500)}),
-        "tokenizer_aliases": _save_bin(directory / "aliases.bin", config, state,
-                                       {"tokenizer.json": blob, "vocab.json": blob, "merges.txt": blob}),
+        "tokenizer": _save_bin(
+            directory / "tokenizer.bin", config, state, {f"tokenizer{idx}.json": blob for idx in range(500)}
+        ),
+        "tokenizer_aliases": _save_bin(
+            directory / "aliases.bin", config, state, {"tokenizer.json": blob, "vocab.json": blob, "merges.txt": blob}
+        ),
     }
     tmpdir = directory / "tmp"
     tmpdir.mkdir()
-    proc = subprocess.run([sys.executable, "-c", LOAD_CAPPED, str(HEADROOM), *map(str, paths.values())],
-                          capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(tmpdir)})
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_CAPPED, str(HEADROOM), *map(str, paths.values())],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes = {Path(line["path"]).name: line for line in map(json.loads, proc.stdout.splitlines())}
     assert not list(tmpdir.iterdir()), "a refused .bin left files in $TMPDIR"
@@ -184,7 +202,7 @@ def test_overlapping_views_of_one_storage_are_refused(tmp_path):
     for layer in range(4):
         for offset, name in enumerate(("gate_proj", "up_proj")):
             key = f"model.layers.{layer}.mlp.{name}.weight"
-            state[key] = shared[2 * layer + offset:][:shape.numel()].view(shape)
+            state[key] = shared[2 * layer + offset :][: shape.numel()].view(shape)
     run_dir = tmp_path / "run"
     shutil.copytree(FIXTURE / "sliced", run_dir, ignore=shutil.ignore_patterns("*.pt"))
     torch.save(state, run_dir / CHECKPOINT.name)
@@ -205,7 +223,7 @@ def _damaged_copy(directory: Path) -> tuple[Path, str]:
     pt.chmod(0o644)
     data = bytearray(pt.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 100] = bytes(b ^ 0xFF for b in data[middle:middle + 100])
+    data[middle : middle + 100] = bytes(b ^ 0xFF for b in data[middle : middle + 100])
     pt.write_bytes(data)
     with zipfile.ZipFile(pt) as archive:
         record = max((r for r in archive.infolist() if r.header_offset <= middle), key=lambda r: r.header_offset)

@@ -50,8 +50,16 @@ def planted(tmp_path):
     """A seed-looking .bin (its pickle names dill) whose 'model' entry is a payload, and its marker."""
     marker = tmp_path / "MARKER"
     path = tmp_path / "planted.bin"
-    torch.save({"model": _CreatesFile(marker), "tokenizer": None, "method": "SliceGPT", "pruning_ratio": 0.25,
-                "helper": dill._dill._load_type}, path)
+    torch.save(
+        {
+            "model": _CreatesFile(marker),
+            "tokenizer": None,
+            "method": "SliceGPT",
+            "pruning_ratio": 0.25,
+            "helper": dill._dill._load_type,
+        },
+        path,
+    )
     return path, marker
 
 
@@ -69,8 +77,12 @@ def portable_model():
 @pytest.fixture(scope="module")
 def export_dir(portable_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "export"
-    export_model(portable_model, out, tokenizer_files=tokenizer_files(CHECKPOINT),
-                 provenance=checkpoint_provenance(read_checkpoint(CHECKPOINT)))
+    export_model(
+        portable_model,
+        out,
+        tokenizer_files=tokenizer_files(CHECKPOINT),
+        provenance=checkpoint_provenance(read_checkpoint(CHECKPOINT)),
+    )
     return out
 
 
@@ -135,12 +147,24 @@ def test_the_real_seed_bin_is_described_from_its_opcodes(bridge, official_bridge
 def test_info_imports_no_module_a_bin_names(tmp_path):
     marker = tmp_path / "MARKER"
     (tmp_path / "plantmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nthing = 1\n")
-    data = (b"\x80\x02}(X\x05\x00\x00\x00model" b"cplantmod\nthing\n" b"X\x04\x00\x00\x00venv" b"cvenv.__main__\nmain\n"
-            b"X\x06\x00\x00\x00helper" b"cdill._dill\n_load_type\n" b"u.")
+    data = (
+        b"\x80\x02}(X\x05\x00\x00\x00model"
+        b"cplantmod\nthing\n"
+        b"X\x04\x00\x00\x00venv"
+        b"cvenv.__main__\nmain\n"
+        b"X\x06\x00\x00\x00helper"
+        b"cdill._dill\n_load_type\n"
+        b"u."
+    )
     (tmp_path / "planted.bin").write_bytes(data)
     before = sorted(os.listdir(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "slicebridge.client.cli", "info", "planted.bin", "--json"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "slicebridge.client.cli", "info", "planted.bin", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     facts = json.loads(done.stdout)[0]
     assert facts["kind"] == "seed-bin" and "plantmod.thing" in " ".join(facts["notes"])
@@ -155,16 +179,23 @@ def _ask_to_run_code(config_json: bytes, marker: Path) -> tuple[bytes, str]:
     config = json.loads(config_json)
     config["tokenizer_class"] = "EvilTokenizer"
     config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]}
-    code = (f"open({str(marker)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizerFast\n"
-            "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    code = (
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
     return json.dumps(config).encode(), code
 
 
 def _load_answering_yes(path: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     """slicebridge.load(path) in a fresh process whose stdin answers y to any prompt."""
-    return subprocess.run([sys.executable, "-c", "import slicebridge, sys; slicebridge.load(sys.argv[1])", str(path)],
-                          input="y\n", capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    return subprocess.run(
+        [sys.executable, "-c", "import slicebridge, sys; slicebridge.load(sys.argv[1])", str(path)],
+        input="y\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
 
 
 def test_loading_an_export_never_runs_its_tokenizer_code(export_dir, tmp_path):
@@ -192,8 +223,7 @@ def test_loading_a_bin_never_asks_to_run_tokenizer_code(portable_model, tmp_path
 # --------------------------------------------------------------------------- item 10: no second read
 
 
-def test_the_official_loader_never_unpickles_a_checkpoint_swapped_after_the_checks(official_env, tmp_path,
-                                                                                  monkeypatch):
+def test_the_official_loader_never_unpickles_a_checkpoint_swapped_after_the_checks(official_env, tmp_path, monkeypatch):
     checkpoint_dir = tmp_path / "shared"
     shutil.copytree(CHECKPOINT, checkpoint_dir)
     pt = checkpoint_dir / "Meta-Llama-3-tiny_0.25.pt"
@@ -262,8 +292,11 @@ def test_links_inside_the_directory_and_the_hf_cache_layout_are_followed(tmp_pat
     (snapshot / "vocab.json").write_text("{}")
     (snapshot / "merges.txt").symlink_to("vocab.json")
     vocab = (snapshot / "vocab.json").resolve()
-    assert tokenizer_paths(snapshot) == {"tokenizer.json": (blobs / "1234").resolve(), "vocab.json": vocab,
-                                         "merges.txt": vocab}
+    assert tokenizer_paths(snapshot) == {
+        "tokenizer.json": (blobs / "1234").resolve(),
+        "vocab.json": vocab,
+        "merges.txt": vocab,
+    }
 
 
 def test_outputs_are_never_more_readable_than_the_files_they_copy(bridge, tmp_path):
@@ -291,6 +324,6 @@ def test_an_export_index_naming_files_outside_it_is_refused(export_dir, tmp_path
     shard = str(outside) if shard == "ABSOLUTE" else shard
     with safe_open(str(outside), "pt") as weights:
         names = list(weights.keys())
-    (planted / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    (planted / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, shard)}))
     with pytest.raises(ExportError, match="outside the export"):
         slicebridge.load(planted)

@@ -61,8 +61,9 @@ def wait_gone(pids, timeout: float = 20) -> bool:
 
 
 def start_json(env: Path, environ: dict | None = None) -> dict:
-    done = subprocess.run([*CLI, "server", "start", "--env", str(env), "--json"], capture_output=True,
-                          text=True, timeout=180, env=environ)
+    done = subprocess.run(
+        [*CLI, "server", "start", "--env", str(env), "--json"], capture_output=True, text=True, timeout=180, env=environ
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -109,8 +110,15 @@ def test_a_connection_file_naming_a_server_of_another_env_is_refused(slicegpt_en
 
 
 def test_concurrent_starts_make_one_server_and_stop_all_stops_every_one(slicegpt_env):
-    starts = [subprocess.Popen([*CLI, "server", "start", "--env", str(slicegpt_env), "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    starts = [
+        subprocess.Popen(
+            [*CLI, "server", "start", "--env", str(slicegpt_env), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     results = []
     for proc in starts:
         out, err = proc.communicate(timeout=300)
@@ -141,9 +149,17 @@ def test_a_reused_pid_is_never_signalled_and_convert_starts_a_fresh_server(slice
     python = str(slicegpt_env / "bin" / "python")
     unrelated = subprocess.Popen(["sleep", "300"])  # what the pid of a SIGKILLed server now names
     try:
-        fake = ConnectionInfo(key=new_key(), endpoint=f"ipc://{tmp_path}/gone.sock", env=str(slicegpt_env),
-                              python=python, prefix=reported_prefix(python), detached=True, ready=True,
-                              pid=unrelated.pid, server_start=str(int(process_start_time(unrelated.pid)) - 1))
+        fake = ConnectionInfo(
+            key=new_key(),
+            endpoint=f"ipc://{tmp_path}/gone.sock",
+            env=str(slicegpt_env),
+            python=python,
+            prefix=reported_prefix(python),
+            detached=True,
+            ready=True,
+            pid=unrelated.pid,
+            server_start=str(int(process_start_time(unrelated.pid)) - 1),
+        )
         conn_path = detached_connection_path(python)
         write_connection_file(fake, conn_path)
         stopped = run_cli("server", "stop", "--env", str(slicegpt_env))
@@ -151,8 +167,16 @@ def test_a_reused_pid_is_never_signalled_and_convert_starts_a_fresh_server(slice
         assert unrelated.poll() is None
 
         write_connection_file(fake, conn_path)
-        done = run_cli("convert", "--slicegpt_model", str(FIXTURE / "sliced"), "--output",
-                       str(tmp_path / "m.bin"), "--env", str(slicegpt_env), "--json")
+        done = run_cli(
+            "convert",
+            "--slicegpt_model",
+            str(FIXTURE / "sliced"),
+            "--output",
+            str(tmp_path / "m.bin"),
+            "--env",
+            str(slicegpt_env),
+            "--json",
+        )
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "m.bin").is_file()
         assert "stopped answering" not in done.stderr

@@ -50,9 +50,15 @@ def test_many_clients_many_requests(slicegpt_env, transport):
     flags = ["--tcp"] if transport == "tcp" else []
     assert run_cli("server", "start", "--env", str(slicegpt_env), *flags).returncode == 0
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", ECHO_CLIENT, str(slicegpt_env), f"c{k}", str(REQUESTS)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for k in range(CLIENTS)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", ECHO_CLIENT, str(slicegpt_env), f"c{k}", str(REQUESTS)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for k in range(CLIENTS)
+        ]
         for proc in procs:
             out, err = proc.communicate(timeout=180)
             assert proc.returncode == 0, err
@@ -105,9 +111,15 @@ def test_two_clients_converting_at_once_get_correct_outputs(slicegpt_env, tmp_pa
     reference = torch.load(FIXTURE / "reference.pt", weights_only=True)
     assert run_cli("server", "start", "--env", str(slicegpt_env)).returncode == 0
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", CONVERT_CLIENT, str(slicegpt_env), str(tmp_path), tag,
-                                   *sources], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for tag in ("a", "b")]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CONVERT_CLIENT, str(slicegpt_env), str(tmp_path), tag, *sources],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for tag in ("a", "b")
+        ]
         outputs = []
         for proc in procs:
             out, err = proc.communicate(timeout=300)

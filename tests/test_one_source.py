@@ -29,8 +29,9 @@ CHECKPOINT = FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt"
 def tied_run(tmp_path_factory):
     """A run_slicegpt-style directory sliced from a base model whose head is tied to its embeddings."""
     tmp = tmp_path_factory.mktemp("tied")
-    dense = make_dense_llama(tmp / "Llama-tied", dtype="float32", tie_word_embeddings=True,
-                             **dict(PRESETS["tiny"], num_layers=2))
+    dense = make_dense_llama(
+        tmp / "Llama-tied", dtype="float32", tie_word_embeddings=True, **dict(PRESETS["tiny"], num_layers=2)
+    )
     run = slice_llama(dense, tmp / "run", sparsity=0.25, num_calibration_samples=2, calibration_seq_len=16)
     return next(run.glob("*.pt")), dense
 
@@ -61,10 +62,20 @@ def test_per_layer_widths_are_said_so_by_info_and_the_card(tmp_path):
     from slicebridge.model.export import export_model
     from slicebridge.model.modeling_sliced_llama import SlicedLlamaForCausalLM
 
-    config = SlicedLlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, embedding_dimension=96,
-                               attention_input_dimensions=[96, 80], attention_output_dimensions=[96, 80],
-                               mlp_input_dimensions=[96, 80], mlp_output_dimensions=[80, 128], lm_head_dimension=128)
+    config = SlicedLlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        embedding_dimension=96,
+        attention_input_dimensions=[96, 80],
+        attention_output_dimensions=[96, 80],
+        mlp_input_dimensions=[96, 80],
+        mlp_output_dimensions=[80, 128],
+        lm_head_dimension=128,
+    )
     export_model(SlicedLlamaForCausalLM(config).eval(), tmp_path / "hf", tokenizer_files={}, provenance={})
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "Per-layer sliced widths (dense width 128); embeddings 96, LM head 128." in card

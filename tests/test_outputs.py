@@ -51,12 +51,23 @@ def test_batch_inputs_with_equal_derived_names_get_distinct_outputs(slicegpt_env
     for sweep in ("a", "b"):  # a/run/NAME.pt and b/run/NAME.pt: equal names, equal run dir names
         shutil.copytree(CHECKPOINT, tmp_path / sweep / "run")
     out = tmp_path / "out"
-    done = run_cli("convert", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), "--output-dir", str(out),
-                   "--overwrite", "--env", str(slicegpt_env), "--json")
+    done = run_cli(
+        "convert",
+        str(tmp_path / "a" / "run"),
+        str(tmp_path / "b" / "run"),
+        "--output-dir",
+        str(out),
+        "--overwrite",
+        "--env",
+        str(slicegpt_env),
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
-    assert [Path(r["output"]).name for r in rows] == ["a-run-Meta-Llama-3-tiny_0.25.bin",
-                                                      "b-run-Meta-Llama-3-tiny_0.25.bin"]
+    assert [Path(r["output"]).name for r in rows] == [
+        "a-run-Meta-Llama-3-tiny_0.25.bin",
+        "b-run-Meta-Llama-3-tiny_0.25.bin",
+    ]
     assert sorted(p.name for p in out.iterdir()) == sorted(Path(r["output"]).name for r in rows)  # two files
     assert all(load(r["output"])["method"] == "SliceGPT" for r in rows)
 
@@ -65,8 +76,9 @@ def test_a_batch_whose_output_would_replace_an_input_is_refused_before_starting(
     run = tmp_path / "run"
     shutil.copytree(CHECKPOINT, run)
     before = (run / PT_NAME).read_bytes()
-    done = run_cli("convert", str(run / PT_NAME), "--output", str(run / PT_NAME), "--overwrite",
-                   "--env", str(slicegpt_env))
+    done = run_cli(
+        "convert", str(run / PT_NAME), "--output", str(run / PT_NAME), "--overwrite", "--env", str(slicegpt_env)
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "refusing to start" in done.stderr and str(run / PT_NAME) in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -76,8 +88,16 @@ def test_a_batch_whose_output_would_replace_an_input_is_refused_before_starting(
 def test_one_checkpoint_named_two_ways_is_converted_once(slicegpt_env, tmp_path):
     (tmp_path / "alias").symlink_to(CHECKPOINT)
     out = tmp_path / "out"
-    done = run_cli("convert", str(CHECKPOINT / PT_NAME), str(tmp_path / "alias" / PT_NAME),
-                   "--output-dir", str(out), "--env", str(slicegpt_env), "--json")
+    done = run_cli(
+        "convert",
+        str(CHECKPOINT / PT_NAME),
+        str(tmp_path / "alias" / PT_NAME),
+        "--output-dir",
+        str(out),
+        "--env",
+        str(slicegpt_env),
+        "--json",
+    )
     rows = json.loads(done.stdout)
     assert done.returncode == 0 and len(rows) == 1, done.stderr
     assert [p.name for p in out.iterdir()] == ["Meta-Llama-3-tiny_0.25.bin"]
@@ -106,8 +126,9 @@ def test_a_trailing_slash_means_a_directory_made_like_mkdir_p(slicegpt_env, brid
 
 def test_an_output_directory_that_cannot_be_made_is_one_sentence(slicegpt_env, tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    done = run_cli("convert", str(CHECKPOINT), "--output-dir", str(tmp_path / "file" / "sub"),
-                   "--env", str(slicegpt_env))
+    done = run_cli(
+        "convert", str(CHECKPOINT), "--output-dir", str(tmp_path / "file" / "sub"), "--env", str(slicegpt_env)
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("slicebridge: error: cannot create the output directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -134,7 +155,7 @@ def test_concurrent_directory_publishes_lose_with_output_exists(tmp_path):
         barrier = threading.Barrier(writers)
         outcomes = []
 
-        def write(index):
+        def write(index, target=target, barrier=barrier, outcomes=outcomes):
             try:
                 with (
                     request_scope.serving(lambda: None, lambda path: barrier.wait(timeout=30)),
@@ -172,8 +193,15 @@ with Bridge(env=sys.argv[1], attach=False, debug_ops=True) as b:
 
 def test_two_servers_exporting_to_one_directory_one_wins_the_other_gets_output_exists(slicegpt_env, tmp_path):
     out = tmp_path / "shared-export"
-    procs = [subprocess.Popen([sys.executable, "-c", EXPORT_ONE, str(slicegpt_env), str(CHECKPOINT), str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", EXPORT_ONE, str(slicegpt_env), str(CHECKPOINT), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=120)
@@ -186,6 +214,7 @@ def test_two_servers_exporting_to_one_directory_one_wins_the_other_gets_output_e
 def test_ctrl_c_mid_publish_of_an_export_leaves_nothing(slicegpt_env, tmp_path, monkeypatch):
     monkeypatch.setenv("SLICEBRIDGE_DEBUG_FAULTS", "publish:pause=60")
     with Bridge(env=str(slicegpt_env), attach=False, debug_ops=True) as paused:
+
         def interrupt_once_written():
             if wait_for(lambda: partials(tmp_path), 30):
                 import _thread
@@ -222,16 +251,22 @@ def test_a_full_disk_during_export_is_a_typed_one_sentence_error_and_leaves_noth
     """The disk is a 1 MiB tmpfs in a private mount namespace; the client and its server run inside it."""
     small = tmp_path / "small"
     small.mkdir()
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m",
-                            "tmpfs", str(small)], capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         pytest.skip(f"this kernel refuses a private tmpfs mount: {probe.stderr.strip()}")
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK)
-    inside = (f"mount -t tmpfs -o size=1m tmpfs {small} && {sys.executable} {script} {slicegpt_env} "
-              f"{CHECKPOINT} {small} && ls -A {small}")
-    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", inside],
-                          capture_output=True, text=True, timeout=120)
+    inside = (
+        f"mount -t tmpfs -o size=1m tmpfs {small} && {sys.executable} {script} {slicegpt_env} "
+        f"{CHECKPOINT} {small} && ls -A {small}"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", inside], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     *_, report, listing = done.stdout.strip().splitlines() + [""]
     seen = json.loads(report)

@@ -29,8 +29,20 @@ def test_tensors_travel_as_raw_frames_not_in_the_header():
     assert header["tensors"] == [{"dtype": "float32", "shape": [1000], "nbytes": 4000}]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                                   torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    ],
+)
 def test_tensor_roundtrip_is_bit_exact(dtype):
     codec = Codec(new_key())
     t = (torch.randn(3, 5, 7) * 100).to(dtype)
@@ -40,8 +52,9 @@ def test_tensor_roundtrip_is_bit_exact(dtype):
     back = roundtrip(codec, protocol.Message(protocol.RESULT, "r", [t, {"k": t.permute(2, 0, 1)}])).body
     for got, want in [(back[0].to_torch(), t), (back[1]["k"].to_torch(), t.permute(2, 0, 1))]:
         assert got.dtype == want.dtype and got.shape == want.shape
-        assert bytes(got.contiguous().view(torch.uint8).reshape(-1).numpy()) == \
-            bytes(want.contiguous().view(torch.uint8).reshape(-1).numpy())
+        assert bytes(got.contiguous().view(torch.uint8).reshape(-1).numpy()) == bytes(
+            want.contiguous().view(torch.uint8).reshape(-1).numpy()
+        )
 
 
 def test_empty_and_scalar_tensors():
@@ -139,7 +152,7 @@ def test_large_tensors_go_through_shared_memory_and_leave_nothing_behind():
     received = back[0].to_torch()
     received.add_(1)  # the mapping is copy-on-write: writable without a copy up front
     assert torch.equal(received, big + 1)
-    assert [p for p in shm.shm_dir().glob(f"{__import__('os').getpid()}-*.buf")] == []
+    assert list(shm.shm_dir().glob(f"{__import__('os').getpid()}-*.buf")) == []
 
 
 def test_shared_buffers_of_dead_writers_are_swept(tmp_path):

@@ -111,8 +111,9 @@ with Bridge(env=sys.argv[1]) as b:
 def test_killed_client_detached_server_cancels_its_work_and_serves_others(slicegpt_env):
     assert run_cli("server", "start", "--env", str(slicegpt_env), env={"SLICEBRIDGE_DEBUG_OPS": "1"}).returncode == 0
     try:
-        client = subprocess.Popen([sys.executable, "-c", CLIENT_IN_A_LONG_REQUEST, str(slicegpt_env)],
-                                  stdout=subprocess.PIPE, text=True)
+        client = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_IN_A_LONG_REQUEST, str(slicegpt_env)], stdout=subprocess.PIPE, text=True
+        )
         server_pid = int(client.stdout.readline())
         with Bridge(env=str(slicegpt_env)) as other:
             assert other.server.pid == server_pid and not other.owns_server
@@ -173,8 +174,12 @@ with Bridge(env=sys.argv[1], attach=False) as b:
 
 def test_a_full_disk_fails_cleanly(slicegpt_env, tmp_path):
     out = tmp_path / "model.bin"  # 1.7 MB, over the 500 kB limit
-    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(slicegpt_env), str(CHECKPOINT), str(out)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMITED, str(slicegpt_env), str(CHECKPOINT), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert "file size limit" in seen["error"] and "nothing was written" in seen["error"]
@@ -204,9 +209,15 @@ def test_two_clients_converting_to_one_path_one_wins_never_a_mix(slicegpt_env, t
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * 2  # a different model, same shapes
     torch.save(tensors, pt)
     out = tmp_path / "shared.bin"
-    procs = [subprocess.Popen([sys.executable, "-c", CONVERT_ONE, str(slicegpt_env), str(src), str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for src in (CHECKPOINT, other)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONVERT_ONE, str(slicegpt_env), str(src), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for src in (CHECKPOINT, other)
+    ]
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=120)

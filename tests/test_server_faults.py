@@ -76,8 +76,9 @@ def test_a_reply_too_large_to_send_is_an_error_and_the_server_serves_on(slicegpt
     # 8 MB of logits for a 32 KB request, on a server whose messages may be 2 MiB: before, the
     # worker thread died on packing the reply and every later request waited forever.
     with Bridge(env=str(slicegpt_env), attach=False, max_message_bytes=2 << 20) as b:
-        args = protocol.ReferenceArgs(slicegpt_model=str(CHECKPOINT), base_model=str(BASE),
-                                      inputs=[torch.randint(0, 1000, (8, 256))])
+        args = protocol.ReferenceArgs(
+            slicegpt_model=str(CHECKPOINT), base_model=str(BASE), inputs=[torch.randint(0, 1000, (8, 256))]
+        )
         with pytest.raises(MessageTooLarge, match="exceeds the bridge's maximum"):
             b.request("reference", args, timeout=120)
         assert b.request("echo", protocol.EchoArgs(payload="still serving"), timeout=30).payload == "still serving"
@@ -87,11 +88,16 @@ def test_a_reply_too_large_to_send_is_an_error_and_the_server_serves_on(slicegpt
 def test_a_full_dev_shm_sends_large_tensors_through_the_socket(slicegpt_env, tmp_path):
     script = tmp_path / "small_shm.py"
     script.write_text(SMALL_SHM)
-    command = (f"mount -t tmpfs -o size=8m tmpfs /dev/shm && exec {sys.executable} {script} "
-               f"{slicegpt_env} {CHECKPOINT} {BASE}")
+    command = (
+        f"mount -t tmpfs -o size=8m tmpfs /dev/shm && exec {sys.executable} {script} {slicegpt_env} {CHECKPOINT} {BASE}"
+    )
     try:
-        done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", command],
-                              capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", command],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     except FileNotFoundError:
         pytest.skip("unshare is not installed")
     if done.returncode != 0 and ("unshare" in done.stderr.split(":")[0] or "mount" in done.stderr[:200]):
@@ -134,15 +140,13 @@ def test_a_squatted_shared_memory_name_does_not_stop_a_server(slicegpt_env, squa
 
 def test_replies_nobody_takes_are_removed_and_the_server_leaves_nothing_at_stop(slicegpt_env):
     with Bridge(env=str(slicegpt_env), attach=False, debug_ops=True) as b:
-        clients = [subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(b.server.conn_path)])
-                   for _ in range(5)]
+        clients = [subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(b.server.conn_path)]) for _ in range(5)]
         for client in clients:
             assert client.wait(60) == -signal.SIGKILL
         # each dead client's 4 MB reply is removed once the server knows it is gone (at most ~7 s)
         assert wait_for(lambda: not server_buffers(b), 20), server_buffers(b)
         assert b.ping() < 1.0
-        clients = [subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(b.server.conn_path)])
-                   for _ in range(2)]
+        clients = [subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(b.server.conn_path)]) for _ in range(2)]
         for client in clients:
             client.wait(60)
         shm_dir = Path(b.server.info.shm_dir)

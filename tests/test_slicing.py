@@ -163,8 +163,9 @@ def test_dense_model_is_the_same_when_made_under_transformers_441(dense_fp16, tm
         "make_dense_llama(sys.argv[2], **PRESETS['tiny'])"
     )
     made = tmp_path / "tiny441"
-    result = subprocess.run([str(python), "-c", code, str(REPO), str(made)], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [str(python), "-c", code, str(REPO), str(made)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("model.safetensors", "tokenizer.json", "special_tokens_map.json"):
         assert (made / name).read_bytes() == (dense_fp16 / name).read_bytes(), name
@@ -185,14 +186,16 @@ def test_dense_weights_depend_only_on_the_seed(tmp_path):
 )
 def test_presets_have_their_advertised_sizes(preset, low, high):
     shape = PRESETS[preset]
-    count = dense_llama_parameter_count({
-        "hidden_size": shape["hidden_size"],
-        "intermediate_size": shape["intermediate_size"],
-        "num_hidden_layers": shape["num_layers"],
-        "num_attention_heads": shape["num_heads"],
-        "num_key_value_heads": shape["num_kv_heads"],
-        "vocab_size": shape["vocab_size"],
-    })
+    count = dense_llama_parameter_count(
+        {
+            "hidden_size": shape["hidden_size"],
+            "intermediate_size": shape["intermediate_size"],
+            "num_hidden_layers": shape["num_layers"],
+            "num_attention_heads": shape["num_heads"],
+            "num_key_value_heads": shape["num_kv_heads"],
+            "vocab_size": shape["vocab_size"],
+        }
+    )
     assert low <= count <= high
 
 
@@ -228,16 +231,18 @@ def test_sparsity_zero_with_fewer_calibration_tokens_than_hidden(dense_fp32, den
     """32 calibration tokens for hidden 128: the eigenbasis comes from the Gram matrix and an
     orthonormal completion, and must still be an exact rotation."""
     calibration = probes["random"][:1, :32]
-    model = portable_model(slice_llama(dense_fp32, tmp_path, sparsity=0, center_embeddings=False,
-                                       calibration_ids=calibration))
+    model = portable_model(
+        slice_llama(dense_fp32, tmp_path, sparsity=0, center_embeddings=False, calibration_ids=calibration)
+    )
     ids = probes["text"]
     assert nmse(logits_of(model, ids), logits_of(dense_fp32_model, ids)) <= EXACT_NMSE
 
 
 def test_tied_embeddings_are_untied_and_still_exact(tmp_path, probes):
     """A tied head is copied before the embeddings are centered and both are rotated separately."""
-    dense_dir = make_dense_llama(tmp_path / "tied", dtype="float32", tie_word_embeddings=True,
-                                 **dict(PRESETS["tiny"], num_layers=2))
+    dense_dir = make_dense_llama(
+        tmp_path / "tied", dtype="float32", tie_word_embeddings=True, **dict(PRESETS["tiny"], num_layers=2)
+    )
     assert "lm_head.weight" not in load_file(str(dense_dir / "model.safetensors"))
     save_dir = slice_llama(dense_dir, tmp_path / "out", sparsity=0, center_embeddings=False)
     state = read_checkpoint(save_dir).load_tensors()
@@ -269,8 +274,9 @@ def test_a_low_rank_stream_is_sliced_without_loss(low_rank_dense, probes, tmp_pa
 
     dense = load_dense(low_rank_dense)
     sliced = checkpoint.build_model(dtype=torch.float32)
-    broken = build_sliced_llama(with_identity_shortcuts(checkpoint.load_tensors()), checkpoint.sliced_config(),
-                                dtype=torch.float32)
+    broken = build_sliced_llama(
+        with_identity_shortcuts(checkpoint.load_tensors()), checkpoint.sliced_config(), dtype=torch.float32
+    )
     for name, ids in probes.items():
         dense_logits = logits_of(dense, ids)
         assert nmse(logits_of(sliced, ids), dense_logits) <= EXACT_NMSE, name
@@ -286,8 +292,13 @@ def test_a_low_rank_stream_is_sliced_without_loss(low_rank_dense, probes, tmp_pa
 def test_layout_is_run_slicegpt_s(dense_fp16, tmp_path, sparsity, width):
     save_dir = slice_llama(dense_fp16, tmp_path / "out", sparsity=sparsity, round_interval=8)
     stem = f"Meta-Llama-3-tiny_{sparsity}"
-    copied = {"config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
-              "tokenizer_config.json"}
+    copied = {
+        "config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert {p.name for p in save_dir.iterdir()} == {f"{stem}.pt", f"{stem}.json"} | copied
     for name in copied:
         assert (save_dir / name).read_bytes() == (dense_fp16 / name).read_bytes()
@@ -319,15 +330,24 @@ def test_layout_is_run_slicegpt_s(dense_fp16, tmp_path, sparsity, width):
 
 def test_file_names_progress_and_argument_checks(dense_fp16, tmp_path):
     stages: list[tuple[str, int, int]] = []
-    save_dir = slice_llama(dense_fp16, tmp_path, sparsity=0, model_name="meta-llama/Llama-2-mine",
-                           progress=lambda stage, done, total: stages.append((stage, done, total)))
+    save_dir = slice_llama(
+        dense_fp16,
+        tmp_path,
+        sparsity=0,
+        model_name="meta-llama/Llama-2-mine",
+        progress=lambda stage, done, total: stages.append((stage, done, total)),
+    )
     assert (save_dir / "Llama-2-mine_0.0.pt").is_file() and (save_dir / "Llama-2-mine_0.0.json").is_file()
     assert sliced_file_stem("meta-llama/Meta-Llama-3-8B", 0.25) == "Meta-Llama-3-8B_0.25"
     total = 4 + 2
     assert stages[0] == ("embeddings", 1, total) and stages[-1] == ("saved", total, total)
     assert [done for _, done, _ in stages] == list(range(1, total + 1))
-    for bad in ({"sparsity": 1.0}, {"sparsity": -0.1}, {"sparsity": 0.25, "final_orientation": "sideways"},
-                {"sparsity": 0.25, "calibration_ids": torch.tensor([[5, 1000]])}):
+    for bad in (
+        {"sparsity": 1.0},
+        {"sparsity": -0.1},
+        {"sparsity": 0.25, "final_orientation": "sideways"},
+        {"sparsity": 0.25, "calibration_ids": torch.tensor([[5, 1000]])},
+    ):
         with pytest.raises(ValueError):
             slice_llama(dense_fp16, tmp_path / "bad", **bad)
 
@@ -338,22 +358,28 @@ def test_file_names_progress_and_argument_checks(dense_fp16, tmp_path):
 
 
 @pytest.mark.parametrize("sparsity", [0.25, 0.5])
-def test_random_weights_slice_stays_close_to_dense(dense_fp32, dense_fp32_model, probes, tmp_path, sparsity,
-                                                   record_property):
+def test_random_weights_slice_stays_close_to_dense(
+    dense_fp32, dense_fp32_model, probes, tmp_path, sparsity, record_property
+):
     """Random weights leave the stream nearly isotropic, so slicing costs a lot (the official
     slice of the fixture's random model has NMSE 0.2-0.36 vs its dense model at 0.25); still, the
     slice must be far closer to the dense model than one whose shortcut Qs are broken, and on
     text like the calibration's closer than predicting all zeros (NMSE 1)."""
     checkpoint = read_checkpoint(slice_llama(dense_fp32, tmp_path, sparsity=sparsity))
     sliced = checkpoint.build_model(dtype=torch.float32)
-    broken = build_sliced_llama(with_identity_shortcuts(checkpoint.load_tensors()), checkpoint.sliced_config(),
-                                dtype=torch.float32)
+    broken = build_sliced_llama(
+        with_identity_shortcuts(checkpoint.load_tensors()), checkpoint.sliced_config(), dtype=torch.float32
+    )
     agreeing = []
     for name, ids in probes.items():
         dense_logits = logits_of(dense_fp32_model, ids)
         ours, bad = logits_of(sliced, ids), logits_of(broken, ids)
-        figures = {"nmse": nmse(ours, dense_logits), "top1": top1_agreement(ours, dense_logits),
-                   "broken_nmse": nmse(bad, dense_logits), "broken_top1": top1_agreement(bad, dense_logits)}
+        figures = {
+            "nmse": nmse(ours, dense_logits),
+            "top1": top1_agreement(ours, dense_logits),
+            "broken_nmse": nmse(bad, dense_logits),
+            "broken_top1": top1_agreement(bad, dense_logits),
+        }
         record_property(f"sparsity_{sparsity}_{name}", figures)
         logger.info("sparsity %s, %s ids: %s", sparsity, name, figures)
         assert figures["nmse"] < 0.75 * figures["broken_nmse"], figures
@@ -376,9 +402,19 @@ def test_standin_official_loader_agrees_with_the_portable_model(dense_fp16, prob
     ids = torch.cat([probes["text"], probes["random"]])
     torch.save(ids, tmp_path / "ids.pt")
     result = subprocess.run(
-        [str(python), str(STANDIN_LOGITS), str(save_dir), "meta-llama/Meta-Llama-3-tiny", "0.25", "8",
-         str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, timeout=240,
+        [
+            str(python),
+            str(STANDIN_LOGITS),
+            str(save_dir),
+            "meta-llama/Meta-Llama-3-tiny",
+            "0.25",
+            "8",
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

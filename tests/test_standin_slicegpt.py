@@ -29,8 +29,9 @@ FP16_NMSE_MAX = 1e-6
 def report(slicegpt_env) -> dict:
     if not (FIXTURE / "fixture.json").exists():
         pytest.skip(f"the official SliceGPT fixture is missing at {FIXTURE}")
-    done = subprocess.run([str(slicegpt_env / "bin" / "python"), str(CHECK), str(FIXTURE)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(slicegpt_env / "bin" / "python"), str(CHECK), str(FIXTURE)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
 

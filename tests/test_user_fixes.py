@@ -62,8 +62,18 @@ def test_output_dir_is_made_like_mkdir_p(detached, tmp_path):
 
 def test_dir_and_sparsity_pick_one_checkpoint_for_convert_and_verify(detached, run_dir, tmp_path):
     out = tmp_path / "x.bin"
-    done = run_cli("convert", "--slicegpt_model", str(run_dir), "--sparsity", "0.4", "--output", str(out),
-                   "--env", detached, "--json")
+    done = run_cli(
+        "convert",
+        "--slicegpt_model",
+        str(run_dir),
+        "--sparsity",
+        "0.4",
+        "--output",
+        str(out),
+        "--env",
+        detached,
+        "--json",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     [row] = json.loads(done.stdout)
     assert row["checkpoint"].endswith(f"{STEM}_0.4.pt")
@@ -86,8 +96,17 @@ def test_the_api_names_the_output_after_the_picked_checkpoint(detached, run_dir,
 
 
 def test_dir_and_a_sparsity_it_lacks_fail_before_any_work(detached, run_dir, tmp_path):
-    done = run_cli("convert", "--slicegpt_model", str(run_dir), "--sparsity", "0.5", "--output",
-                   str(tmp_path / "x.bin"), "--env", detached)
+    done = run_cli(
+        "convert",
+        "--slicegpt_model",
+        str(run_dir),
+        "--sparsity",
+        "0.5",
+        "--output",
+        str(tmp_path / "x.bin"),
+        "--env",
+        detached,
+    )
     assert done.returncode == 1 and "no checkpoint for sparsity 0.5" in done.stderr
     assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
 
@@ -100,7 +119,11 @@ def test_info_describes_each_checkpoint_of_a_run_dir(run_dir):
     assert done.returncode == 0, done.stdout + done.stderr
     reports = json.loads(done.stdout)
     assert [(r["kind"], r["sparsity"]) for r in reports] == [
-        ("checkpoint", 0.25), ("checkpoint", 0.3), ("checkpoint", 0.4), ("seed-bin", 0.25)]
+        ("checkpoint", 0.25),
+        ("checkpoint", 0.3),
+        ("checkpoint", 0.4),
+        ("seed-bin", 0.25),
+    ]
 
 
 # ------------------------------------------------------------------------------ 13: renamed checkpoint
@@ -111,8 +134,15 @@ def renamed_run(tmp_path_factory) -> Path:
     """A 0.3 checkpoint (and its .json) renamed _0.25: with hidden 184, 0.3 gives width 128 with
     round_interval 8, and 0.25 gives 128 too, but only with round_interval 16 or more."""
     root = tmp_path_factory.mktemp("renamed")
-    dense = make_dense_llama(root / "wide", hidden_size=184, intermediate_size=344, num_layers=2, num_heads=4,
-                             num_kv_heads=2, vocab_size=1000)
+    dense = make_dense_llama(
+        root / "wide",
+        hidden_size=184,
+        intermediate_size=344,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=1000,
+    )
     run = slice_llama(dense, root / "run", sparsity=0.3)
     for suffix in (".pt", ".json"):
         (run / f"Meta-Llama-3-wide_0.3{suffix}").rename(run / f"Meta-Llama-3-wide_0.25{suffix}")
@@ -151,8 +181,7 @@ def test_both_loaders_keep_the_checkpoints_dtype(bridge, official_env, run_dir, 
 def _env_with_official_copy(tmp_path: Path, slicegpt_env: Path, with_version: bool) -> tuple[Path, str]:
     """A venv over the stand-in env whose slicegpt is a git checkout of the stand-in package."""
     checkout = tmp_path / "TransformerCompression"
-    shutil.copytree(STANDIN / "slicegpt", checkout / "src" / "slicegpt",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(STANDIN / "slicegpt", checkout / "src" / "slicegpt", ignore=shutil.ignore_patterns("__pycache__"))
     init = checkout / "src" / "slicegpt" / "__init__.py"
     if not with_version:
         init.write_text(init.read_text().replace('__version__ = "0.1.0+standin"\n', ""))
@@ -166,8 +195,9 @@ def _env_with_official_copy(tmp_path: Path, slicegpt_env: Path, with_version: bo
     subprocess.run([str(python), "-m", "venv", "--without-pip", str(env)], check=True)
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     theirs = subprocess.run([str(python), "-c", purelib], capture_output=True, text=True, check=True).stdout.strip()
-    own = subprocess.run([str(env / "bin" / "python"), "-c", purelib], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    own = subprocess.run(
+        [str(env / "bin" / "python"), "-c", purelib], capture_output=True, text=True, check=True
+    ).stdout.strip()
     Path(own, "official.pth").write_text(f"{theirs}\n{checkout / 'src'}\n")
     return env, commit
 
@@ -178,8 +208,9 @@ def test_doctor_says_which_loader_from_where_at_which_commit(slicegpt_env, tmp_p
     assert done.returncode == 0, done.stdout + done.stderr
     assert "importable (no version metadata)" in done.stdout and " unknown" not in done.stdout
     source = tmp_path / "TransformerCompression" / "src" / "slicegpt"
-    assert f"loader: official slicegpt.hf_utils.load_sliced_model, from {source}, at commit {commit[:12]}" \
-        in done.stdout
+    assert (
+        f"loader: official slicegpt.hf_utils.load_sliced_model, from {source}, at commit {commit[:12]}" in done.stdout
+    )
     report = json.loads(run_cli("doctor", "--env", str(env), "--json").stdout)["official_loader"]
     assert report == {"path": str(source), "commit": commit, "loader_module": True, "used": True}
     plain = run_cli("doctor", "--env", str(slicegpt_env))
@@ -236,9 +267,21 @@ def test_make_convert_over_an_existing_output_says_overwrite_1(detached, tmp_pat
     out = tmp_path / "pruned_model.bin"
     out.write_bytes(b"earlier work")
     env = {**os.environ, "SLICEBRIDGE_TEST_SLICEGPT_ENV": detached}
-    made = subprocess.run(["make", "--no-print-directory", "convert", f"SLICEGPT_MODEL={FIXTURE / 'sliced'}",
-                           f"OUTPUT={out}", f"ENV={detached}"], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=300)
+    made = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "convert",
+            f"SLICEGPT_MODEL={FIXTURE / 'sliced'}",
+            f"OUTPUT={out}",
+            f"ENV={detached}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert made.returncode != 0
     assert f"{out} already exists; pass OVERWRITE=1 to replace it" in made.stdout
     assert "--overwrite" not in made.stdout.replace("--overwrite-flag", "")

@@ -28,8 +28,9 @@ def flip_exponent_bit(path, out, parameter="model.layers.1.self_attn.q_proj.weig
     weight = dict(model.named_parameters())[parameter]
     with torch.no_grad():
         weight.view(-1)[:1].view(torch.int16).bitwise_xor_(1 << 14)
-    save_bin(out, model=model, tokenizer_files=tokenizer_files(CHECKPOINT), pruning_ratio=0.25,
-             actual_ratio=0.13, config={})
+    save_bin(
+        out, model=model, tokenizer_files=tokenizer_files(CHECKPOINT), pruning_ratio=0.25, actual_ratio=0.13, config={}
+    )
     return out
 
 
@@ -52,8 +53,14 @@ def test_our_bin_passes_with_numbers(bridge, good_bin):
 
 def test_fp32_artifact_is_held_to_the_fp32_tolerance(bridge, good_bin, tmp_path):
     contents = load(good_bin)
-    save_bin(tmp_path / "fp32.bin", model=contents["model"].float(), tokenizer_files=tokenizer_files(CHECKPOINT),
-             pruning_ratio=0.25, actual_ratio=0.13, config={})
+    save_bin(
+        tmp_path / "fp32.bin",
+        model=contents["model"].float(),
+        tokenizer_files=tokenizer_files(CHECKPOINT),
+        pruning_ratio=0.25,
+        actual_ratio=0.13,
+        config={},
+    )
     report = bridge.verify(tmp_path / "fp32.bin", CHECKPOINT)
     assert report.compared_dtype == "float16"  # the reference runs as stored: fp16
     assert report.passed

@@ -21,17 +21,26 @@ from slicebridge.bridge.connection import read_connection_file
 from slicebridge.bridge.transport import Codec, admit
 
 MAX_BYTES = 1 << 20
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
     | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
 op_names = st.sampled_from(sorted(set(protocol.OPERATIONS) - {"shutdown"})) | st.text(max_size=12).filter(
-    lambda name: name != "shutdown")
+    lambda name: name != "shutdown"
+)
 
 
 class Target:
@@ -88,8 +97,9 @@ def test_signed_garbage_headers_get_no_reply(target, header):
 @SETTINGS
 @given(op=op_names, args=json_like)
 def test_signed_requests_with_random_operations_and_arguments(target, op, args):
-    message = protocol.Message(protocol.REQUEST, "fuzz-" + protocol.new_request("x", {}).request_id,
-                               {"op": op, "args": args})
+    message = protocol.Message(
+        protocol.REQUEST, "fuzz-" + protocol.new_request("x", {}).request_id, {"op": op, "args": args}
+    )
     replies = target.exchange(target.codec.pack(message), until_final=message.request_id)
     finals = [r for r in replies if r.request_id == message.request_id and r.kind in protocol.FINAL_KINDS]
     assert len(finals) == 1, "exactly one final reply per request"
@@ -109,12 +119,17 @@ def test_signed_envelopes_with_random_bodies(target, body):
 
 
 def test_paths_that_do_not_exist_and_relative_paths(target):
-    for args in ({"slicegpt_model": "/no/such/ckpt.pt", "output": "/tmp/never.bin"},
-                 {"slicegpt_model": "relative/ckpt.pt", "output": "/tmp/never.bin"},
-                 {"slicegpt_model": "/no/such.pt", "output": "relative.bin"}):
+    for args in (
+        {"slicegpt_model": "/no/such/ckpt.pt", "output": "/tmp/never.bin"},
+        {"slicegpt_model": "relative/ckpt.pt", "output": "/tmp/never.bin"},
+        {"slicegpt_model": "/no/such.pt", "output": "relative.bin"},
+    ):
         message = protocol.new_request("convert", args)
-        (final,) = [r for r in target.exchange(target.codec.pack(message), until_final=message.request_id)
-                    if r.kind in protocol.FINAL_KINDS]
+        (final,) = [
+            r
+            for r in target.exchange(target.codec.pack(message), until_final=message.request_id)
+            if r.kind in protocol.FINAL_KINDS
+        ]
         assert final.kind == protocol.ERROR
         assert final.body["error_type"] in ("BadRequest", "CheckpointNotFound")
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -36,8 +37,7 @@ _CANCEL_GRACE_S = 5.0
 
 
 class Channel:
-    def __init__(self, server: ServerProcess, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 10.0):
+    def __init__(self, server: ServerProcess, heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0):
         self.server = server
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -61,8 +61,9 @@ class Channel:
     def send(self, message: protocol.Message) -> None:
         self.socket.send_multipart(self.codec.pack(message), copy=False)
 
-    def request(self, op: str, args: Any = None, on_event: EventCallback | None = None,
-                timeout: float | None = None) -> Any:
+    def request(
+        self, op: str, args: Any = None, on_event: EventCallback | None = None, timeout: float | None = None
+    ) -> Any:
         """Send ``op`` with ``args`` and return the result body (raises the remote error)."""
         message = protocol.new_request(op, args)
         message.body["client"] = self._me
@@ -84,8 +85,7 @@ class Channel:
         except Exception:  # the request ended one way or another; the server is free
             pass
 
-    def _wait(self, request_id: str, op: str, on_event: EventCallback | None,
-              timeout: float | None) -> Any:
+    def _wait(self, request_id: str, op: str, on_event: EventCallback | None, timeout: float | None) -> Any:
         now = time.monotonic()
         deadline = now + timeout if timeout else None
         last_heard = last_turn = now
@@ -104,8 +104,11 @@ class Channel:
                             return message.body
                         if message.kind == protocol.ERROR:
                             body = message.body if isinstance(message.body, dict) else {}
-                            raise remote_error(str(body.get("error_type", "RemoteError")),
-                                               str(body.get("message", "")), str(body.get("traceback", "")))
+                            raise remote_error(
+                                str(body.get("error_type", "RemoteError")),
+                                str(body.get("message", "")),
+                                str(body.get("traceback", "")),
+                            )
                         if message.kind in (protocol.PROGRESS, protocol.LOG) and on_event is not None:
                             on_event(message.kind, message.body)
                     continue
@@ -115,7 +118,8 @@ class Channel:
                 raise ServerDied(
                     f"the slicebridge server (pid {self.server.pid}) died while serving {op!r}"
                     + (f" (exit code {code})" if code is not None else ""),
-                    self.server.stderr_tail(), code,
+                    self.server.stderr_tail(),
+                    code,
                 )
             if now - last_heard > self.heartbeat_timeout:
                 raise ServerDied(

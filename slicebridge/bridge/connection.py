@@ -102,8 +102,12 @@ def private_tmp_dir(tmp: Path, name: str) -> Path:
     chosen = _claimed.get(path)
     if chosen is None or _not_private(chosen) is not None:
         chosen = _claimed[path] = _find_or_make_private(tmp, name)
-        log.warning("%s %s; using the private directory %s instead "
-                    "(set SLICEBRIDGE_RUNTIME_DIR to choose one)", path, problem, chosen)
+        log.warning(
+            "%s %s; using the private directory %s instead (set SLICEBRIDGE_RUNTIME_DIR to choose one)",
+            path,
+            problem,
+            chosen,
+        )
     return chosen
 
 

@@ -27,8 +27,14 @@ log = logging.getLogger("slicebridge.envs")
 
 _CONDA_ROOTS = ["miniconda3", "anaconda3", "miniforge3", "mambaforge", "micromamba", ".conda"]
 _ENV_VARS_DROPPED = ("VIRTUAL_ENV", "__PYVENV_LAUNCHER__", "CONDA_DEFAULT_ENV", "CONDA_PROMPT_MODIFIER")
-_SYSTEM_CONDA_ROOTS = ["/opt/conda", "/opt/miniconda3", "/opt/anaconda3", "/opt/miniforge3",
-                       "/usr/local/miniconda3", "/usr/local/anaconda3"]
+_SYSTEM_CONDA_ROOTS = [
+    "/opt/conda",
+    "/opt/miniconda3",
+    "/opt/anaconda3",
+    "/opt/miniforge3",
+    "/usr/local/miniconda3",
+    "/usr/local/anaconda3",
+]
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,17 @@ def python_free_environ() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k not in _ENV_VARS_DROPPED}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reported_prefix(python: str) -> str:
     """``sys.prefix`` (resolved) as ``python`` reports it when started the way the server is."""
     try:
-        done = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix)"], capture_output=True,
-                              text=True, timeout=60, env=python_free_environ())
+        done = subprocess.run(
+            [python, "-I", "-c", "import sys; print(sys.prefix)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=python_free_environ(),
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EnvNotUsable(f"could not run {python}: {exc}") from None
     lines = done.stdout.strip().splitlines()
@@ -149,8 +160,9 @@ def _conda_env_candidates(tried: list[str]):
         tried.append("conda: not found ($CONDA_EXE unset, no conda/mamba/micromamba on PATH)")
     for exe in executables:
         try:
-            out = subprocess.run([exe, "env", "list", "--json"], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout
+            out = subprocess.run(
+                [exe, "env", "list", "--json"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout
             envs = json.loads(out).get("envs", [])
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             tried.append(f"`{exe} env list --json`: failed ({type(exc).__name__})")

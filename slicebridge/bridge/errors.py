@@ -138,9 +138,16 @@ def register_remote_errors(*classes: type[Exception]) -> None:
     """
     for cls in classes:
         if cls.__name__ not in REMOTE_ERROR_TYPES:
-            REMOTE_ERROR_TYPES[cls.__name__] = type(cls.__name__, (RemoteError, cls), {
-                "__init__": RemoteError.__init__, "__str__": RemoteError.__str__,
-                "__doc__": cls.__doc__, "__module__": cls.__module__})
+            REMOTE_ERROR_TYPES[cls.__name__] = type(
+                cls.__name__,
+                (RemoteError, cls),
+                {
+                    "__init__": RemoteError.__init__,
+                    "__str__": RemoteError.__str__,
+                    "__doc__": cls.__doc__,
+                    "__module__": cls.__module__,
+                },
+            )
 
 
 register_remote_errors(MessageTooLarge)  # a reply too large to send comes back as one

@@ -174,7 +174,7 @@ class ServerProcess:
         code = self.exit_code()
         for line in tail.splitlines():
             if line.startswith(BOOT_ERROR_MARKER):
-                what, *rest = line[len(BOOT_ERROR_MARKER):].split()
+                what, *rest = line[len(BOOT_ERROR_MARKER) :].split()
                 if what == "missing-packages":
                     raise EnvMissingPackages(self.info.env, self.info.python, rest)
                 if what == "python-too-old":
@@ -182,9 +182,7 @@ class ServerProcess:
                         f"the env {self.info.env!r} ({self.info.python}) has Python {rest[0]}; "
                         "the slicebridge server needs Python 3.10 or newer"
                     )
-        raise ServerStartFailed(
-            f"the server in {self.info.python} exited while starting (exit code {code})", tail
-        )
+        raise ServerStartFailed(f"the server in {self.info.python} exited while starting (exit code {code})", tail)
 
     def signal(self, sig: int) -> None:
         """Signal the server through its Popen, or by pid only while that pid is still the process
@@ -318,8 +316,7 @@ def start_server(
         raise ServerStartFailed(f"could not run {env.python}: {exc.strerror}") from None
     finally:
         os.close(log_fd)
-    log.info("started server pid %d in %s (%s)", popen.pid, env.python,
-             "detached" if detached else "owned")
+    log.info("started server pid %d in %s (%s)", popen.pid, env.python, "detached" if detached else "owned")
     server = ServerProcess(conn_path, info, popen, owned=not detached)
     try:
         server.wait_ready(ready_timeout)
@@ -365,8 +362,10 @@ def detached_start_lock(env: PythonEnv, timeout: float):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise ServerStartFailed(f"another process has been starting the server of {env.spec!r} "
-                                            f"for over {timeout:.0f}s; try again") from None
+                    raise ServerStartFailed(
+                        f"another process has been starting the server of {env.spec!r} "
+                        f"for over {timeout:.0f}s; try again"
+                    ) from None
                 time.sleep(0.05)
         yield
     finally:
@@ -384,11 +383,16 @@ def detached_server_processes() -> list[ServerProcess]:
             argv = [os.fsdecode(a) for a in (entry / "cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        if len(argv) >= 6 and argv[1:3] == ["-I", "-c"] and _BOOT_IMPORT in argv[3] \
-                and os.path.dirname(argv[5]) == servers:
+        if (
+            len(argv) >= 6
+            and argv[1:3] == ["-I", "-c"]
+            and _BOOT_IMPORT in argv[3]
+            and os.path.dirname(argv[5]) == servers
+        ):
             pid = int(entry.name)
-            info = ConnectionInfo(key="", env=argv[0], python=argv[0], pid=pid,
-                                  server_start=process_start_time(pid), detached=True)
+            info = ConnectionInfo(
+                key="", env=argv[0], python=argv[0], pid=pid, server_start=process_start_time(pid), detached=True
+            )
             if info.server_start and pid_alive(pid, info.server_start):
                 found.append(ServerProcess(Path(argv[5]), info))
     return found
@@ -419,4 +423,3 @@ def attach(conn_path: Path, quiet: bool = False) -> ServerProcess | None:
 
 def list_detached() -> list[Path]:
     return sorted(p for p in (runtime_dir() / "servers").glob("server-*.json"))
-

@@ -29,7 +29,7 @@ _SHM_DIR_NAME = re.compile(r"^slicebridge-(\d+)-[^/]+$")
 def _socket_path(info: ConnectionInfo) -> Path | None:
     if info.transport != "ipc" or not info.endpoint.startswith("ipc://"):
         return None
-    return Path(info.endpoint[len("ipc://"):])
+    return Path(info.endpoint[len("ipc://") :])
 
 
 def _remove_socket(path: Path) -> bool:

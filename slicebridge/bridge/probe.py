@@ -57,8 +57,13 @@ def probe_interpreter(python: str, timeout: float = 120.0) -> dict:
     """Run the probe in ``python`` (isolated) and return its report, with labels as keys."""
     names = [name for name, _ in PACKAGES]
     try:
-        done = subprocess.run([python, "-I", "-c", PROBE, json.dumps(names)], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, "PYTHONNOUSERSITE": "1"})
+        done = subprocess.run(
+            [python, "-I", "-c", PROBE, json.dumps(names)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONNOUSERSITE": "1"},
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EnvNotUsable(f"could not run {python}: {exc}") from None
     if done.returncode != 0:

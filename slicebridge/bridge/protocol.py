@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import os
 import struct
 import time
 import typing
-import itertools
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import msgpack
 
@@ -59,8 +60,16 @@ FINAL_KINDS = frozenset({RESULT, ERROR})
 
 # Element sizes of the dtypes a tensor may have on the wire (torch's names).
 DTYPE_SIZES = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
 }
 
 
@@ -83,7 +92,7 @@ class TensorFrame:
         return n
 
     @classmethod
-    def from_tensor(cls, tensor: Any) -> "TensorFrame":
+    def from_tensor(cls, tensor: Any) -> TensorFrame:
         """Wrap a torch tensor or numpy array without copying (after making it contiguous on CPU)."""
         module = type(tensor).__module__
         if module.startswith("torch"):
@@ -171,7 +180,6 @@ def new_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
 
 
-
 @dataclass
 class Message:
     """One decoded message (kind, ids, body with tensors restored)."""
@@ -183,8 +191,12 @@ class Message:
     ts: float = field(default_factory=time.time)
 
 
-def encode(message: Message, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-           shared: Callable[[Any], str] | None = None, shared_threshold: int = 1 << 20) -> list:
+def encode(
+    message: Message,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    shared: Callable[[Any], str] | None = None,
+    shared_threshold: int = 1 << 20,
+) -> list:
     """Header and buffer frames of a message (without MAGIC and signature).
 
     With ``shared`` (see ``bridge.shm.put``), tensors of ``shared_threshold`` bytes or more
@@ -238,8 +250,12 @@ def shared_names(header_frames: list) -> list[str]:
     return [spec["shm"] for spec in header["tensors"] if "shm" in spec]
 
 
-def decode(header_bytes: Any, buffers: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-           take_shared: Callable[[str, int], Any] | None = None) -> Message:
+def decode(
+    header_bytes: Any,
+    buffers: list,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    take_shared: Callable[[str, int], Any] | None = None,
+) -> Message:
     """Decode a header and its buffer frames; raises ProtocolError on anything malformed.
 
     Tensors whose spec names a shared-memory buffer are fetched with ``take_shared``.
@@ -255,8 +271,11 @@ def decode(header_bytes: Any, buffers: list, max_bytes: int = DEFAULT_MAX_MESSAG
     kind, msg_id, rid, ts, specs = (header.get(k) for k in ("kind", "id", "rid", "ts", "tensors"))
     if not (isinstance(kind, str) and isinstance(msg_id, str) and isinstance(rid, str)):
         raise ProtocolError("header lacks kind, id or rid")
-    if not isinstance(ts, (int, float)) or not isinstance(specs, list) \
-            or not all(isinstance(spec, dict) for spec in specs):
+    if (
+        not isinstance(ts, (int, float))
+        or not isinstance(specs, list)
+        or not all(isinstance(spec, dict) for spec in specs)
+    ):
         raise ProtocolError("header lacks ts or tensors")
     shared = [spec for spec in specs if "shm" in spec]
     if len(specs) - len(shared) != len(buffers):
@@ -342,7 +361,7 @@ class Progress:
 
     stage: str
     done: float = 0
-    total: Optional[float] = None
+    total: float | None = None
     unit: str = ""
     message: str = ""
 
@@ -465,9 +484,9 @@ class ConvertArgs:
 
     slicegpt_model: str  # a run_slicegpt output dir, or a .pt file
     output: str  # the .bin to write
-    base_model: Optional[str] = None  # base model dir (config, tokenizer); default: beside the checkpoint
-    sparsity: Optional[float] = None  # default: from the SlicingConfig or the file name
-    round_interval: Optional[int] = None
+    base_model: str | None = None  # base model dir (config, tokenizer); default: beside the checkpoint
+    sparsity: float | None = None  # default: from the SlicingConfig or the file name
+    round_interval: int | None = None
     loader: str = "auto"  # auto | official | builtin
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     overwrite: bool = False
@@ -483,7 +502,7 @@ class ConvertResult:
     device: str  # where the model was computed / held in the server
     dtype: str
     sparsity: float
-    round_interval: Optional[int]
+    round_interval: int | None
     actual_ratio: float  # 1 - params(sliced, shortcut Qs included) / params(dense base)
     params: dict  # dense, sliced, shortcut_q
     timings: dict  # seconds: load, save, total
@@ -497,9 +516,9 @@ class ExportArgs:
 
     slicegpt_model: str
     output: str  # the directory to create
-    base_model: Optional[str] = None
-    sparsity: Optional[float] = None
-    round_interval: Optional[int] = None
+    base_model: str | None = None
+    sparsity: float | None = None
+    round_interval: int | None = None
     loader: str = "auto"
     device: str = "auto"
     overwrite: bool = False
@@ -517,7 +536,7 @@ class ExportResult:
     device: str
     dtype: str
     sparsity: float
-    round_interval: Optional[int]
+    round_interval: int | None
     actual_ratio: float
     params: dict
     timings: dict
@@ -544,9 +563,9 @@ class ReferenceArgs:
 
     slicegpt_model: str
     inputs: list  # token-id tensors, each [batch, seq]
-    base_model: Optional[str] = None
-    sparsity: Optional[float] = None
-    round_interval: Optional[int] = None
+    base_model: str | None = None
+    sparsity: float | None = None
+    round_interval: int | None = None
     loader: str = "auto"
     device: str = "auto"
 
@@ -641,8 +660,7 @@ def from_wire(cls: type, data: Any) -> Any:
         value = data[f.name]
         if not _matches(value, hints[f.name]):
             raise TypeError(
-                f"{cls.__name__}.{f.name}: expected {_type_name(hints[f.name])}, "
-                f"got {type(value).__name__}"
+                f"{cls.__name__}.{f.name}: expected {_type_name(hints[f.name])}, got {type(value).__name__}"
             )
         values[f.name] = value
     return cls(**values)
@@ -659,7 +677,7 @@ def result_from_wire(cls: type, data: Any) -> Any:
     return from_wire(cls, data)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types(cls: type) -> tuple[dict, tuple]:
     """Resolved field annotations and fields of a dataclass (resolving them is slow: cache it)."""
     hints = typing.get_type_hints(cls)
@@ -674,9 +692,11 @@ def _matches(value: Any, annotation: Any) -> bool:
     if origin is typing.Union:
         return any(_matches(value, a) for a in typing.get_args(annotation))
     if origin in (list, tuple):
-        return isinstance(value, list) and all(
-            _matches(v, typing.get_args(annotation)[0]) for v in value
-        ) if typing.get_args(annotation) else isinstance(value, list)
+        return (
+            isinstance(value, list) and all(_matches(v, typing.get_args(annotation)[0]) for v in value)
+            if typing.get_args(annotation)
+            else isinstance(value, list)
+        )
     if origin is dict:
         return isinstance(value, dict)
     if annotation is type(None):

@@ -36,8 +36,9 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
@@ -67,8 +68,11 @@ _MAX_OPEN_FILES = 65536  # the soft limit is raised towards this (the hard limit
 # cancelled, its queued ones dropped, the buffers of its untaken replies removed.
 ORPHAN_TIMEOUT_S = 6.0
 # How torch says that a host or GPU allocation failed, when it raises a plain RuntimeError.
-_ALLOCATION_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
-                        "CUDA out of memory")
+_ALLOCATION_FAILURES = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+    "CUDA out of memory",
+)
 
 Handler = Callable[[Any, "RequestContext"], Any]
 
@@ -107,8 +111,9 @@ class RequestContext:
         self._send = send
         self._last_progress = 0.0
 
-    def progress(self, stage: str, done: float = 0, total: float | None = None,
-                 unit: str = "", message: str = "") -> None:
+    def progress(
+        self, stage: str, done: float = 0, total: float | None = None, unit: str = "", message: str = ""
+    ) -> None:
         now = time.monotonic()
         final = total is not None and done >= total
         if not final and now - self._last_progress < _PROGRESS_MIN_INTERVAL_S:
@@ -175,15 +180,24 @@ class _Client:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILURES))
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILURES))
+    )
 
 
 class ServerLoop:
     """Serves requests on the endpoint described by a connection file until told to stop."""
 
-    def __init__(self, conn_path: Path, info: ConnectionInfo, handlers: dict[str, Handler],
-                 runtime_facts: Callable[[], dict] = dict, on_out_of_memory: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        conn_path: Path,
+        info: ConnectionInfo,
+        handlers: dict[str, Handler],
+        runtime_facts: Callable[[], dict] = dict,
+        on_out_of_memory: Callable[[], None] = lambda: None,
+    ):
         self.conn_path = Path(conn_path)
         self.on_out_of_memory = on_out_of_memory
         # ``hello`` is answered by the I/O thread, never queued behind work: its facts (which
@@ -197,8 +211,9 @@ class ServerLoop:
         self.handlers = handlers
         self.state = ServerState(info)
         info.shm_dir = str(shm.shm_dir()) if info.shared_memory else ""
-        self.codec = Codec(info.key, info.max_message_bytes, shared_memory=info.shared_memory,
-                           shm_dir=info.shm_dir or None)
+        self.codec = Codec(
+            info.key, info.max_message_bytes, shared_memory=info.shared_memory, shm_dir=info.shm_dir or None
+        )
         self.context = zmq.Context.instance()
         self._jobs: collections.deque[_Job] = collections.deque()
         self._jobs_cv = threading.Condition()
@@ -228,7 +243,7 @@ class ServerLoop:
             router.bind(f"tcp://{self.info.ip}:*")
         else:
             endpoint = self.info.endpoint or ipc_endpoint(f"server-{os.getpid()}")
-            self._socket_path = endpoint[len("ipc://"):]
+            self._socket_path = endpoint[len("ipc://") :]
             old_umask = os.umask(0o177)
             try:
                 router.bind(endpoint)
@@ -242,8 +257,12 @@ class ServerLoop:
         self.outbox = self.context.socket(zmq.PULL)
         self.outbox.bind(_OUTBOX)
         write_connection_file(self.info, self.conn_path)
-        log.info("listening on %s (pid %d, %s)", self.info.endpoint, self.info.pid,
-                 "detached" if self.info.detached else f"owned by pid {self.info.owner_pid}")
+        log.info(
+            "listening on %s (pid %d, %s)",
+            self.info.endpoint,
+            self.info.pid,
+            "detached" if self.info.detached else f"owned by pid {self.info.owner_pid}",
+        )
 
     def run(self) -> None:
         _raise_open_files_limit()
@@ -357,13 +376,19 @@ class ServerLoop:
         op_name = body["op"]
         ctx.op = op_name
         operation = protocol.OPERATIONS.get(op_name)
-        if operation is None or (operation.diagnostic and not self.info.debug_ops) or (
-            not operation.immediate and op_name not in self.handlers
+        if (
+            operation is None
+            or (operation.diagnostic and not self.info.debug_ops)
+            or (not operation.immediate and op_name not in self.handlers)
         ):
-            known = sorted(n for n, o in protocol.OPERATIONS.items()
-                           if (o.immediate or n in self.handlers) and (self.info.debug_ops or not o.diagnostic))
-            return self._send_error(ctx, "BadRequest",
-                                    f"unknown operation {op_name!r}; this server knows {', '.join(known)}")
+            known = sorted(
+                n
+                for n, o in protocol.OPERATIONS.items()
+                if (o.immediate or n in self.handlers) and (self.info.debug_ops or not o.diagnostic)
+            )
+            return self._send_error(
+                ctx, "BadRequest", f"unknown operation {op_name!r}; this server knows {', '.join(known)}"
+            )
         try:
             args = protocol.from_wire(operation.args, body.get("args", {}))
         except TypeError as exc:
@@ -404,14 +429,18 @@ class ServerLoop:
         if op_name == "ping":
             result = protocol.PingResult(os.getpid(), time.time(), state.busy, state.queued)
         elif op_name == "stats":
-            result = protocol.StatsResult(os.getpid(), time.time() - state.started_at,
-                                          dict(state.counters), state.busy, state.queued,
-                                          self.info.detached)
+            result = protocol.StatsResult(
+                os.getpid(),
+                time.time() - state.started_at,
+                dict(state.counters),
+                state.busy,
+                state.queued,
+                self.info.detached,
+            )
         else:  # shutdown
             result = protocol.ShutdownResult(os.getpid())
             self._stopping.set()
-        self._send_now(ctx.identity, protocol.Message(protocol.RESULT, ctx.request_id,
-                                                      protocol.to_wire(result)))
+        self._send_now(ctx.identity, protocol.Message(protocol.RESULT, ctx.request_id, protocol.to_wire(result)))
 
     def _client(self, identity: bytes) -> _Client:
         client = self._clients.get(identity)
@@ -425,9 +454,13 @@ class ServerLoop:
         self._refused_logged += refused
         self.state.counters["refused_connections"] = self.gatekeeper.refused
         if self._drops or refused:
-            log.warning("in the last %.0fs: dropped %d message(s) (%s), refused %d connection(s) without the key",
-                        _DROP_LOG_INTERVAL_S, sum(self._drops.values()),
-                        ", ".join(f"{n} {reason}" for reason, n in sorted(self._drops.items())) or "none", refused)
+            log.warning(
+                "in the last %.0fs: dropped %d message(s) (%s), refused %d connection(s) without the key",
+                _DROP_LOG_INTERVAL_S,
+                sum(self._drops.values()),
+                ", ".join(f"{n} {reason}" for reason, n in sorted(self._drops.items())) or "none",
+                refused,
+            )
             self._drops.clear()
             self._next_drop_log = now + _DROP_LOG_INTERVAL_S
 
@@ -573,10 +606,14 @@ class ServerLoop:
             self.on_out_of_memory()
         except Exception:  # freeing memory is best effort
             log.exception("freeing memory after an out-of-memory error failed")
-        self._send_error(ctx, "OutOfMemory",
-                         f"the server ran out of {where} memory serving {ctx.op}; it freed what it could and "
-                         "keeps serving (the warm cache keeps what fits SLICEBRIDGE_CACHE_BYTES; device='cpu' "
-                         "avoids the GPU's limit)", tb)
+        self._send_error(
+            ctx,
+            "OutOfMemory",
+            f"the server ran out of {where} memory serving {ctx.op}; it freed what it could and "
+            "keeps serving (the warm cache keeps what fits SLICEBRIDGE_CACHE_BYTES; device='cpu' "
+            "avoids the GPU's limit)",
+            tb,
+        )
 
 
 def _raise_open_files_limit() -> None:

@@ -95,8 +95,7 @@ def put(buffer, directory: Path | None = None) -> str | None:
     try:
         _write(path, view)
     except OSError as exc:
-        log.info("cannot put %d bytes in %s (%s); they go through the socket", view.nbytes, path.parent,
-                 exc.strerror)
+        log.info("cannot put %d bytes in %s (%s); they go through the socket", view.nbytes, path.parent, exc.strerror)
         return None
     return name
 
@@ -105,7 +104,7 @@ def _write(path: Path, view: memoryview) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)

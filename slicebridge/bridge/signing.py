@@ -3,10 +3,11 @@
 The key comes from the connection file (random, 32 bytes, hex). A signature covers
 the header and every tensor buffer sent in the message, so a peer without the key can
 neither forge nor alter a message; a buffer passed through shared memory is not signed (the
-signed header names its file, and ``shm`` says why the file's bytes are safe without). The header carries a unique id and a timestamp; the replay guard
-drops a message whose id it has seen or whose timestamp is outside its window. Before any
-message, a connecting peer must show :func:`connect_token` (see ``transport``), so a peer
-without the key cannot even make the server read what it sends.
+signed header names its file, and ``shm`` says why the file's bytes are safe without). The
+header carries a unique id and a timestamp; the replay guard drops a message whose id it has
+seen or whose timestamp is outside its window. Before any message, a connecting peer must show
+:func:`connect_token` (see ``transport``), so a peer without the key cannot even make the
+server read what it sends.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
 
 SIGNATURE_SCHEME = "hmac-sha256"
 

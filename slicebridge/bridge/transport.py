@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 import hmac
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import zmq
 
@@ -49,8 +49,14 @@ class Codec:
     """Signs and checks messages; with ``shared_memory``, large tensors go through files in
     ``shm_dir`` (the server's directory; this process's own when not given)."""
 
-    def __init__(self, key: str, max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-                 replay_window_s: float = 300.0, shared_memory: bool = False, shm_dir: str | Path | None = None):
+    def __init__(
+        self,
+        key: str,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        replay_window_s: float = 300.0,
+        shared_memory: bool = False,
+        shm_dir: str | Path | None = None,
+    ):
         self.signer = Signer(key)
         self.guard = ReplayGuard(replay_window_s)
         self.max_message_bytes = max_message_bytes
@@ -136,8 +142,12 @@ class Gatekeeper:
     def _answer(self, frames: list) -> None:
         version, request_id, *rest = frames + [b""] * max(0, 8 - len(frames))
         mechanism, credentials = rest[3], rest[4:]
-        admitted = (mechanism == b"PLAIN" and len(credentials) == 2 and credentials[0] == _USER
-                    and hmac.compare_digest(credentials[1], self._token))
+        admitted = (
+            mechanism == b"PLAIN"
+            and len(credentials) == 2
+            and credentials[0] == _USER
+            and hmac.compare_digest(credentials[1], self._token)
+        )
         if not admitted:
             self.refused += 1
         status = (b"200", b"OK") if admitted else (b"400", b"no valid token")

@@ -73,8 +73,9 @@ def default_output(checkpoint: str | os.PathLike, suffix: str = ".bin", sparsity
     return str(path.with_suffix(suffix) if suffix else path.with_suffix(""))
 
 
-def output_path(checkpoint: str | os.PathLike, output: str | os.PathLike | None, suffix: str = ".bin",
-                sparsity: float | None = None) -> str:
+def output_path(
+    checkpoint: str | os.PathLike, output: str | os.PathLike | None, suffix: str = ".bin", sparsity: float | None = None
+) -> str:
     """Where ``checkpoint``'s output goes: ``output``; inside it, named after the checkpoint, when it
     ends in a slash (a directory, made like ``mkdir -p``); beside the checkpoint when it is None."""
     if output is None:
@@ -87,8 +88,14 @@ def output_path(checkpoint: str | os.PathLike, output: str | os.PathLike | None,
     return str(make_directories(text) / Path(default_output(checkpoint, suffix, sparsity)).name)
 
 
-def convert(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | None = None,
-            output: str | os.PathLike | None = None, *, env: str | None = None, **options):
+def convert(
+    slicegpt_model: str | os.PathLike,
+    base_model: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    env: str | None = None,
+    **options,
+):
     """Convert a SliceGPT checkpoint into a portable ``.bin``; returns a ``ConvertResult``.
 
     Options: sparsity (default: from the checkpoint or its file name), round_interval,
@@ -100,15 +107,27 @@ def convert(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | N
     return _call(env, "convert", slicegpt_model, output, base_model=base_model, **options)
 
 
-def export(slicegpt_model: str | os.PathLike, base_model: str | os.PathLike | None = None,
-           output: str | os.PathLike | None = None, *, env: str | None = None, **options):
+def export(
+    slicegpt_model: str | os.PathLike,
+    base_model: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    env: str | None = None,
+    **options,
+):
     """Export a SliceGPT checkpoint as a pickle-free Hugging Face directory; returns an ``ExportResult``."""
     output = output_path(slicegpt_model, output, suffix="", sparsity=options.get("sparsity"))
     return _call(env, "export", slicegpt_model, output, base_model=base_model, **options)
 
 
-def verify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, base_model: str | os.PathLike | None = None,
-           *, env: str | None = None, **options):
+def verify(
+    artifact: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    base_model: str | os.PathLike | None = None,
+    *,
+    env: str | None = None,
+    **options,
+):
     """Verify an artifact in this env against the checkpoint in the server; returns a ``VerifyReport``."""
     return _call(env, "verify", artifact, checkpoint, base_model=base_model, **options)
 
@@ -128,8 +147,14 @@ def info(path: str | os.PathLike, base_model: str | os.PathLike | None = None, *
     return local_info(path, base_model=base_model)
 
 
-def upgrade(source: str | os.PathLike, output: str | os.PathLike, *, env: str | None = None,
-            trust_pickle: bool = False, **options):
+def upgrade(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    env: str | None = None,
+    trust_pickle: bool = False,
+    **options,
+):
     """Turn a ``.bin`` made the seed's way into a portable one, in the slicegpt env.
 
     That unpickles ``source``, which runs code from the file: pass ``trust_pickle=True`` only

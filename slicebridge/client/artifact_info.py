@@ -33,8 +33,10 @@ def info(path: str | os.PathLike, *, base_model: str | os.PathLike | None = None
 
     require_regular_file(path, BinFileError, ".bin file")  # before opening: a FIFO would block forever
     if _is_safetensors(path):
-        raise BinFileError(f"{path} is a safetensors file (bare tensors), not a SliceGPT checkpoint, a .bin nor "
-                           "an export; for an export, pass the directory that holds it")
+        raise BinFileError(
+            f"{path} is a safetensors file (bare tensors), not a SliceGPT checkpoint, a .bin nor "
+            "an export; for an export, pass the directory that holds it"
+        )
     return _bin_info(path, bridge)
 
 
@@ -73,10 +75,14 @@ def _checkpoint_info(path: Path, base_model) -> ArtifactInfo:
 
     checkpoint = read_checkpoint(path, base_dir=base_model)
     facts = ArtifactInfo(
-        path=str(checkpoint.checkpoint_path), kind="checkpoint",
+        path=str(checkpoint.checkpoint_path),
+        kind="checkpoint",
         architecture=f"{(checkpoint.base_config.get('architectures') or ['LlamaForCausalLM'])[0]}, sliced by SliceGPT",
-        sparsity=checkpoint.sparsity, round_interval=checkpoint.round_interval, dtype=checkpoint.dtype,
-        file_bytes=checkpoint.checkpoint_path.stat().st_size, producer={"slicegpt": "run_slicegpt"},
+        sparsity=checkpoint.sparsity,
+        round_interval=checkpoint.round_interval,
+        dtype=checkpoint.dtype,
+        file_bytes=checkpoint.checkpoint_path.stat().st_size,
+        producer={"slicegpt": "run_slicegpt"},
     )
     facts.set_widths(checkpoint.widths, checkpoint.hidden_size)
     facts.set_params(checkpoint.params())
@@ -101,8 +107,12 @@ def _bin_info(path: Path, bridge) -> ArtifactInfo:
         return facts
     contents = load(path)
     config = contents.get("config") or {}
-    meta = {"sparsity": config.get("sparsity"), "round_interval": config.get("round_interval"),
-            "producer": contents.get("producer"), "loader": contents.get("loader")}
+    meta = {
+        "sparsity": config.get("sparsity"),
+        "round_interval": config.get("round_interval"),
+        "producer": contents.get("producer"),
+        "loader": contents.get("loader"),
+    }
     return model_info(path, "bin", contents["model"], meta)
 
 
@@ -111,6 +121,10 @@ def _export_info(path: Path) -> ArtifactInfo:
 
     contents = load_export(path)
     provenance = contents.get("provenance") or {}
-    meta = {"sparsity": provenance.get("sparsity"), "round_interval": provenance.get("round_interval"),
-            "producer": provenance.get("producer"), "loader": provenance.get("loader")}
+    meta = {
+        "sparsity": provenance.get("sparsity"),
+        "round_interval": provenance.get("round_interval"),
+        "producer": provenance.get("producer"),
+        "loader": provenance.get("loader"),
+    }
     return model_info(path, "export", contents["model"], meta)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import glob
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from slicebridge.errors import SlicebridgeError
 from slicebridge.model import atomic
@@ -75,12 +75,13 @@ def output_for(checkpoint: Path, output: str | None, output_dir: str | None, suf
         return atomic.resolve(output)
     directory = atomic.resolve(output_dir) if output_dir else checkpoint.parent
     name = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
-    above = checkpoint.parent.parts[len(checkpoint.parent.parts) - depth:] if depth else ()
+    above = checkpoint.parent.parts[len(checkpoint.parent.parts) - depth :] if depth else ()
     return directory / "-".join((*above, f"{name}{suffix}"))
 
 
-def outputs_for(checkpoints: list[Path], output: str | None, output_dir: str | None, suffix: str,
-                base_model: str | None = None) -> list[Path]:
+def outputs_for(
+    checkpoints: list[Path], output: str | None, output_dir: str | None, suffix: str, base_model: str | None = None
+) -> list[Path]:
     """One distinct output per checkpoint (see the module docstring); ``OutputCollision`` if impossible,
     or if an output is an input (a checkpoint, its ``.json``, ``base_model``) or a directory above one."""
     depths = [0] * len(checkpoints)
@@ -88,17 +89,30 @@ def outputs_for(checkpoints: list[Path], output: str | None, output_dir: str | N
     while clashing := _clashing(outputs):
         deeper = [i for i in clashing if output is None and depths[i] < len(checkpoints[i].parent.parts) - 1]
         if not deeper:
-            raise OutputCollision(_collision_message(checkpoints, outputs, clashing, "is the output of several "
-                                                     "checkpoints", "run them separately, each with its --output"))
+            raise OutputCollision(
+                _collision_message(
+                    checkpoints,
+                    outputs,
+                    clashing,
+                    "is the output of several checkpoints",
+                    "run them separately, each with its --output",
+                )
+            )
         for i in deeper:
             depths[i] += 1
             outputs[i] = output_for(checkpoints[i], output, output_dir, suffix, depths[i])
     inputs = [item for c in checkpoints for item in job_inputs(c, base_model)]  # through any symlink too
     overwritten = [i for i, path in enumerate(outputs) if output_over_input(path, inputs) is not None]
     if overwritten:
-        raise OutputCollision(_collision_message(checkpoints, outputs, overwritten, "is one of the inputs "
-                                                 "(or a directory above one)", "choose another --output or "
-                                                 "--output-dir"))
+        raise OutputCollision(
+            _collision_message(
+                checkpoints,
+                outputs,
+                overwritten,
+                "is one of the inputs (or a directory above one)",
+                "choose another --output or --output-dir",
+            )
+        )
     return outputs
 
 
@@ -106,15 +120,14 @@ def _clashing(outputs: list[Path]) -> list[int]:
     return [i for i, path in enumerate(outputs) if outputs.count(path) > 1]
 
 
-def _collision_message(checkpoints: list[Path], outputs: list[Path], indices: list[int], why: str,
-                       advice: str) -> str:
+def _collision_message(checkpoints: list[Path], outputs: list[Path], indices: list[int], why: str, advice: str) -> str:
     pairs = "; ".join(f"{checkpoints[i]} -> {outputs[i]}" for i in indices)
     return f"refusing to start: an output {why} ({pairs}); {advice}"
 
 
 def run_batch(checkpoints: list[Path], outputs: list[Path], one: Callable[[Path, Path], BatchRow]) -> list[BatchRow]:
     rows = []
-    for checkpoint, output in zip(checkpoints, outputs):
+    for checkpoint, output in zip(checkpoints, outputs, strict=True):
         started = time.perf_counter()
         try:
             row = one(checkpoint, output)
@@ -135,12 +148,19 @@ def summary_table(rows: list[BatchRow]) -> str:
     header = ("checkpoint", "output", "seconds", "actual ratio", "loader", "verify", "result")
     table = [header]
     for row in rows:
-        table.append((Path(row.checkpoint).name, _short(row.output), f"{row.seconds:.2f}",
-                      f"{row.actual_ratio:.4f}" if row.actual_ratio is not None else "-",
-                      row.loader + (" (cached)" if row.cache_hit else "") if row.loader else "-",
-                      row.verify, "ok" if row.ok else f"FAILED: {row.error}" if row.error else "FAILED"))
+        table.append(
+            (
+                Path(row.checkpoint).name,
+                _short(row.output),
+                f"{row.seconds:.2f}",
+                f"{row.actual_ratio:.4f}" if row.actual_ratio is not None else "-",
+                row.loader + (" (cached)" if row.cache_hit else "") if row.loader else "-",
+                row.verify,
+                "ok" if row.ok else f"FAILED: {row.error}" if row.error else "FAILED",
+            )
+        )
     widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in table]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in table]
     lines.insert(1, "-" * len(lines[0]))
     failed = sum(not r.ok for r in rows)
     lines.append(f"{len(rows) - failed} of {len(rows)} succeeded" + (f", {failed} failed" if failed else ""))

@@ -52,10 +52,19 @@ class Bridge:
         max_restarts: fresh servers started after deaths before giving up with ``ServerKeepsDying``.
     """
 
-    def __init__(self, env: str | os.PathLike | PythonEnv | None = None, *,
-                 connection_file: str | os.PathLike | None = None, attach: bool = True, transport: str = "ipc",
-                 heartbeat_timeout: float = 10.0, ready_timeout: float = 120.0, max_message_bytes: int | None = None,
-                 debug_ops: bool | None = None, max_restarts: int = 3):
+    def __init__(
+        self,
+        env: str | os.PathLike | PythonEnv | None = None,
+        *,
+        connection_file: str | os.PathLike | None = None,
+        attach: bool = True,
+        transport: str = "ipc",
+        heartbeat_timeout: float = 10.0,
+        ready_timeout: float = 120.0,
+        max_message_bytes: int | None = None,
+        debug_ops: bool | None = None,
+        max_restarts: int = 3,
+    ):
         self.env: PythonEnv | None = env if isinstance(env, PythonEnv) else None
         if self.env is not None:
             self.env_spec = self.env.spec
@@ -97,9 +106,13 @@ class Bridge:
             self.env = self.env or find_env(self.env_spec)
             self.server = find_detached(self.env) if self.attach_detached else None
             if self.server is None:
-                self.server = start_server(self.env, transport=self.transport,
-                                           max_message_bytes=self.max_message_bytes,
-                                           debug_ops=self.debug_ops, ready_timeout=self.ready_timeout)
+                self.server = start_server(
+                    self.env,
+                    transport=self.transport,
+                    max_message_bytes=self.max_message_bytes,
+                    debug_ops=self.debug_ops,
+                    ready_timeout=self.ready_timeout,
+                )
         self.channel = Channel(self.server, heartbeat_timeout=self.heartbeat_timeout)
         try:
             self.server_hello = self.hello()
@@ -124,7 +137,8 @@ class Bridge:
             raise ServerEnvMismatch(
                 f"the server behind {conn_path} (pid {hello.pid}) runs in the env {hello.prefix}, not in "
                 f"{expected} that was asked for; refusing it (`slicebridge server stop --connection-file "
-                f"{conn_path}` stops it)")
+                f"{conn_path}` stops it)"
+            )
 
     def _restart(self) -> None:
         dead = self.server
@@ -138,9 +152,12 @@ class Bridge:
         if self.restarts > self.max_restarts:
             raise ServerKeepsDying(
                 f"the slicebridge server for {self.env_spec!r} died again after {self.max_restarts} fresh "
-                "starts; not starting it once more", tail)
-        log.warning("the server (pid %d) died; starting a fresh one (%d of %d)", dead.pid, self.restarts,
-                    self.max_restarts)
+                "starts; not starting it once more",
+                tail,
+            )
+        log.warning(
+            "the server (pid %d) died; starting a fresh one (%d of %d)", dead.pid, self.restarts, self.max_restarts
+        )
         self.start()
 
     def close(self) -> None:
@@ -155,8 +172,9 @@ class Bridge:
 
     # ------------------------------------------------------------------ requests
 
-    def request(self, op: str, args: Any = None, on_event: EventCallback | None = None,
-                timeout: float | None = None) -> Any:
+    def request(
+        self, op: str, args: Any = None, on_event: EventCallback | None = None, timeout: float | None = None
+    ) -> Any:
         """Send one request and return its result as the operation's result dataclass.
 
         If the server died since the last request, a fresh one is started first (at most
@@ -187,48 +205,90 @@ class Bridge:
         """Send ``payload`` (tensors included) through the server and return what comes back."""
         return self.request("echo", protocol.EchoArgs(payload=payload)).payload
 
-    def convert(self, slicegpt_model: str | os.PathLike, output: str | os.PathLike, *,
-                base_model: str | os.PathLike | None = None, sparsity: float | None = None,
-                round_interval: int | None = None, loader: str = "auto", device: str = "auto",
-                overwrite: bool = False, pickle_module: str = "auto",
-                on_event: EventCallback | None = None) -> protocol.ConvertResult:
+    def convert(
+        self,
+        slicegpt_model: str | os.PathLike,
+        output: str | os.PathLike,
+        *,
+        base_model: str | os.PathLike | None = None,
+        sparsity: float | None = None,
+        round_interval: int | None = None,
+        loader: str = "auto",
+        device: str = "auto",
+        overwrite: bool = False,
+        pickle_module: str = "auto",
+        on_event: EventCallback | None = None,
+    ) -> protocol.ConvertResult:
         """Convert a SliceGPT checkpoint (run_slicegpt dir or ``.pt``) into a portable ``.bin``.
 
         An ``output`` ending in a slash is a directory (made if missing) for ``<checkpoint>.bin``.
         """
         args = protocol.ConvertArgs(
-            slicegpt_model=_absolute(slicegpt_model), output=_output(slicegpt_model, output, ".bin"),
+            slicegpt_model=_absolute(slicegpt_model),
+            output=_output(slicegpt_model, output, ".bin"),
             base_model=_absolute(base_model) if base_model is not None else None,
-            sparsity=float(sparsity) if sparsity is not None else None, round_interval=round_interval,
-            loader=loader, device=device, overwrite=overwrite, pickle_module=pickle_module)
+            sparsity=float(sparsity) if sparsity is not None else None,
+            round_interval=round_interval,
+            loader=loader,
+            device=device,
+            overwrite=overwrite,
+            pickle_module=pickle_module,
+        )
         return self._writing_request("convert", args, on_event)
 
-    def export(self, slicegpt_model: str | os.PathLike, output: str | os.PathLike, *,
-               base_model: str | os.PathLike | None = None, sparsity: float | None = None,
-               round_interval: int | None = None, loader: str = "auto", device: str = "auto",
-               overwrite: bool = False, max_shard_size: int = 5 * 1024**3,
-               on_event: EventCallback | None = None) -> protocol.ExportResult:
+    def export(
+        self,
+        slicegpt_model: str | os.PathLike,
+        output: str | os.PathLike,
+        *,
+        base_model: str | os.PathLike | None = None,
+        sparsity: float | None = None,
+        round_interval: int | None = None,
+        loader: str = "auto",
+        device: str = "auto",
+        overwrite: bool = False,
+        max_shard_size: int = 5 * 1024**3,
+        on_event: EventCallback | None = None,
+    ) -> protocol.ExportResult:
         """Write a pickle-free Hugging Face directory (safetensors, config, remote code, card).
 
         An ``output`` ending in a slash is a directory (made if missing) for ``<checkpoint>/``.
         """
         args = protocol.ExportArgs(
-            slicegpt_model=_absolute(slicegpt_model), output=_output(slicegpt_model, output, ""),
+            slicegpt_model=_absolute(slicegpt_model),
+            output=_output(slicegpt_model, output, ""),
             base_model=_absolute(base_model) if base_model is not None else None,
-            sparsity=float(sparsity) if sparsity is not None else None, round_interval=round_interval,
-            loader=loader, device=device, overwrite=overwrite, max_shard_size=int(max_shard_size))
+            sparsity=float(sparsity) if sparsity is not None else None,
+            round_interval=round_interval,
+            loader=loader,
+            device=device,
+            overwrite=overwrite,
+            max_shard_size=int(max_shard_size),
+        )
         return self._writing_request("export", args, on_event)
 
-    def upgrade(self, source: str | os.PathLike, output: str | os.PathLike, *, trust_pickle: bool = False,
-                overwrite: bool = False, pickle_module: str = "auto",
-                on_event: EventCallback | None = None) -> protocol.ConvertResult:
+    def upgrade(
+        self,
+        source: str | os.PathLike,
+        output: str | os.PathLike,
+        *,
+        trust_pickle: bool = False,
+        overwrite: bool = False,
+        pickle_module: str = "auto",
+        on_event: EventCallback | None = None,
+    ) -> protocol.ConvertResult:
         """Turn a ``.bin`` made the seed's way into a portable one (read in the slicegpt env).
 
         Reading it unpickles it, which runs code from the file: the server refuses unless
         ``trust_pickle=True`` says you trust the file.
         """
-        args = protocol.UpgradeArgs(source=_absolute(source), output=_absolute(output), overwrite=overwrite,
-                                    pickle_module=pickle_module, trust_pickle=bool(trust_pickle))
+        args = protocol.UpgradeArgs(
+            source=_absolute(source),
+            output=_absolute(output),
+            overwrite=overwrite,
+            pickle_module=pickle_module,
+            trust_pickle=bool(trust_pickle),
+        )
         return self._writing_request("upgrade", args, on_event)
 
     def verify(self, artifact: str | os.PathLike, checkpoint: str | os.PathLike, **options):
@@ -282,4 +342,3 @@ def _output(checkpoint: str | os.PathLike, output: str | os.PathLike, suffix: st
     from slicebridge.client import output_path
 
     return str(resolve(output_path(checkpoint, output, suffix)))
-

@@ -33,9 +33,13 @@ log = logging.getLogger("slicebridge.cli")
 
 
 def _add_env(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--env", default=None if required else default_env(), required=required,
-                        help="the slicegpt env: conda env name, prefix directory or python executable "
-                             f"(default: $SLICEBRIDGE_ENV or {default_env()!r})")
+    parser.add_argument(
+        "--env",
+        default=None if required else default_env(),
+        required=required,
+        help="the slicegpt env: conda env name, prefix directory or python executable "
+        f"(default: $SLICEBRIDGE_ENV or {default_env()!r})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,18 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_env(hello)
     hello.add_argument("--json", action="store_true")
 
-    for name, what in (("convert", "checkpoints -> portable .bin files (the seed's dict format)"),
-                       ("export", "checkpoints -> pickle-free Hugging Face directories")):
+    for name, what in (
+        ("convert", "checkpoints -> portable .bin files (the seed's dict format)"),
+        ("export", "checkpoints -> pickle-free Hugging Face directories"),
+    ):
         job = commands.add_parser(name, help=what)
         job.add_argument("checkpoints", nargs="*", help="run_slicegpt dirs, .pt files, globs or sweep dirs")
-        job.add_argument("--slicegpt_model", "--slicegpt-model", dest="slicegpt_model", action="append",
-                         default=[], help="a checkpoint (the seed script's flag; may repeat)")
-        job.add_argument("--base_model", "--base-model", dest="base_model", default=None,
-                         help="the dense base model dir (config, tokenizer); default: beside each checkpoint")
-        job.add_argument("--output", default=None,
-                         help="output path (one checkpoint only); ending in / it is a directory, as --output-dir")
-        job.add_argument("--output-dir", default=None,
-                         help="where outputs go, created if missing (default: beside each checkpoint)")
+        job.add_argument(
+            "--slicegpt_model",
+            "--slicegpt-model",
+            dest="slicegpt_model",
+            action="append",
+            default=[],
+            help="a checkpoint (the seed script's flag; may repeat)",
+        )
+        job.add_argument(
+            "--base_model",
+            "--base-model",
+            dest="base_model",
+            default=None,
+            help="the dense base model dir (config, tokenizer); default: beside each checkpoint",
+        )
+        job.add_argument(
+            "--output",
+            default=None,
+            help="output path (one checkpoint only); ending in / it is a directory, as --output-dir",
+        )
+        job.add_argument(
+            "--output-dir", default=None, help="where outputs go, created if missing (default: beside each checkpoint)"
+        )
         job.add_argument("--sparsity", type=float, default=None, help="default: from the checkpoint's file name")
         job.add_argument("--round-interval", "--round_interval", dest="round_interval", type=int, default=None)
         job.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
@@ -94,8 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("artifact", help="a .bin or an export directory")
     verify.add_argument("--checkpoint", required=True, help="the SliceGPT checkpoint (run_slicegpt dir or .pt)")
     verify.add_argument("--base_model", "--base-model", dest="base_model", default=None)
-    verify.add_argument("--sparsity", type=float, default=None,
-                        help="picks the checkpoint in a run dir (default: the sparsity the artifact records)")
+    verify.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="picks the checkpoint in a run dir (default: the sparsity the artifact records)",
+    )
     verify.add_argument("--text", default=None, help="a text file for the text window (default: embedded text)")
     verify.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
     _add_env(verify)
@@ -111,16 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("source")
     upgrade.add_argument("output")
     upgrade.add_argument("--overwrite", action="store_true")
-    upgrade.add_argument("--trust-pickle", action="store_true",
-                         help="unpickle SOURCE (this runs code from the file): only for a file you trust")
+    upgrade.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle SOURCE (this runs code from the file): only for a file you trust",
+    )
     _add_env(upgrade)
     _add_output_flags(upgrade)
 
     demo = commands.add_parser("demo", help="the main job on a small embedded model")
     _add_env(demo)
     demo.add_argument("--workdir", default=None, help="where the demo's models go (default: a temp dir)")
-    demo.add_argument("--preset", default="small", choices=["tiny", "small", "1b"],
-                      help="size of the demo model (default: small, ~10M parameters)")
+    demo.add_argument(
+        "--preset",
+        default="small",
+        choices=["tiny", "small", "1b"],
+        help="size of the demo model (default: small, ~10M parameters)",
+    )
     return parser
 
 
@@ -159,9 +191,11 @@ def cmd_server(args) -> int:
             _print_json({"started": started, "connection_file": str(server.conn_path), **info})
         else:
             what = "started" if started else "already running"
-            print(f"server {what}: pid {server.pid}, {info['endpoint']}\n"
-                  f"  env {info['env']} ({info['python']})\n  connection file {server.conn_path}\n"
-                  f"  log {info['log_path']}")
+            print(
+                f"server {what}: pid {server.pid}, {info['endpoint']}\n"
+                f"  env {info['env']} ({info['python']})\n  connection file {server.conn_path}\n"
+                f"  log {info['log_path']}"
+            )
         return 0
     if args.server_command == "status":
         found = servers.status(args.env)
@@ -171,8 +205,12 @@ def cmd_server(args) -> int:
         if not found:
             print("no detached slicebridge server is running")
         for s in found:
-            extra = (f", up {s.uptime_s:.0f}s, {'busy' if s.busy else 'idle'}, {s.queued} queued, "
-                     f"{s.counters.get('requests', 0)} requests" if s.state == "running" else "")
+            extra = (
+                f", up {s.uptime_s:.0f}s, {'busy' if s.busy else 'idle'}, {s.queued} queued, "
+                f"{s.counters.get('requests', 0)} requests"
+                if s.state == "running"
+                else ""
+            )
             print(f"{s.state}: pid {s.pid} env {s.env} ({s.python}) at {s.endpoint}{extra}")
         return 0
     # stop
@@ -183,8 +221,9 @@ def cmd_server(args) -> int:
         if not stopped:
             print("no detached slicebridge server is running")
         return 0
-    item = servers.stop(env=args.env or (None if args.connection_file else default_env()),
-                        connection_file=args.connection_file)
+    item = servers.stop(
+        env=args.env or (None if args.connection_file else default_env()), connection_file=args.connection_file
+    )
     print(f"stopped: pid {item.pid} env {item.env}")
     return 0
 
@@ -239,12 +278,22 @@ def cmd_job(args) -> int:
         progress = _progress(args, checkpoint.name)
         try:
             result = _run_job(bridge, args, checkpoint, output, progress)
-            row = BatchRow(str(checkpoint), result.output, actual_ratio=result.actual_ratio,
-                           loader=result.loader, cache_hit=result.cache_hit)
+            row = BatchRow(
+                str(checkpoint),
+                result.output,
+                actual_ratio=result.actual_ratio,
+                loader=result.loader,
+                cache_hit=result.cache_hit,
+            )
             if args.verify:
-                report = bridge.verify(result.output, checkpoint, base_model=args.base_model,
-                                       sparsity=args.sparsity, round_interval=args.round_interval,
-                                       on_event=progress)
+                report = bridge.verify(
+                    result.output,
+                    checkpoint,
+                    base_model=args.base_model,
+                    sparsity=args.sparsity,
+                    round_interval=args.round_interval,
+                    on_event=progress,
+                )
                 row.verify = "pass" if report.passed else "FAIL"
                 if not report.passed:
                     row.error = "; ".join(report.failures)
@@ -267,9 +316,16 @@ def _run_job(bridge, args, checkpoint, output, progress):
 
     try:
         return getattr(bridge, args.command)(
-            checkpoint, output, base_model=args.base_model, sparsity=args.sparsity,
-            round_interval=args.round_interval, loader=args.loader, device=args.device,
-            overwrite=args.overwrite, on_event=progress)
+            checkpoint,
+            output,
+            base_model=args.base_model,
+            sparsity=args.sparsity,
+            round_interval=args.round_interval,
+            loader=args.loader,
+            device=args.device,
+            overwrite=args.overwrite,
+            on_event=progress,
+        )
     except OutputExists:
         raise OutputExists(f"{output} already exists; pass {args.overwrite_flag} to replace it") from None
 
@@ -288,8 +344,13 @@ def _planned_outputs(args, checkpoints) -> list:
         output, output_dir = None, output
     if output is not None and len(checkpoints) > 1:
         raise UsageError(f"--output names one file, but {len(checkpoints)} checkpoints were given; use --output-dir")
-    outputs = outputs_for(checkpoints, output, output_dir, ".bin" if args.command == "convert" else "",
-                          base_model=getattr(args, "base_model", None))
+    outputs = outputs_for(
+        checkpoints,
+        output,
+        output_dir,
+        ".bin" if args.command == "convert" else "",
+        base_model=getattr(args, "base_model", None),
+    )
     if output_dir is not None:
         make_directories(output_dir)
     return outputs
@@ -306,8 +367,16 @@ def cmd_verify(args) -> int:
             raise UsageError(f"cannot read the text file {args.text}: {exc.strerror}") from None
     progress = _progress(args, "verify")
     try:
-        report = client.verify(args.artifact, args.checkpoint, args.base_model, env=args.env, text=text,
-                               sparsity=args.sparsity, loader=args.loader, on_event=progress)
+        report = client.verify(
+            args.artifact,
+            args.checkpoint,
+            args.base_model,
+            env=args.env,
+            text=text,
+            sparsity=args.sparsity,
+            loader=args.loader,
+            on_event=progress,
+        )
     finally:
         progress.close()
     print(report.to_json() if args.json else report.table())
@@ -337,15 +406,23 @@ def cmd_upgrade(args) -> int:
 
     progress = _progress(args, "upgrade")
     try:
-        result = client.upgrade(args.source, args.output, env=args.env, overwrite=args.overwrite,
-                                trust_pickle=args.trust_pickle, on_event=progress)
+        result = client.upgrade(
+            args.source,
+            args.output,
+            env=args.env,
+            overwrite=args.overwrite,
+            trust_pickle=args.trust_pickle,
+            on_event=progress,
+        )
     finally:
         progress.close()
     if args.json:
         _print_json(dataclasses.asdict(result))
     else:
-        print(f"upgraded {args.source} -> {result.output} ({result.bytes / 1e6:.1f} MB, "
-              f"actual ratio {result.actual_ratio:.4f}); load it anywhere with slicebridge.load()")
+        print(
+            f"upgraded {args.source} -> {result.output} ({result.bytes / 1e6:.1f} MB, "
+            f"actual ratio {result.actual_ratio:.4f}); load it anywhere with slicebridge.load()"
+        )
     return 0
 
 
@@ -359,8 +436,17 @@ class UsageError(SlicebridgeError):
     """The command line asks for something that cannot be done."""
 
 
-COMMANDS = {"server": cmd_server, "doctor": cmd_doctor, "hello": cmd_hello, "demo": cmd_demo,
-            "convert": cmd_job, "export": cmd_job, "verify": cmd_verify, "info": cmd_info, "upgrade": cmd_upgrade}
+COMMANDS = {
+    "server": cmd_server,
+    "doctor": cmd_doctor,
+    "hello": cmd_hello,
+    "demo": cmd_demo,
+    "convert": cmd_job,
+    "export": cmd_job,
+    "verify": cmd_verify,
+    "info": cmd_info,
+    "upgrade": cmd_upgrade,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

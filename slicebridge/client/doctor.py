@@ -17,8 +17,13 @@ from dataclasses import dataclass
 
 from slicebridge.bridge.envs import find_env
 from slicebridge.bridge.errors import SlicebridgeError
-from slicebridge.bridge.probe import PACKAGES, WIRE_PACKAGES, missing_wire_packages, probe_interpreter, \
-    probe_this_interpreter
+from slicebridge.bridge.probe import (
+    PACKAGES,
+    WIRE_PACKAGES,
+    missing_wire_packages,
+    probe_interpreter,
+    probe_this_interpreter,
+)
 
 log = logging.getLogger("slicebridge.doctor")
 
@@ -72,9 +77,16 @@ class DoctorReport:
         return not self.problems
 
     def as_dict(self) -> dict:
-        return {"env": self.env_spec, "base": self.base, "target": self.target,
-                "missing": self.missing, "fixed": self.fixed, "problems": self.problems,
-                "official_loader": {**self.official, "used": self.official_used}, "ok": self.ok}
+        return {
+            "env": self.env_spec,
+            "base": self.base,
+            "target": self.target,
+            "missing": self.missing,
+            "fixed": self.fixed,
+            "problems": self.problems,
+            "official_loader": {**self.official, "used": self.official_used},
+            "ok": self.ok,
+        }
 
     @property
     def official_used(self) -> bool:
@@ -84,8 +96,10 @@ class DoctorReport:
     def loader_line(self) -> str:
         where = self.official.get("path")
         if where is None:
-            return (f"loader: builtin (the {self.env_spec} env has no slicegpt package; "
-                    "the official loader will not be used)")
+            return (
+                f"loader: builtin (the {self.env_spec} env has no slicegpt package; "
+                "the official loader will not be used)"
+            )
         commit = self.official.get("commit")
         at = f"at commit {commit[:12]}" if commit else "commit not discoverable (no git checkout nor VCS record)"
         if not self.official_used:
@@ -93,13 +107,12 @@ class DoctorReport:
         return f"loader: official slicegpt.hf_utils.load_sliced_model, from {where}, {at}"
 
     def table(self) -> str:
-        rows = [("", "base env (this one)", f"{self.env_spec} env"),
-                ("python", _py(self.base), _py(self.target))]
+        rows = [("", "base env (this one)", f"{self.env_spec} env"), ("python", _py(self.base), _py(self.target))]
         for _, label in PACKAGES:
             rows.append((label, _v(self.base, label), _v(self.target, label)))
         rows.append(("CUDA devices", _cuda(self.base), _cuda(self.target)))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines += ["", self.loader_line()]
         if self.fixed:
@@ -147,8 +160,13 @@ def run_doctor(env: str, fix: bool = False) -> DoctorReport:
 
 def probe_official(python: str) -> dict:
     """Where ``python``'s env has slicegpt from, and at which commit (``{"path": None}`` when absent)."""
-    done = subprocess.run([python, "-I", "-c", OFFICIAL_PROBE], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONNOUSERSITE": "1"})
+    done = subprocess.run(
+        [python, "-I", "-c", OFFICIAL_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONNOUSERSITE": "1"},
+    )
     if done.returncode != 0:
         log.warning("could not tell where slicegpt comes from in %s: %s", python, done.stderr.strip()[-500:])
         return {"path": None, "commit": None, "loader_module": False}
@@ -161,8 +179,7 @@ def install_wire_packages(python: str, packages: list[str]) -> None:
     if unknown:
         raise ValueError(f"doctor --fix installs only {', '.join(WIRE_PACKAGES)}, not {', '.join(unknown)}")
     log.info("installing %s into %s", " ".join(packages), python)
-    done = subprocess.run([python, "-m", "pip", "install", "--quiet", *packages],
-                          capture_output=True, text=True)
+    done = subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], capture_output=True, text=True)
     if done.returncode != 0:
         raise SlicebridgeError(
             f"`{python} -m pip install {' '.join(packages)}` failed:\n{done.stderr.strip()[-2000:]}\n"

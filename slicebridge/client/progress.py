@@ -16,8 +16,7 @@ _BAR_WIDTH = 24
 
 
 class ProgressPrinter:
-    def __init__(self, label: str = "", stream: TextIO | None = None, quiet: bool = False,
-                 tty: bool | None = None):
+    def __init__(self, label: str = "", stream: TextIO | None = None, quiet: bool = False, tty: bool | None = None):
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.quiet = quiet

@@ -54,8 +54,13 @@ class ServerStatus:
     counters: dict = field(default_factory=dict)
 
 
-def start_detached(env: str, transport: str = "ipc", debug_ops: bool | None = None,
-                   max_message_bytes: int | None = None, ready_timeout: float = 120.0) -> tuple[ServerProcess, bool]:
+def start_detached(
+    env: str,
+    transport: str = "ipc",
+    debug_ops: bool | None = None,
+    max_message_bytes: int | None = None,
+    ready_timeout: float = 120.0,
+) -> tuple[ServerProcess, bool]:
     """Start the detached server for ``env``; returns (server, started) — started is False if one was running."""
     python_env = find_env(env)
     with detached_start_lock(python_env, ready_timeout + 2 * _STOP_WAIT_S):
@@ -64,8 +69,14 @@ def start_detached(env: str, transport: str = "ipc", debug_ops: bool | None = No
             return running, False
         for server in _processes_of(detached_connection_path(python_env.python)):
             _terminate(server)  # it does not answer, or its file is refused: the new file would hide it
-        server = start_server(python_env, detached=True, transport=transport, debug_ops=debug_ops,
-                              max_message_bytes=max_message_bytes, ready_timeout=ready_timeout)
+        server = start_server(
+            python_env,
+            detached=True,
+            transport=transport,
+            debug_ops=debug_ops,
+            max_message_bytes=max_message_bytes,
+            ready_timeout=ready_timeout,
+        )
     return server, True
 
 
@@ -75,8 +86,12 @@ def _processes_of(conn_path: Path) -> list[ServerProcess]:
 
 def _terminate(server: ServerProcess) -> ServerStatus:
     """Stop a detached server that cannot be asked, by signal (checked against its start time)."""
-    log.warning("stopping the detached server pid %d (%s) by signal: its connection file %s is "
-                "refused, gone or not answered", server.pid, server.info.python, server.conn_path)
+    log.warning(
+        "stopping the detached server pid %d (%s) by signal: its connection file %s is refused, gone or not answered",
+        server.pid,
+        server.info.python,
+        server.conn_path,
+    )
     server.terminate(_STOP_WAIT_S)
     return ServerStatus(str(server.conn_path), "stopped", server.pid, server.info.env, server.info.python)
 
@@ -137,8 +152,15 @@ def stop(env: str | None = None, connection_file: str | None = None) -> ServerSt
         if not stopped:
             raise ServerNotRunning(f"no slicebridge server is running for {env or connection_file!r}")
         return stopped[0]
-    item = ServerStatus(str(path), "stopped", server.pid, server.info.env, server.info.python,
-                        server.info.endpoint, server.info.log_path)
+    item = ServerStatus(
+        str(path),
+        "stopped",
+        server.pid,
+        server.info.env,
+        server.info.python,
+        server.info.endpoint,
+        server.info.log_path,
+    )
     channel = Channel(server, heartbeat_timeout=_STATUS_TIMEOUT_S)
     try:
         server.stop(channel, _STOP_WAIT_S)

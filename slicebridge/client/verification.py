@@ -71,12 +71,16 @@ class VerifyReport:
                 f"{'ppl':>11s}{'ppl ref':>11s}{'Δppl rel':>10s}",
             ]
             for m in self.inputs:
-                lines.append(f"{m['name']:8s}{m['tokens']:7d}{m['max_abs_diff']:13.3g}{m['nmse']:11.3g}"
-                             f"{m['top1']:9.1%}{m['ppl_artifact']:11.4g}{m['ppl_reference']:11.4g}"
-                             f"{m['ppl_rel_diff']:10.2g}")
+                lines.append(
+                    f"{m['name']:8s}{m['tokens']:7d}{m['max_abs_diff']:13.3g}{m['nmse']:11.3g}"
+                    f"{m['top1']:9.1%}{m['ppl_artifact']:11.4g}{m['ppl_reference']:11.4g}"
+                    f"{m['ppl_rel_diff']:10.2g}"
+                )
             t = self.tolerance
-            lines.append(f"tolerance ({self.compared_dtype}): NMSE ≤ {t['nmse']:g}, top-1 ≥ {t['top1']:.0%}, "
-                         f"|Δppl|/ppl ≤ {t['ppl_rel']:g}")
+            lines.append(
+                f"tolerance ({self.compared_dtype}): NMSE ≤ {t['nmse']:g}, top-1 ≥ {t['top1']:.0%}, "
+                f"|Δppl|/ppl ≤ {t['ppl_rel']:g}"
+            )
         lines += [f"  - {f}" for f in self.failures]
         return "\n".join(lines)
 
@@ -89,10 +93,20 @@ def load_artifact(path: Path) -> tuple[str, dict]:
     return kind, slicebridge.load(path)
 
 
-def verify_artifact(bridge, artifact: str | os.PathLike, checkpoint: str | os.PathLike, *,
-                    base_model: str | os.PathLike | None = None, sparsity: float | None = None,
-                    round_interval: int | None = None, text: str | None = None, loader: str = "auto",
-                    device: str = "auto", artifact_device: str = "cpu", on_event=None) -> VerifyReport:
+def verify_artifact(
+    bridge,
+    artifact: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    *,
+    base_model: str | os.PathLike | None = None,
+    sparsity: float | None = None,
+    round_interval: int | None = None,
+    text: str | None = None,
+    loader: str = "auto",
+    device: str = "auto",
+    artifact_device: str = "cpu",
+    on_event=None,
+) -> VerifyReport:
     """Compare ``artifact`` (loaded here) with ``checkpoint`` (run in the server)."""
     import torch
     import transformers
@@ -107,8 +121,9 @@ def verify_artifact(bridge, artifact: str | os.PathLike, checkpoint: str | os.Pa
         diagnosis = diagnose_seed_bin(path)
         if diagnosis.is_seed_format:
             report.kind, report.diagnosis, report.fix = "seed-bin", diagnosis.failures, diagnosis.fix
-            report.failures = ["a .bin made the seed's way (a dill pickle of the slicegpt model object) "
-                               "does not load in this env"]
+            report.failures = [
+                "a .bin made the seed's way (a dill pickle of the slicegpt model object) does not load in this env"
+            ]
             return report
     try:
         report.kind, contents = load_artifact(path)
@@ -127,24 +142,50 @@ def verify_artifact(bridge, artifact: str | os.PathLike, checkpoint: str | os.Pa
         tokenizer = AutoTokenizer.from_pretrained(base_model or Path(checkpoint_path).parent, trust_remote_code=False)
     inputs = verification_inputs(model.config.vocab_size, tokenizer, text)
 
-    reference = bridge.request("reference", protocol.ReferenceArgs(
-        slicegpt_model=checkpoint_path, inputs=list(inputs.values()),
-        base_model=os.path.abspath(base_model) if base_model else None,
-        sparsity=sparsity, round_interval=round_interval, loader=loader, device=device), on_event=on_event)
+    reference = bridge.request(
+        "reference",
+        protocol.ReferenceArgs(
+            slicegpt_model=checkpoint_path,
+            inputs=list(inputs.values()),
+            base_model=os.path.abspath(base_model) if base_model else None,
+            sparsity=sparsity,
+            round_interval=round_interval,
+            loader=loader,
+            device=device,
+        ),
+        on_event=on_event,
+    )
     referenced_at = time.perf_counter()
 
     artifact_dtype = dtype_name(next(model.parameters()).dtype)
-    comparison = compare(inputs, forward_logits(model, inputs.values(), artifact_device), reference.logits,
-                         (artifact_dtype, reference.dtype))
+    comparison = compare(
+        inputs,
+        forward_logits(model, inputs.values(), artifact_device),
+        reference.logits,
+        (artifact_dtype, reference.dtype),
+    )
     report.compared_dtype, report.tolerance = comparison.dtype, comparison.tolerance
     report.inputs = [c.as_dict() for c in comparison.inputs]
     report.failures, report.passed = comparison.failures, comparison.passed
-    report.artifact_side = {"dtype": artifact_dtype, "device": artifact_device,
-                            "loader": "slicebridge.load", "transformers": transformers.__version__,
-                            "torch": str(torch.__version__)}
-    report.reference_side = {"dtype": reference.dtype, "device": reference.device, "loader": reference.loader,
-                             "versions": reference.versions, "cache_hit": reference.cache_hit}
+    report.artifact_side = {
+        "dtype": artifact_dtype,
+        "device": artifact_device,
+        "loader": "slicebridge.load",
+        "transformers": transformers.__version__,
+        "torch": str(torch.__version__),
+    }
+    report.reference_side = {
+        "dtype": reference.dtype,
+        "device": reference.device,
+        "loader": reference.loader,
+        "versions": reference.versions,
+        "cache_hit": reference.cache_hit,
+    }
     done = time.perf_counter()
-    report.timings = {"load_artifact": loaded_at - started, "reference": referenced_at - loaded_at,
-                      "artifact_forward": done - referenced_at, "total": done - started}
+    report.timings = {
+        "load_artifact": loaded_at - started,
+        "reference": referenced_at - loaded_at,
+        "artifact_forward": done - referenced_at,
+        "total": done - started,
+    }
     return report

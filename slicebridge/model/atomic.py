@@ -101,7 +101,7 @@ def remove_orphaned_partials(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     removed = []
     for candidate in path.parent.glob(f".{glob.escape(path.name)}.*-*.partial"):
-        pid = candidate.name[len(path.name) + 2:].split("-", 1)[0]
+        pid = candidate.name[len(path.name) + 2 :].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             _remove(candidate)
             removed.append(candidate)
@@ -133,8 +133,7 @@ def _publish_file(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)  # atomic and fails if path exists: two writers cannot both win
     except FileExistsError:
-        raise OutputExists(f"{path} appeared while it was being written (another writer?); "
-                           "not replacing it") from None
+        raise OutputExists(f"{path} appeared while it was being written (another writer?); not replacing it") from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
             raise
@@ -175,8 +174,7 @@ def _publish_directory(tmp: Path, path: Path, overwrite: bool) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-        raise OutputExists(f"{path} appeared while it was being written (another writer?); "
-                           "not replacing it") from None
+        raise OutputExists(f"{path} appeared while it was being written (another writer?); not replacing it") from None
 
 
 def _exchange(tmp: Path, path: Path) -> bool:

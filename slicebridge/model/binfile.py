@@ -26,8 +26,9 @@ import os
 import platform
 import re
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from slicebridge.errors import SlicebridgeError
 from slicebridge.model.atomic import atomic_file
@@ -37,10 +38,20 @@ log = logging.getLogger("slicebridge.binfile")
 
 FORMAT = "slicebridge.bin"
 FORMAT_VERSION = 1
-NOTE = ("Portable SliceGPT model: rebuilt from tensors and config by slicebridge when loaded; "
-        "needs torch and transformers, not slicegpt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
+NOTE = (
+    "Portable SliceGPT model: rebuilt from tensors and config by slicebridge when loaded; "
+    "needs torch and transformers, not slicegpt"
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 
 
 class BinFileError(SlicebridgeError):
@@ -59,9 +70,11 @@ class UnsafeBinFile(BinFileError):
         self.global_name = global_name
         hint = ""
         if global_name.startswith(("slicegpt", "dill")) or "LlamaSdpaAttention" in global_name:
-            hint = (" It looks like a .bin made the seed's way (a dill pickle of the slicegpt model object): "
-                    "run `slicebridge upgrade` on it in the slicegpt env to turn it into a portable one "
-                    "(with --trust-pickle, if you trust the file: reading it runs code from it).")
+            hint = (
+                " It looks like a .bin made the seed's way (a dill pickle of the slicegpt model object): "
+                "run `slicebridge upgrade` on it in the slicegpt env to turn it into a portable one "
+                "(with --trust-pickle, if you trust the file: reading it runs code from it)."
+            )
         super().__init__(
             f"{path} references {global_name}, which is outside slicebridge's allowlist, so it was not loaded "
             f"(loading it would run code from the file).{hint} If you trust the file, pass trust_pickle=True."
@@ -122,8 +135,11 @@ def _check_model_recipe(config: Any, state_dict: Any) -> None:
 
     from slicebridge.model.checkpoint import layer_indices, tensor_bytes_problem
 
-    if not isinstance(config, dict) or not isinstance(state_dict, dict) or not all(
-            isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state_dict.items()):
+    if (
+        not isinstance(config, dict)
+        or not isinstance(state_dict, dict)
+        or not all(isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state_dict.items())
+    ):
         raise ImplausibleBinFile("the .bin's model recipe is not a config dict and a dict of named tensors")
     problem = tensor_bytes_problem(state_dict)
     if problem:
@@ -131,8 +147,10 @@ def _check_model_recipe(config: Any, state_dict: Any) -> None:
     layers = layer_indices(state_dict)
     claimed = config.get("num_hidden_layers")
     if type(claimed) is not int or claimed != len(layers) or (layers and max(layers) != claimed - 1):
-        raise ImplausibleBinFile(f"the .bin's config says num_hidden_layers={claimed!r} but the file holds "
-                                 f"tensors for {len(layers)} layers; it was refused before building its model")
+        raise ImplausibleBinFile(
+            f"the .bin's config says num_hidden_layers={claimed!r} but the file holds "
+            f"tensors for {len(layers)} layers; it was refused before building its model"
+        )
 
 
 def rebuild_tokenizer(files: dict):
@@ -150,8 +168,10 @@ def rebuild_tokenizer(files: dict):
         try:  # never code shipped with the files: transformers would ask whether to run it
             return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
         except ValueError as exc:
-            raise BinFileError(f"the .bin's tokenizer does not load without running code from the file, which "
-                               f"slicebridge never does: {str(exc).splitlines()[0]}") from None
+            raise BinFileError(
+                f"the .bin's tokenizer does not load without running code from the file, which "
+                f"slicebridge never does: {str(exc).splitlines()[0]}"
+            ) from None
 
 
 def _check_tokenizer_files(files: Any) -> None:
@@ -162,13 +182,17 @@ def _check_tokenizer_files(files: Any) -> None:
         raise ImplausibleBinFile("the .bin's tokenizer recipe is not a dict of file names and bytes")
     unknown = sorted(set(files) - set(TOKENIZER_FILES))
     if unknown:
-        shown = ", ".join(repr(name) for name in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        raise ImplausibleBinFile(f"the .bin's tokenizer holds files no tokenizer is saved as ({shown}); "
-                                 "it was refused before writing any")
+        shown = ", ".join(repr(name) for name in unknown[:3]) + (
+            f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        )
+        raise ImplausibleBinFile(
+            f"the .bin's tokenizer holds files no tokenizer is saved as ({shown}); it was refused before writing any"
+        )
     blobs = [data for data in files.values() if len(data) > 1]  # b"" and 1-byte bytes are shared singletons
     if len({id(data) for data in blobs}) < len(blobs):
-        raise ImplausibleBinFile("the .bin's tokenizer names one stored blob as several files; "
-                                 "it was refused before writing any")
+        raise ImplausibleBinFile(
+            "the .bin's tokenizer names one stored blob as several files; it was refused before writing any"
+        )
 
 
 def contained_files(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, Path]:
@@ -190,8 +214,10 @@ def contained_files(directory: str | os.PathLike, names: Iterable[str]) -> dict[
             continue
         found[name] = path.resolve()
         if not any(found[name].is_relative_to(place) for place in allowed):
-            raise BinFileError(f"{path} is a link to {found[name]}, outside the base model directory; slicebridge "
-                               "copies no files from outside it (copy the file into the directory if it belongs there)")
+            raise BinFileError(
+                f"{path} is a link to {found[name]}, outside the base model directory; slicebridge "
+                "copies no files from outside it (copy the file into the directory if it belongs there)"
+            )
     return found
 
 
@@ -239,12 +265,17 @@ def producer_versions() -> dict[str, str | None]:
 
     try:
         import dill
+
         dill_version = dill.__version__
     except ImportError:
         dill_version = None
-    return {"slicebridge": __version__, "torch": str(torch.__version__),
-            "transformers": str(transformers.__version__), "dill": dill_version,
-            "python": platform.python_version()}
+    return {
+        "slicebridge": __version__,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+        "dill": dill_version,
+        "python": platform.python_version(),
+    }
 
 
 def pickle_module_for(choice: str):
@@ -270,9 +301,19 @@ def cpu_state_dict(model) -> dict:
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
 
 
-def save_bin(path: str | os.PathLike, *, model, tokenizer_files: Mapping[str, bytes], pruning_ratio: float,
-             actual_ratio: float, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
-             overwrite: bool = False, pickle_module: str = "auto", max_mode: int | None = None) -> dict:
+def save_bin(
+    path: str | os.PathLike,
+    *,
+    model,
+    tokenizer_files: Mapping[str, bytes],
+    pruning_ratio: float,
+    actual_ratio: float,
+    config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    pickle_module: str = "auto",
+    max_mode: int | None = None,
+) -> dict:
     """Write a ``.bin`` atomically; returns what was written besides the model (for reports).
 
     ``max_mode`` (``widest_mode`` of the files whose bytes it holds) narrows the file's permissions.
@@ -352,8 +393,7 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bo
         raise BinFileError(f"{path} does not exist or is not a file")
     _check_crcs(path)
     if trust_pickle:
-        return torch.load(path, map_location=map_location, weights_only=False,
-                          pickle_module=pickle_module_for("auto"))
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=pickle_module_for("auto"))
     try:
         with torch.serialization.safe_globals(list(ALLOWED_CALLS)):
             contents = torch.load(path, map_location=map_location, weights_only=True)

@@ -104,20 +104,30 @@ class SlicedWidths:
     lm_head: int
 
     @classmethod
-    def constant(cls, num_layers: int, width: int, head: int) -> "SlicedWidths":
+    def constant(cls, num_layers: int, width: int, head: int) -> SlicedWidths:
         """A constant-sparsity run's widths: every stream ``width`` wide, except the head's input
         (and so the last layer's MLP output), which is ``head`` wide."""
         per_layer = (width,) * num_layers
-        return cls(embedding=width, attention_input=per_layer, attention_output=per_layer,
-                   mlp_input=per_layer, mlp_output=per_layer[:-1] + (head,), lm_head=head)
+        return cls(
+            embedding=width,
+            attention_input=per_layer,
+            attention_output=per_layer,
+            mlp_input=per_layer,
+            mlp_output=per_layer[:-1] + (head,),
+            lm_head=head,
+        )
 
     @classmethod
     def of_config(cls, config: Any) -> SlicedWidths:
         """The widths a ``SlicedLlamaConfig`` records."""
-        return cls(embedding=config.embedding_dimension, attention_input=tuple(config.attention_input_dimensions),
-                   attention_output=tuple(config.attention_output_dimensions),
-                   mlp_input=tuple(config.mlp_input_dimensions), mlp_output=tuple(config.mlp_output_dimensions),
-                   lm_head=config.lm_head_dimension)
+        return cls(
+            embedding=config.embedding_dimension,
+            attention_input=tuple(config.attention_input_dimensions),
+            attention_output=tuple(config.attention_output_dimensions),
+            mlp_input=tuple(config.mlp_input_dimensions),
+            mlp_output=tuple(config.mlp_output_dimensions),
+            lm_head=config.lm_head_dimension,
+        )
 
     @property
     def num_layers(self) -> int:
@@ -202,8 +212,11 @@ class SliceGPTCheckpoint:
 
     def params(self) -> dict[str, int]:
         """The parameter counts: ``dense`` (the base model's), ``sliced`` and ``shortcut_q``."""
-        return {"dense": self.dense_parameter_count(), "sliced": self.parameter_count,
-                "shortcut_q": self.shortcut_parameter_count}
+        return {
+            "dense": self.dense_parameter_count(),
+            "sliced": self.parameter_count,
+            "shortcut_q": self.shortcut_parameter_count,
+        }
 
     def actual_ratio(self) -> float:
         """Fraction of the dense parameters removed (see ``facts.actual_ratio``)."""
@@ -211,11 +224,11 @@ class SliceGPTCheckpoint:
 
         return actual_ratio(self.params())
 
-    def load_tensors(self) -> dict[str, "torch.Tensor"]:
+    def load_tensors(self) -> dict[str, torch.Tensor]:
         """The state dict, memory-mapped (cheap: tensors are read when touched)."""
         return _unwrap_state_dict(load_checkpoint_file(self.checkpoint_path), self.checkpoint_path)
 
-    def sliced_config(self) -> "SlicedLlamaConfig":
+    def sliced_config(self) -> SlicedLlamaConfig:
         """The ``SlicedLlamaConfig`` for this checkpoint (imports transformers)."""
         from .configuration_sliced_llama import SlicedLlamaConfig
 
@@ -226,7 +239,7 @@ class SliceGPTCheckpoint:
             round_interval=self.round_interval,
         )
 
-    def build_model(self, dtype: "torch.dtype | None" = None) -> "SlicedLlamaForCausalLM":
+    def build_model(self, dtype: torch.dtype | None = None) -> SlicedLlamaForCausalLM:
         """The portable model with this checkpoint's weights (imports transformers)."""
         from .modeling_sliced_llama import build_sliced_llama
 
@@ -396,8 +409,9 @@ def load_checkpoint_file(path: Path) -> Any:
     try:
         size = path.stat().st_size
         if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or device: opening it blocks
-            raise NotASliceGPTCheckpoint(f"{path} is not a regular file (a FIFO, socket or device); refusing to "
-                                         "read it")
+            raise NotASliceGPTCheckpoint(
+                f"{path} is not a regular file (a FIFO, socket or device); refusing to read it"
+            )
         with path.open("rb") as handle:
             magic = handle.read(4)
     except FileNotFoundError:
@@ -453,10 +467,12 @@ def verify_archive_crcs(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
             records = archive.infolist()
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view, \
-                    ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="slicebridge-crc") as pool:
+            with (
+                mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view,
+                ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="slicebridge-crc") as pool,
+            ):
                 intact = list(pool.map(lambda record: _record_intact(archive, view, record), records))
-        damaged = next((record for record, ok in zip(records, intact) if not ok), None)
+        damaged = next((record for record, ok in zip(records, intact, strict=True) if not ok), None)
         if damaged is not None:
             raise CorruptCheckpoint(str(path), damaged.filename)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as error:
@@ -474,7 +490,7 @@ def _record_intact(archive: zipfile.ZipFile, view: mmap.mmap, record: zipfile.Zi
         except (zipfile.BadZipFile, EOFError, zlib.error):
             return False
         return True
-    header = view[record.header_offset:record.header_offset + _LOCAL_HEADER.size]
+    header = view[record.header_offset : record.header_offset + _LOCAL_HEADER.size]
     if len(header) != _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
         return False  # the index points at no record
     _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
@@ -485,11 +501,11 @@ def _record_intact(archive: zipfile.ZipFile, view: mmap.mmap, record: zipfile.Zi
     crc = 0
     with memoryview(view) as data:
         for offset in range(start, end, _CRC_CHUNK):
-            crc = zlib.crc32(data[offset:min(offset + _CRC_CHUNK, end)], crc)
+            crc = zlib.crc32(data[offset : min(offset + _CRC_CHUNK, end)], crc)
     return crc == record.CRC
 
 
-def tensor_bytes_problem(tensors: Mapping[str, "torch.Tensor"]) -> str | None:
+def tensor_bytes_problem(tensors: Mapping[str, torch.Tensor]) -> str | None:
     """A sentence saying how ``tensors`` claim more bytes than their storages hold, or None.
 
     Storages are what a file really holds (torch checks each against its record). A view may
@@ -510,15 +526,21 @@ def tensor_bytes_problem(tensors: Mapping[str, "torch.Tensor"]) -> str | None:
         if not _same_view(tensor, tensors.get(_TIED.get(name, ""))):
             claimed += size
     if claimed > sum(held.values()):
-        return (f"its tensors claim {_bytes(claimed)} in all but the file holds {_bytes(sum(held.values()))} "
-                "of tensor data (the tensors are overlapping views of the same bytes)")
+        return (
+            f"its tensors claim {_bytes(claimed)} in all but the file holds {_bytes(sum(held.values()))} "
+            "of tensor data (the tensors are overlapping views of the same bytes)"
+        )
     return None
 
 
-def _same_view(tensor: "torch.Tensor", other: "torch.Tensor | None") -> bool:
-    return other is not None and (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape,
-                                  tensor.stride(), tensor.dtype) == (
-        other.untyped_storage().data_ptr(), other.storage_offset(), other.shape, other.stride(), other.dtype)
+def _same_view(tensor: torch.Tensor, other: torch.Tensor | None) -> bool:
+    return other is not None and (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tensor.shape,
+        tensor.stride(),
+        tensor.dtype,
+    ) == (other.untyped_storage().data_ptr(), other.storage_offset(), other.shape, other.stride(), other.dtype)
 
 
 def _bytes(count: int) -> str:
@@ -528,7 +550,7 @@ def _bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, "torch.Tensor"]:
+def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     if isinstance(loaded, Mapping):
@@ -558,7 +580,7 @@ def _layer_count(tensors: Mapping[str, Any]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _check_is_sliced_llama(tensors: Mapping[str, "torch.Tensor"], path: Path) -> int:
+def _check_is_sliced_llama(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
     """Check the keys look like SliceGPT's Llama output; return the layer count."""
     num_layers = _layer_count(tensors)
     has_shortcuts = any(key.endswith("_shortcut_Q") for key in tensors)
@@ -592,7 +614,7 @@ def _check_is_sliced_llama(tensors: Mapping[str, "torch.Tensor"], path: Path) ->
     return num_layers
 
 
-def widths_from_tensors(tensors: Mapping[str, "torch.Tensor"], num_layers: int) -> SlicedWidths:
+def widths_from_tensors(tensors: Mapping[str, torch.Tensor], num_layers: int) -> SlicedWidths:
     """Read the per-layer widths off the weight shapes (Linear weights are [out, in])."""
 
     def shape(name: str) -> tuple[int, ...]:
@@ -637,7 +659,7 @@ def widths_from_slicing_config(slicing_config: Mapping[str, Any], num_layers: in
 
 
 def _check_against_base(
-    tensors: Mapping[str, "torch.Tensor"], num_layers: int, widths: SlicedWidths, base: Mapping[str, Any], path: Path
+    tensors: Mapping[str, torch.Tensor], num_layers: int, widths: SlicedWidths, base: Mapping[str, Any], path: Path
 ) -> None:
     hidden = int(base["hidden_size"])
     heads = int(base["num_attention_heads"])
@@ -674,7 +696,7 @@ def _check_against_base(
         )
 
 
-def _check_shortcuts(tensors: Mapping[str, "torch.Tensor"], widths: SlicedWidths, path: Path) -> None:
+def _check_shortcuts(tensors: Mapping[str, torch.Tensor], widths: SlicedWidths, path: Path) -> None:
     problems = []
     for idx in range(widths.num_layers):
         for name, expected in (
@@ -788,13 +810,13 @@ def _refuse_unusual_interval(
 
 
 def sliced_config_from_tensors(
-    tensors: Mapping[str, "torch.Tensor"],
+    tensors: Mapping[str, torch.Tensor],
     base_config: Mapping[str, Any],
     *,
     source: Path,
     sparsity: float | None = None,
     round_interval: int | None = None,
-) -> "SlicedLlamaConfig":
+) -> SlicedLlamaConfig:
     """The ``SlicedLlamaConfig`` of a sliced Llama state dict that did not come from a run_slicegpt
     directory (e.g. the model object inside a seed ``.bin``): widths are read off the tensors and
     checked against ``base_config`` like ``read_checkpoint`` does for files."""

@@ -63,7 +63,7 @@ def comparison_dtype(*dtypes) -> str:
 def nmse(artifact_logits, reference_logits) -> float:
     """Sum of squared differences over the sum of squared reference logits (in float64)."""
     got, want = artifact_logits.double(), reference_logits.double()
-    return float(((got - want) ** 2).sum() / (want ** 2).sum())
+    return float(((got - want) ** 2).sum() / (want**2).sum())
 
 
 def top1_agreement(artifact_logits, reference_logits) -> float:
@@ -79,8 +79,7 @@ def logit_metrics(artifact_logits, reference_logits) -> dict[str, float]:
     want = reference_logits.detach().to("cpu", torch.float64)
     if got.shape != want.shape:
         raise ValueError(f"artifact logits {tuple(got.shape)} vs reference {tuple(want.shape)}")
-    return {"max_abs_diff": float((got - want).abs().max()), "nmse": nmse(got, want),
-            "top1": top1_agreement(got, want)}
+    return {"max_abs_diff": float((got - want).abs().max()), "nmse": nmse(got, want), "top1": top1_agreement(got, want)}
 
 
 @dataclass
@@ -104,8 +103,10 @@ class InputComparison:
         if not self.top1 >= tolerance["top1"]:
             problems.append(f"{self.name}: top-1 agreement {self.top1:.1%} < {tolerance['top1']:.0%}")
         if not self.ppl_rel_diff <= tolerance["ppl_rel"]:
-            problems.append(f"{self.name}: perplexity {self.ppl_artifact:.4g} vs {self.ppl_reference:.4g} "
-                            f"(relative difference {self.ppl_rel_diff:.3g} > {tolerance['ppl_rel']:g})")
+            problems.append(
+                f"{self.name}: perplexity {self.ppl_artifact:.4g} vs {self.ppl_reference:.4g} "
+                f"(relative difference {self.ppl_rel_diff:.3g} > {tolerance['ppl_rel']:g})"
+            )
         return problems
 
     def as_dict(self) -> dict[str, Any]:
@@ -145,16 +146,21 @@ class Comparison:
 
     def by_input(self) -> dict[str, dict[str, Any]]:
         """Each input's metrics and whether it passed, by input name (the export's model card form)."""
-        return {c.name: {**{k: v for k, v in c.as_dict().items() if k != "name"},
-                         "passed": not c.failures(self.tolerance)} for c in self.inputs}
+        return {
+            c.name: {**{k: v for k, v in c.as_dict().items() if k != "name"}, "passed": not c.failures(self.tolerance)}
+            for c in self.inputs
+        }
 
 
-def compare(inputs: Mapping[str, Any], artifact_logits: Sequence, reference_logits: Sequence,
-            dtypes: Sequence) -> Comparison:
+def compare(
+    inputs: Mapping[str, Any], artifact_logits: Sequence, reference_logits: Sequence, dtypes: Sequence
+) -> Comparison:
     """Compare the artifact's logits with the reference's on each named input, at the lowest of ``dtypes``."""
     dtype = comparison_dtype(*dtypes)
-    compared = [compare_logits(name, ids, got, want)
-                for (name, ids), got, want in zip(inputs.items(), artifact_logits, reference_logits, strict=True)]
+    compared = [
+        compare_logits(name, ids, got, want)
+        for (name, ids), got, want in zip(inputs.items(), artifact_logits, reference_logits, strict=True)
+    ]
     return Comparison(dtype, TOLERANCES[dtype], compared)
 
 

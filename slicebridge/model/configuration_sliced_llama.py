@@ -198,7 +198,7 @@ class SlicedLlamaConfig(PretrainedConfig):
         base_config: Mapping[str, Any],
         slicing_config: Mapping[str, Any],
         **overrides: Any,
-    ) -> "SlicedLlamaConfig":
+    ) -> SlicedLlamaConfig:
         """Build the config from a base LlamaConfig dict (its config.json) and a SliceGPT SlicingConfig dict.
 
         The sliced model never ties its embeddings: SliceGPT fuses the final norm into a copy of

@@ -246,7 +246,8 @@ def write_safetensors_streaming(
         for (name, tensor), (expected_name, shape) in zip(tensors, shapes.items(), strict=True):
             if name != expected_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 raise ValueError(
-                    f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not follow the plan ({expected_name} {shape})"
+                    f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not follow the plan "
+                    f"({expected_name} {shape})"
                 )
             raw = tensor.contiguous().view(torch.uint8).numpy()
             handle.write(memoryview(raw))
@@ -366,8 +367,17 @@ def make_dense_llama(
     shapes = llama_tensor_shapes(config)
     generator = torch.Generator().manual_seed(seed)
     tensors = (
-        (name, random_tensor(name, shape, weight_dtype, generator, initializer_range=initializer_range,
-                             norm_weight_noise=norm_weight_noise))
+        (
+            name,
+            random_tensor(
+                name,
+                shape,
+                weight_dtype,
+                generator,
+                initializer_range=initializer_range,
+                norm_weight_noise=norm_weight_noise,
+            ),
+        )
         for name, shape in shapes.items()
     )
     size = write_safetensors_streaming(out / "model.safetensors", shapes, weight_dtype, tensors)
@@ -378,8 +388,12 @@ def make_dense_llama(
     save_tokenizer(tokenizer, out)
     logger.info(
         "wrote a dense Llama (%d layers, hidden %d, %s, %.1f M parameters, %d-token tokenizer) to %s",
-        num_layers, hidden_size, config["torch_dtype"], size / weight_dtype.itemsize / 1e6,
-        tokenizer.get_vocab_size(), out,
+        num_layers,
+        hidden_size,
+        config["torch_dtype"],
+        size / weight_dtype.itemsize / 1e6,
+        tokenizer.get_vocab_size(),
+        out,
     )
     return out
 

@@ -70,8 +70,9 @@ SAFETENSORS_METADATA = {"format": "pt"}
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
 # Files the export writes itself: a tokenizer file of the same name is refused.
-_OWN_FILES = frozenset({WEIGHTS_NAME, WEIGHTS_INDEX_NAME, CONFIG_NAME, PROVENANCE_NAME, README_NAME,
-                        *REMOTE_CODE_FILES})
+_OWN_FILES = frozenset(
+    {WEIGHTS_NAME, WEIGHTS_INDEX_NAME, CONFIG_NAME, PROVENANCE_NAME, README_NAME, *REMOTE_CODE_FILES}
+)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -112,7 +113,7 @@ class ExportSummary:
 # --------------------------------------------------------------------------------------------
 
 
-def checkpoint_provenance(checkpoint: "SliceGPTCheckpoint", *, loader: str = "builtin") -> dict[str, Any]:
+def checkpoint_provenance(checkpoint: SliceGPTCheckpoint, *, loader: str = "builtin") -> dict[str, Any]:
     """The provenance of a model built from a SliceGPT checkpoint, as ``export_model`` takes it."""
     return {
         "base_model": str(checkpoint.base_dir),
@@ -125,7 +126,7 @@ def checkpoint_provenance(checkpoint: "SliceGPTCheckpoint", *, loader: str = "bu
 
 
 def complete_provenance(
-    model: "SlicedLlamaForCausalLM", provenance: Mapping[str, Any], verification: Mapping[str, Any] | None
+    model: SlicedLlamaForCausalLM, provenance: Mapping[str, Any], verification: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """The caller's provenance with what the model itself tells filled in.
 
@@ -144,8 +145,10 @@ def complete_provenance(
     given = dict(provenance)
     config = model.config
     given.pop("actual_ratio", None)  # always the one the counts give
-    params = {**parameter_counts(model, dense_base_config(config.to_dict())),
-              **{key: int(value) for key, value in (given.pop("params", None) or {}).items() if value is not None}}
+    params = {
+        **parameter_counts(model, dense_base_config(config.to_dict())),
+        **{key: int(value) for key, value in (given.pop("params", None) or {}).items() if value is not None},
+    }
     checkpoint = given.pop("checkpoint", None) or given.pop("slicegpt_model", None)
     given.pop("slicegpt_model", None)
     if given.get("widths") is not None:  # the exported config is authoritative; keep the caller's as given
@@ -182,7 +185,7 @@ def _public_name(path: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _tied_targets(model: "SlicedLlamaForCausalLM") -> set[str]:
+def _tied_targets(model: SlicedLlamaForCausalLM) -> set[str]:
     """Names transformers leaves out of a checkpoint because they are tied to another tensor."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
@@ -190,7 +193,7 @@ def _tied_targets(model: "SlicedLlamaForCausalLM") -> set[str]:
     return set(keys.keys() if isinstance(keys, Mapping) else keys)
 
 
-def tensors_to_save(model: "SlicedLlamaForCausalLM") -> tuple[dict[str, "torch.Tensor"], list[str]]:
+def tensors_to_save(model: SlicedLlamaForCausalLM) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The model's tensors on the CPU, contiguous, each owning its storage, in state-dict order.
 
     Tied targets (``lm_head.weight`` when embeddings are tied) are left out, as transformers
@@ -214,11 +217,11 @@ def tensors_to_save(model: "SlicedLlamaForCausalLM") -> tuple[dict[str, "torch.T
     return tensors, dropped
 
 
-def _tensor_bytes(tensor: "torch.Tensor") -> int:
+def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def plan_shards(tensors: Mapping[str, "torch.Tensor"], max_shard_size: int) -> list[list[str]]:
+def plan_shards(tensors: Mapping[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
     """Split tensor names into consecutive groups of at most ``max_shard_size`` bytes each.
 
     As transformers does: a tensor larger than the limit gets a shard of its own.
@@ -242,7 +245,7 @@ def shard_file_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
-def write_weights(tensors: Mapping[str, "torch.Tensor"], directory: Path, max_shard_size: int) -> list[str]:
+def write_weights(tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_size: int) -> list[str]:
     """Write the safetensors file(s) (and the index when sharded); returns the weight file names."""
     groups = plan_shards(tensors, max_shard_size)
     if len(groups) == 1:
@@ -250,7 +253,7 @@ def write_weights(tensors: Mapping[str, "torch.Tensor"], directory: Path, max_sh
         return [WEIGHTS_NAME]
     names = [shard_file_name(idx + 1, len(groups)) for idx in range(len(groups))]
     weight_map: dict[str, str] = {}
-    for file_name, group in zip(names, groups):
+    for file_name, group in zip(names, groups, strict=True):
         shard = {name: tensors[name] for name in group}
         _save_safetensors(shard, directory / file_name)
         weight_map.update(dict.fromkeys(group, file_name))
@@ -263,7 +266,7 @@ def write_weights(tensors: Mapping[str, "torch.Tensor"], directory: Path, max_sh
     return names
 
 
-def _save_safetensors(tensors: dict[str, "torch.Tensor"], path: Path) -> None:
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``save_file``, with its I/O failures (a full disk) raised as the ``OSError`` they are.
 
     safetensors reports them as ``SafetensorError: ... (os error 28)``, which would reach the
@@ -290,7 +293,7 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def export_config_dict(config: "SlicedLlamaConfig", dtype: "torch.dtype") -> dict[str, Any]:
+def export_config_dict(config: SlicedLlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
     """``config.json`` in one form for transformers 4.41 and 5.x (only ``transformers_version`` differs).
 
     Starts from the non-default fields, makes every ``SlicedLlamaConfig`` field explicit (the two
@@ -320,7 +323,7 @@ def export_config_dict(config: "SlicedLlamaConfig", dtype: "torch.dtype") -> dic
     return json.loads(json.dumps(data, default=str))
 
 
-def minimal_generation_config(config: "SlicedLlamaConfig") -> dict[str, Any]:
+def minimal_generation_config(config: SlicedLlamaConfig) -> dict[str, Any]:
     """What ``GenerationConfig.from_model_config`` keeps: the special token ids."""
     import transformers
 
@@ -409,15 +412,17 @@ def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str
 
 def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(_fmt(cell) if not isinstance(cell, str) else cell for cell in row) + " |"
-              for row in rows]
+    lines += [
+        "| " + " | ".join(_fmt(cell) if not isinstance(cell, str) else cell for cell in row) + " |" for row in rows
+    ]
     return lines
 
 
 def _width_rows(widths: SlicedWidths) -> list[tuple[str, int, int, int, int]]:
     """Per-layer widths, consecutive identical layers merged into one row."""
-    per_layer = list(zip(widths.attention_input, widths.attention_output, widths.mlp_input, widths.mlp_output,
-                         strict=True))
+    per_layer = list(
+        zip(widths.attention_input, widths.attention_output, widths.mlp_input, widths.mlp_output, strict=True)
+    )
     rows: list[tuple[str, int, int, int, int]] = []
     start = 0
     for idx in range(1, len(per_layer) + 1):
@@ -436,11 +441,14 @@ def _widths_section(recorded: Mapping[str, Any]) -> list[str]:
     widths = widths_from_slicing_config(recorded, recorded["layers_num"], hidden)
     constant = widths.constant_width()
     if constant is not None:
-        summary = (f"Constant sliced width {constant} of {hidden} in all "
-                   f"{widths.num_layers} layers; the LM head reads {widths.lm_head}.")
+        summary = (
+            f"Constant sliced width {constant} of {hidden} in all "
+            f"{widths.num_layers} layers; the LM head reads {widths.lm_head}."
+        )
     else:
-        summary = (f"Per-layer sliced widths (dense width {hidden}); embeddings {widths.embedding}, "
-                   f"LM head {widths.lm_head}.")
+        summary = (
+            f"Per-layer sliced widths (dense width {hidden}); embeddings {widths.embedding}, LM head {widths.lm_head}."
+        )
     header = ("layers", "attention in", "attention out", "MLP in", "MLP out")
     return [summary, "", *_table(header, [(label, *map(str, rest)) for label, *rest in _width_rows(widths)])]
 
@@ -554,7 +562,7 @@ def _json_ready(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def export_model(
-    model: "SlicedLlamaForCausalLM",
+    model: SlicedLlamaForCausalLM,
     out_dir: str | os.PathLike,
     *,
     tokenizer_files: Mapping[str, bytes],
@@ -575,8 +583,10 @@ def export_model(
     """
     out_path = check_output(out_dir, overwrite, directory=True)
     if getattr(model.config, "model_type", None) != MODEL_TYPE:
-        raise ExportError(f"export_model needs a SlicedLlamaForCausalLM, got a {type(model).__name__} "
-                          f"(model_type {getattr(model.config, 'model_type', None)!r})")
+        raise ExportError(
+            f"export_model needs a SlicedLlamaForCausalLM, got a {type(model).__name__} "
+            f"(model_type {getattr(model.config, 'model_type', None)!r})"
+        )
     for name in tokenizer_files:
         _check_tokenizer_file_name(name)
     tensors, dropped = tensors_to_save(model)
@@ -609,8 +619,14 @@ def export_model(
         dropped_tied=dropped,
         provenance=record,
     )
-    logger.info("exported %s: %d files, %d weight file(s), %s bytes of %s tensors", out_path, len(files),
-                len(weight_files), f"{summary.total_size:,}", summary.dtype)
+    logger.info(
+        "exported %s: %d files, %d weight file(s), %s bytes of %s tensors",
+        out_path,
+        len(files),
+        len(weight_files),
+        f"{summary.total_size:,}",
+        summary.dtype,
+    )
     return summary
 
 
@@ -641,10 +657,15 @@ def _check_is_export(directory: Path) -> dict[str, Any]:
     config = _read_json(directory / CONFIG_NAME, "the config")
     model_type = config.get("model_type")
     if model_type != MODEL_TYPE:
-        hint = (" (a dense model: export a sliced one with slicebridge, or load this with transformers)"
-                if model_type == "llama" else "")
-        raise ExportError(f"{directory} is not a slicebridge export: config.json has model_type "
-                          f"{model_type!r}, expected {MODEL_TYPE!r}{hint}")
+        hint = (
+            " (a dense model: export a sliced one with slicebridge, or load this with transformers)"
+            if model_type == "llama"
+            else ""
+        )
+        raise ExportError(
+            f"{directory} is not a slicebridge export: config.json has model_type "
+            f"{model_type!r}, expected {MODEL_TYPE!r}{hint}"
+        )
     return config
 
 
@@ -660,8 +681,10 @@ def _weight_files(directory: Path) -> list[Path]:
         names = sorted(set(map(str, weight_map.values())))
         outside = [name for name in names if name in ("", ".", "..") or Path(name).name != name]
         if outside:
-            raise ExportError(f"{directory / WEIGHTS_INDEX_NAME} lists weight files outside the export "
-                              f"({outside[0]!r}); an export's shards are plain file names in it, so it was not read")
+            raise ExportError(
+                f"{directory / WEIGHTS_INDEX_NAME} lists weight files outside the export "
+                f"({outside[0]!r}); an export's shards are plain file names in it, so it was not read"
+            )
     absent = [name for name in names if not (directory / name).is_file()]
     if absent:
         raise ExportError(f"{directory} is missing the weight shard(s) {absent} listed in {WEIGHTS_INDEX_NAME}")
@@ -672,9 +695,7 @@ def _weight_files(directory: Path) -> list[Path]:
     return [directory / name for name in names]
 
 
-def load_state_dict(
-    directory: str | os.PathLike, device: "torch.device | str | None" = None
-) -> dict[str, "torch.Tensor"]:
+def load_state_dict(directory: str | os.PathLike, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """All tensors of an export, sharded or not, with ``safetensors.torch.load_file``."""
     from safetensors.torch import load_file
 
@@ -684,37 +705,44 @@ def load_state_dict(
     return tensors
 
 
-def read_export_config(directory: str | os.PathLike) -> "SlicedLlamaConfig":
+def read_export_config(directory: str | os.PathLike) -> SlicedLlamaConfig:
     """The export's ``config.json`` as this package's ``SlicedLlamaConfig``."""
     from .configuration_sliced_llama import SlicedLlamaConfig
 
     data = _check_is_export(Path(directory))
-    data = {key: value for key, value in data.items()
-            if key not in ("model_type", "auto_map", "torch_dtype", "dtype", "transformers_version")}
+    data = {
+        key: value
+        for key, value in data.items()
+        if key not in ("model_type", "auto_map", "torch_dtype", "dtype", "transformers_version")
+    }
     return SlicedLlamaConfig(**data)
 
 
-def _load_tokenizer(directory: Path, config: "SlicedLlamaConfig") -> Any:
+def _load_tokenizer(directory: Path, config: SlicedLlamaConfig) -> Any:
     """``AutoTokenizer`` on the export, given our config: transformers 5.x would otherwise load
     config.json through AutoConfig, whose ``auto_map`` makes it ask whether to run remote code."""
     from transformers import AutoTokenizer
 
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
-                                                          "tokenizer.model", "vocab.json")):
+    if not any(
+        (directory / name).is_file()
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    ):
         logger.warning("%s has no tokenizer files; returning no tokenizer", directory)
         return None
     try:  # never code from the directory: transformers would ask whether to run it
         return AutoTokenizer.from_pretrained(str(directory), config=config, trust_remote_code=False)
     except ValueError as exc:
-        raise ExportError(f"the tokenizer in {directory} does not load without running code from the directory, "
-                          f"which slicebridge.load never does: {str(exc).splitlines()[0]}") from None
+        raise ExportError(
+            f"the tokenizer in {directory} does not load without running code from the directory, "
+            f"which slicebridge.load never does: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def load_export(
     path: str | os.PathLike,
     *,
-    device: "torch.device | str | None" = None,
-    dtype: "torch.dtype | None" = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Load an export with slicebridge's own classes: no ``trust_remote_code``, no pickles.
 
@@ -736,8 +764,12 @@ def load_export(
         provenance = _read_json(directory / PROVENANCE_NAME, "the provenance")
     else:
         logger.warning("%s has no %s: no provenance to return", directory, PROVENANCE_NAME)
-    return {"model": model, "tokenizer": _load_tokenizer(directory, model.config), "config": model.config,
-            "provenance": provenance}
+    return {
+        "model": model,
+        "tokenizer": _load_tokenizer(directory, model.config),
+        "config": model.config,
+        "provenance": provenance,
+    }
 
 
 __all__ = [

@@ -54,17 +54,27 @@ class ArtifactInfo:
 
     def table(self) -> str:
         unknown = "unknown (see the notes)"  # facts a seed .bin's opcodes did not yield
-        rows = [("path", self.path), ("kind", self.kind), ("architecture", self.architecture or unknown),
-                ("layers", str(self.num_layers or unknown)),
-                ("hidden size", f"{self.hidden_size} → {self.sliced_width}" if self.sliced_width else
-                 str(self.hidden_size or unknown)),
-                ("sparsity", _fmt(self.sparsity)), ("round_interval", _fmt(self.round_interval)),
-                ("dtype", self.dtype), ("file size", f"{self.file_bytes / 1e6:.2f} MB")]
+        rows = [
+            ("path", self.path),
+            ("kind", self.kind),
+            ("architecture", self.architecture or unknown),
+            ("layers", str(self.num_layers or unknown)),
+            (
+                "hidden size",
+                f"{self.hidden_size} → {self.sliced_width}" if self.sliced_width else str(self.hidden_size or unknown),
+            ),
+            ("sparsity", _fmt(self.sparsity)),
+            ("round_interval", _fmt(self.round_interval)),
+            ("dtype", self.dtype),
+            ("file size", f"{self.file_bytes / 1e6:.2f} MB"),
+        ]
         if self.params:
-            rows += [("params (dense)", f"{self.params['dense']:,}"),
-                     ("params (sliced)", f"{self.params['sliced']:,}"),
-                     ("  of which shortcut Qs", f"{self.params['shortcut_q']:,}"),
-                     ("actual ratio", f"{self.actual_ratio:.4f}" if self.actual_ratio is not None else "-")]
+            rows += [
+                ("params (dense)", f"{self.params['dense']:,}"),
+                ("params (sliced)", f"{self.params['sliced']:,}"),
+                ("  of which shortcut Qs", f"{self.params['shortcut_q']:,}"),
+                ("actual ratio", f"{self.actual_ratio:.4f}" if self.actual_ratio is not None else "-"),
+            ]
         if self.widths:
             rows.append(("widths", _widths_summary(self.widths)))
         if self.loader:
@@ -88,8 +98,12 @@ def _widths_summary(recorded: dict) -> str:
     constant = widths.constant_width()
     if constant is not None:
         return f"{constant} in all {widths.num_layers} layers, head {widths.lm_head}"
-    columns = {"attention_input": widths.attention_input, "attention_output": widths.attention_output,
-               "mlp_input": widths.mlp_input, "mlp_output": widths.mlp_output}
+    columns = {
+        "attention_input": widths.attention_input,
+        "attention_output": widths.attention_output,
+        "mlp_input": widths.mlp_input,
+        "mlp_output": widths.mlp_output,
+    }
     shown = ", ".join(f"{name} {'/'.join(map(str, values))}" for name, values in columns.items())
     return f"embedding {widths.embedding}, {shown}, head {widths.lm_head}"
 
@@ -104,8 +118,7 @@ def parameter_counts(model, base_config: Mapping[str, Any]) -> dict[str, int]:
     from .modeling_sliced_llama import count_sliced_parameters, dense_llama_parameter_count
 
     counted = count_sliced_parameters(model)
-    return {"dense": dense_llama_parameter_count(base_config), "sliced": counted.total,
-            "shortcut_q": counted.shortcut}
+    return {"dense": dense_llama_parameter_count(base_config), "sliced": counted.total, "shortcut_q": counted.shortcut}
 
 
 def file_bytes(path: Path) -> int:
@@ -120,10 +133,15 @@ def model_info(path: Path, kind: str, model, meta: dict) -> ArtifactInfo:
 
     config = model.config
     info = ArtifactInfo(
-        path=str(path), kind=kind, architecture="SlicedLlamaForCausalLM (portable, SliceGPT-sliced Llama)",
-        sparsity=meta.get("sparsity"), round_interval=meta.get("round_interval"),
-        dtype=dtype_name(next(model.parameters()).dtype), file_bytes=file_bytes(path),
-        producer=meta.get("producer") or {}, loader=meta.get("loader") or "",
+        path=str(path),
+        kind=kind,
+        architecture="SlicedLlamaForCausalLM (portable, SliceGPT-sliced Llama)",
+        sparsity=meta.get("sparsity"),
+        round_interval=meta.get("round_interval"),
+        dtype=dtype_name(next(model.parameters()).dtype),
+        file_bytes=file_bytes(path),
+        producer=meta.get("producer") or {},
+        loader=meta.get("loader") or "",
     )
     info.set_widths(SlicedWidths.of_config(config), config.hidden_size)
     info.set_params(parameter_counts(model, dense_base_config(config.to_dict())))

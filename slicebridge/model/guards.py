@@ -35,9 +35,17 @@ def require_regular_file(path: str | os.PathLike, error: type[Exception], what: 
     except OSError as exc:
         raise error(f"{path} cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "not a regular file")
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a FIFO (named pipe)"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file"
+        )
         raise error(f"{path} is {kind}, not a regular {what}; refusing to read it")
     return path
 
@@ -60,8 +68,11 @@ def job_inputs(checkpoint: str | os.PathLike, base_model: str | os.PathLike | No
     inputs = [checkpoint]
     if checkpoint.suffix == ".pt":
         inputs.append(checkpoint.with_suffix(".json"))
-    base = Path(os.path.expanduser(os.fspath(base_model))) if base_model is not None else (
-        checkpoint.parent if checkpoint.suffix == ".pt" else checkpoint)
+    base = (
+        Path(os.path.expanduser(os.fspath(base_model)))
+        if base_model is not None
+        else (checkpoint.parent if checkpoint.suffix == ".pt" else checkpoint)
+    )
     inputs.append(base)
     inputs += [base / name for name in ("config.json", *TOKENIZER_FILES)]
     return inputs
@@ -82,5 +93,7 @@ def refuse_output_over_inputs(output: str | os.PathLike, inputs: Iterable[str | 
     hit = output_over_input(output, inputs)
     if hit is not None:
         relation = "is" if any(f in _forms(output) for f in _forms(hit)) else "holds"
-        raise OutputCollision(f"refusing to start: the output {output} {relation} the input {hit}, which writing "
-                              "it would destroy; choose another output")
+        raise OutputCollision(
+            f"refusing to start: the output {output} {relation} the input {hit}, which writing "
+            "it would destroy; choose another output"
+        )

@@ -158,8 +158,21 @@ class _Mark:
 _MARK = _Mark()
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 _VALUE_OPS = _STRING_OPS | {
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
-    "STRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "LONG",
+    "LONG1",
+    "LONG4",
+    "FLOAT",
+    "BINFLOAT",
+    "STRING",
+    "BINBYTES",
+    "SHORT_BINBYTES",
+    "BINBYTES8",
+    "BYTEARRAY8",
+}
 _EMPTY = {"EMPTY_LIST": list, "EMPTY_DICT": dict, "EMPTY_TUPLE": tuple, "EMPTY_SET": set}
 
 
@@ -293,7 +306,7 @@ class _InertReader:
     def set_items(self, flat: list) -> None:
         target = self.stack[-1]
         mapping = target if isinstance(target, dict) else target.items if isinstance(target, Call) else {}
-        for key, value in zip(flat[::2], flat[1::2]):
+        for key, value in zip(flat[::2], flat[1::2], strict=False):  # an odd count: a malformed file
             if _hashable(key):
                 mapping[key] = value
 
@@ -335,9 +348,11 @@ class SeedDiagnosis:
 
     @property
     def fix(self) -> str:
-        return ("turn it into a portable .bin in the slicegpt env, if you trust the file (reading it runs "
-                "code from it): slicebridge upgrade SEED.bin OUT.bin --env slicegpt --trust-pickle "
-                "(or client.upgrade(..., trust_pickle=True))")
+        return (
+            "turn it into a portable .bin in the slicegpt env, if you trust the file (reading it runs "
+            "code from it): slicebridge upgrade SEED.bin OUT.bin --env slicegpt --trust-pickle "
+            "(or client.upgrade(..., trust_pickle=True))"
+        )
 
 
 def _module_source(module: str) -> str | None:
@@ -407,13 +422,15 @@ def diagnose_seed_bin(path: str | Path) -> SeedDiagnosis:
             "ModuleNotFoundError: No module named 'slicegpt' (the file pickles slicegpt's classes)"
         )
     sources: dict[str, str | None] = {}
-    missing = [n for n in names if not n.startswith(("slicegpt.", "dill.", "__builtin__", "builtins"))
-               and not _importable(n, sources)]
+    missing = [
+        n
+        for n in names
+        if not n.startswith(("slicegpt.", "dill.", "__builtin__", "builtins")) and not _importable(n, sources)
+    ]
     if missing:
         diagnosis.missing_globals = missing
         diagnosis.failures.append(
             "even with slicegpt installed it fails with AttributeError: Can't get attribute "
-            f"{missing[0].rpartition('.')[2]!r}: this env's packages no longer have "
-            + ", ".join(missing)
+            f"{missing[0].rpartition('.')[2]!r}: this env's packages no longer have " + ", ".join(missing)
         )
     return diagnosis

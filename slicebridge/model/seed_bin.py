@@ -22,17 +22,36 @@ from slicebridge.model.facts import ArtifactInfo
 from slicebridge.model.guards import require_regular_file
 from slicebridge.model.pickle_scan import Call, Global, Persistent, UnreadablePickle, read_inert, referenced_globals
 
-_STORAGE_DTYPES = {"HalfStorage": "float16", "FloatStorage": "float32", "BFloat16Storage": "bfloat16",
-                   "DoubleStorage": "float64", "LongStorage": "int64", "IntStorage": "int32",
-                   "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool"}
+_STORAGE_DTYPES = {
+    "HalfStorage": "float16",
+    "FloatStorage": "float32",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
 _TENSOR_REBUILDERS = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor"}
 _PARAMETER_REBUILDERS = {"torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"}
 _MAX_DEPTH = 32  # module nesting; a Llama is 4 deep
 _MAX_CONFIG_NODES = 100_000  # values walked in a pickled config: a LlamaConfig has about a hundred
 _BYTECODE = {"dill._dill._create_code", "dill._dill._create_function"}
 # What the seed's files import: the model's own packages, and dill's helpers for the class it makes.
-_MODEL_NAMESPACES = ("torch.", "transformers.", "tokenizers.", "slicegpt.", "dill._dill.", "collections.OrderedDict",
-                     "_codecs.encode", "__builtin__.setattr", "builtins.setattr", "copyreg._reconstructor")
+_MODEL_NAMESPACES = (
+    "torch.",
+    "transformers.",
+    "tokenizers.",
+    "slicegpt.",
+    "dill._dill.",
+    "collections.OrderedDict",
+    "_codecs.encode",
+    "__builtin__.setattr",
+    "builtins.setattr",
+    "copyreg._reconstructor",
+)
 
 
 class NotASeedModel(SlicebridgeError, ValueError):
@@ -166,13 +185,18 @@ def _code_notes(names: list[str]) -> list[str]:
     """What unpickling the file would run, said plainly (from the names its pickle imports)."""
     notes = []
     if any(n in _BYTECODE for n in names):
-        notes.append("it carries Python bytecode (dill-pickled functions): unpickling it runs code from the file, "
-                     "so info and verify only read its opcodes")
+        notes.append(
+            "it carries Python bytecode (dill-pickled functions): unpickling it runs code from the file, "
+            "so info and verify only read its opcodes"
+        )
     unusual = [n for n in names if not n.startswith(_MODEL_NAMESPACES)]
     if unusual:
-        notes.append("unpickling it would also call " + ", ".join(unusual[:8])
-                     + (f" and {len(unusual) - 8} more" if len(unusual) > 8 else "")
-                     + ", which a model file has no need of")
+        notes.append(
+            "unpickling it would also call "
+            + ", ".join(unusual[:8])
+            + (f" and {len(unusual) - 8} more" if len(unusual) > 8 else "")
+            + ", which a model file has no need of"
+        )
     return notes
 
 
@@ -184,20 +208,26 @@ def _model_facts(info: ArtifactInfo, root: dict, path: Path) -> None:
     model = root["model"]
     info.architecture = _architecture(model)
     budget = [_MAX_CONFIG_NODES]
-    base_config = {k: v for k, v in _state(_state(model).get("config")).items()
-                   if isinstance(k, str) and _plain(v, budget)}
+    base_config = {
+        k: v for k, v in _state(_state(model).get("config")).items() if isinstance(k, str) and _plain(v, budget)
+    }
     seed_config = root.get("config") if isinstance(root.get("config"), dict) else {}
     sparsity = seed_config.get("sparsity", root.get("pruning_ratio"))
     round_interval = seed_config.get("round_interval")
     info.sparsity = float(sparsity) if isinstance(sparsity, (int, float)) else None
     info.round_interval = round_interval if isinstance(round_interval, int) else None
     tensors = named_tensors(model)
-    config = sliced_config_from_tensors(tensors, base_config, source=path, sparsity=info.sparsity,
-                                        round_interval=info.round_interval)
+    config = sliced_config_from_tensors(
+        tensors, base_config, source=path, sparsity=info.sparsity, round_interval=info.round_interval
+    )
     info.set_widths(widths_from_tensors(tensors, config.num_hidden_layers), int(base_config["hidden_size"]))
-    info.set_params({"dense": dense_llama_parameter_count(base_config),
-                     "sliced": sum(t.numel() for t in tensors.values()),
-                     "shortcut_q": sum(t.numel() for k, t in tensors.items() if k.endswith("_shortcut_Q"))})
+    info.set_params(
+        {
+            "dense": dense_llama_parameter_count(base_config),
+            "sliced": sum(t.numel() for t in tensors.values()),
+            "shortcut_q": sum(t.numel() for k, t in tensors.items() if k.endswith("_shortcut_Q")),
+        }
+    )
     info.dtype = tensors["model.embed_tokens.weight"].dtype
 
 
@@ -218,8 +248,13 @@ def describe_seed_bin(path: str | Path) -> ArtifactInfo:
         names = referenced_globals(path)
     except (UnreadablePickle, OSError, zipfile.BadZipFile) as exc:
         raise NotASeedModel(f"{path} is not a readable torch file: {exc}") from None
-    info = ArtifactInfo(str(path), "seed-bin", file_bytes=path.stat().st_size,
-                        loader="read from the pickle's opcodes (not unpickled)", notes=_code_notes(names))
+    info = ArtifactInfo(
+        str(path),
+        "seed-bin",
+        file_bytes=path.stat().st_size,
+        loader="read from the pickle's opcodes (not unpickled)",
+        notes=_code_notes(names),
+    )
     try:
         if not isinstance(root, dict) or "model" not in root:
             raise NotASeedModel("it does not hold the seed's dict (no 'model' entry)")

@@ -103,7 +103,7 @@ class LlamaShape:
     hidden_act: str
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "LlamaShape":
+    def from_config(cls, config: dict[str, Any]) -> LlamaShape:
         model_type = config.get("model_type")
         if model_type != "llama":
             raise ValueError(f"slice_llama slices Llama models (model_type 'llama'), not {model_type!r}")
@@ -143,12 +143,14 @@ class DenseCheckpoint:
             return {name: self.directory / file_name for name, file_name in weight_map.items()}
         single = self.directory / "model.safetensors"
         if not single.is_file():
-            raise FileNotFoundError(f"{self.directory} holds no model.safetensors (or sharded index); save the model "
-                                    "with save_pretrained(safe_serialization=True)")
+            raise FileNotFoundError(
+                f"{self.directory} holds no model.safetensors (or sharded index); save the model "
+                "with save_pretrained(safe_serialization=True)"
+            )
         from safetensors import safe_open
 
         with safe_open(str(single), framework="pt") as handle:
-            return {name: single for name in handle.keys()}
+            return dict.fromkeys(handle.keys(), single)
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Load one tensor (optionally cast)."""
@@ -251,7 +253,7 @@ class CalibrationContext:
     activation: Callable[[torch.Tensor], torch.Tensor]
 
     @classmethod
-    def build(cls, config: dict[str, Any], shape: LlamaShape, seq_len: int) -> "CalibrationContext":
+    def build(cls, config: dict[str, Any], shape: LlamaShape, seq_len: int) -> CalibrationContext:
         from transformers.activations import ACT2FN
 
         rotary = SlicedLlamaRotaryEmbedding(SlicedLlamaConfig.from_base_and_slicing(config, {}))
@@ -287,7 +289,10 @@ def attention_output(
 
 
 def mlp_output(
-    normed: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+    normed: torch.Tensor,
+    gate_proj: torch.Tensor,
+    up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
     context: CalibrationContext,
 ) -> torch.Tensor:
     """The gated MLP: ``down(act(gate(x)) * up(x))``."""
@@ -364,8 +369,9 @@ def rotate_block(
     kept_input = basis[:, :d_in]
     rotated_readers = [rotator.reading(weight, norm_weight, kept_input) for weight in readers]
     sliced = stream @ kept_input.to(torch.float32)
-    update = block(fused_rms_norm(sliced, basis.shape[0]), [as_computed(w) for w in rotated_readers],
-                   as_computed(writer))
+    update = block(
+        fused_rms_norm(sliced, basis.shape[0]), [as_computed(w) for w in rotated_readers], as_computed(writer)
+    )
     output = sliced @ as_computed(rotator.store(kept_input.T)) + update
     output_basis = orient(principal_basis(output), d_out)
     kept_output = output_basis[:, :d_out]
@@ -531,8 +537,14 @@ def copy_base_files(dense_dir: Path, out_dir: Path) -> list[str]:
     return [source.name for source in sources]
 
 
-def save_sliced(out_dir: Path, stem: str, tensors: dict[str, torch.Tensor], widths: SlicedWidths,
-                hidden_size: int, do_slice_head: bool) -> None:
+def save_sliced(
+    out_dir: Path,
+    stem: str,
+    tensors: dict[str, torch.Tensor],
+    widths: SlicedWidths,
+    hidden_size: int,
+    do_slice_head: bool,
+) -> None:
     """Write ``{stem}.pt`` (torch.save of the state dict) and ``{stem}.json`` (the SlicingConfig)."""
     with atomic_file(out_dir / f"{stem}.pt", overwrite=True) as tmp:
         torch.save(tensors, tmp)
@@ -596,13 +608,17 @@ def slice_llama(
 
     width = sliced_width(shape.hidden_size, sparsity, round_interval)
     if width < 1:
-        raise ValueError(f"sparsity {sparsity} with round_interval {round_interval} leaves no width "
-                         f"of hidden size {shape.hidden_size}")
+        raise ValueError(
+            f"sparsity {sparsity} with round_interval {round_interval} leaves no width "
+            f"of hidden size {shape.hidden_size}"
+        )
     widths = SlicedWidths.constant(shape.num_layers, width, head=width if do_slice_head else shape.hidden_size)
     if shape.rms_norm_eps != SLICEGPT_FUSED_NORM_EPS:
         logger.warning(
             "the dense model's rms_norm_eps is %g; SliceGPT's fused norm uses %g, so even at sparsity 0 "
-            "the sliced model differs slightly from the dense one", shape.rms_norm_eps, SLICEGPT_FUSED_NORM_EPS,
+            "the sliced model differs slightly from the dense one",
+            shape.rms_norm_eps,
+            SLICEGPT_FUSED_NORM_EPS,
         )
 
     generator = torch.Generator().manual_seed(seed)
@@ -610,11 +626,20 @@ def slice_llama(
     if token_ids.numel() < shape.hidden_size:
         logger.warning(
             "%d calibration tokens for hidden size %d: the covariances are rank-deficient, so the kept "
-            "directions beyond their rank are arbitrary", token_ids.numel(), shape.hidden_size,
+            "directions beyond their rank are arbitrary",
+            token_ids.numel(),
+            shape.hidden_size,
         )
-    logger.info("slicing %s (%d layers, hidden %d -> %d, %s) with %d x %d calibration tokens",
-                dense.directory, shape.num_layers, shape.hidden_size, width, dtype_name(out_dtype),
-                token_ids.shape[0], token_ids.shape[1])
+    logger.info(
+        "slicing %s (%d layers, hidden %d -> %d, %s) with %d x %d calibration tokens",
+        dense.directory,
+        shape.num_layers,
+        shape.hidden_size,
+        width,
+        dtype_name(out_dtype),
+        token_ids.shape[0],
+        token_ids.shape[1],
+    )
 
     def orient(basis: torch.Tensor, kept: int) -> torch.Tensor:
         return random_orientation(basis, kept, generator) if final_orientation == "random" else basis

@@ -15,8 +15,9 @@ import collections
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from slicebridge import settings
 
@@ -33,11 +34,10 @@ class CacheKey:
     device: str
 
     @classmethod
-    def for_file(cls, checkpoint: str, base_model: str, loader: str, device: str) -> "CacheKey":
+    def for_file(cls, checkpoint: str, base_model: str, loader: str, device: str) -> CacheKey:
         real = os.path.realpath(checkpoint)
         st = os.stat(real)
-        return cls(real, st.st_size, st.st_mtime_ns, os.path.realpath(base_model) if base_model else "",
-                   loader, device)
+        return cls(real, st.st_size, st.st_mtime_ns, os.path.realpath(base_model) if base_model else "", loader, device)
 
 
 def default_budget_bytes() -> int:
@@ -93,5 +93,8 @@ class ModelCache:
             del self._entries[oldest]
             log.info("evicted %s from the model cache", os.path.basename(oldest.checkpoint))
         if self.used_bytes > self.budget_bytes and len(self._entries) == 1:
-            log.warning("one model (%d MB) exceeds the cache budget (%d MB); it stays only until the next model is loaded",
-                        self.used_bytes >> 20, self.budget_bytes >> 20)
+            log.warning(
+                "one model (%d MB) exceeds the cache budget (%d MB); it stays only until the next model is loaded",
+                self.used_bytes >> 20,
+                self.budget_bytes >> 20,
+            )

@@ -34,8 +34,10 @@ class RelativePath(HandlerError):
 def require_absolute(**paths: str | None) -> None:
     for name, path in paths.items():
         if path is not None and not os.path.isabs(path):
-            raise RelativePath(f"{name} must be an absolute path, not {path!r} (the client library sends "
-                               "absolute paths; a hand-made request must too)")
+            raise RelativePath(
+                f"{name} must be an absolute path, not {path!r} (the client library sends "
+                "absolute paths; a hand-made request must too)"
+            )
 
 
 @dataclass
@@ -49,8 +51,11 @@ class _Started:
 
     def timings(self) -> dict[str, float]:
         done = time.perf_counter()
-        return {"load": 0.0 if self.cache_hit else self.loaded.load_seconds, "save": done - self.loaded_at,
-                "total": done - self.started}
+        return {
+            "load": 0.0 if self.cache_hit else self.loaded.load_seconds,
+            "save": done - self.loaded_at,
+            "total": done - self.started,
+        }
 
 
 class ConvertService:
@@ -67,15 +72,17 @@ class ConvertService:
         loader, device = resolve_loader(args.loader), resolve_device(args.device)
         # The reader is cheap (tensors are memory-mapped) and validates sparsity and
         # round_interval, so it runs on every request, cached or not.
-        checkpoint = read_checkpoint(args.slicegpt_model, base_dir=args.base_model, sparsity=args.sparsity,
-                                     round_interval=args.round_interval)
+        checkpoint = read_checkpoint(
+            args.slicegpt_model, base_dir=args.base_model, sparsity=args.sparsity, round_interval=args.round_interval
+        )
         key = CacheKey.for_file(str(checkpoint.checkpoint_path), str(checkpoint.base_dir), loader, device)
 
         def progress(stage, done, total):
             ctx.progress(stage, done, total, "steps")
 
-        return self.cache.get_or_load(key, lambda: load_checkpoint(checkpoint, loader, device, progress),
-                                      lambda loaded: loaded.nbytes)
+        return self.cache.get_or_load(
+            key, lambda: load_checkpoint(checkpoint, loader, device, progress), lambda loaded: loaded.nbytes
+        )
 
     def _start(self, args, ctx: RequestContext, *, directory: bool) -> _Started:
         """The preamble of ``convert`` and ``export``: check the paths and the output, then load."""
@@ -100,18 +107,34 @@ class ConvertService:
             tokenizer_files=tokenizer_files(checkpoint.base_dir),
             pruning_ratio=checkpoint.sparsity if checkpoint.sparsity is not None else 0.0,
             actual_ratio=actual_ratio(params),
-            config={"base_model": str(checkpoint.base_dir), "slicegpt_model": str(checkpoint.checkpoint_path),
-                    "sparsity": checkpoint.sparsity, "round_interval": checkpoint.round_interval},
-            extra={"loader": loaded.loader, "params": params,
-                   "widths": checkpoint.widths.as_slicing_config(checkpoint.hidden_size)},
+            config={
+                "base_model": str(checkpoint.base_dir),
+                "slicegpt_model": str(checkpoint.checkpoint_path),
+                "sparsity": checkpoint.sparsity,
+                "round_interval": checkpoint.round_interval,
+            },
+            extra={
+                "loader": loaded.loader,
+                "params": params,
+                "widths": checkpoint.widths.as_slicing_config(checkpoint.hidden_size),
+            },
             overwrite=args.overwrite,
             pickle_module=args.pickle_module,
             max_mode=_copied_sources_mode(checkpoint),
         )
         ctx.progress("save", 1, 1, "files")
-        return convert_result(args.output, loaded.model, summary, params, loader=loaded.loader,
-                              cache_hit=run.cache_hit, device=loaded.device, sparsity=checkpoint.sparsity,
-                              round_interval=checkpoint.round_interval, timings=run.timings())
+        return convert_result(
+            args.output,
+            loaded.model,
+            summary,
+            params,
+            loader=loaded.loader,
+            cache_hit=run.cache_hit,
+            device=loaded.device,
+            sparsity=checkpoint.sparsity,
+            round_interval=checkpoint.round_interval,
+            timings=run.timings(),
+        )
 
     def export(self, args: protocol.ExportArgs, ctx: RequestContext) -> protocol.ExportResult:
         from slicebridge.model.binfile import producer_versions, tokenizer_files
@@ -124,17 +147,33 @@ class ConvertService:
         ctx.progress("check", 1, 1, "steps")
         ctx.progress("write", 0, 1, "dirs")
         provenance = {**checkpoint_provenance(checkpoint, loader=loaded.loader), "producer": producer_versions()}
-        summary = export_model(loaded.model, args.output, tokenizer_files=tokenizer_files(checkpoint.base_dir),
-                               provenance=provenance, verification=verification,
-                               max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                               max_mode=_copied_sources_mode(checkpoint))
+        summary = export_model(
+            loaded.model,
+            args.output,
+            tokenizer_files=tokenizer_files(checkpoint.base_dir),
+            provenance=provenance,
+            verification=verification,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            max_mode=_copied_sources_mode(checkpoint),
+        )
         ctx.progress("write", 1, 1, "dirs")
         return protocol.ExportResult(
-            output=str(summary.path), bytes=summary.size_bytes, files=list(summary.files), sharded=summary.sharded,
-            loader=loaded.loader, cache_hit=run.cache_hit, device=loaded.device, dtype=summary.dtype,
-            sparsity=float(checkpoint.sparsity or 0.0), round_interval=checkpoint.round_interval,
-            actual_ratio=summary.provenance["actual_ratio"], params=summary.provenance["params"],
-            timings=run.timings(), verification=verification)
+            output=str(summary.path),
+            bytes=summary.size_bytes,
+            files=list(summary.files),
+            sharded=summary.sharded,
+            loader=loaded.loader,
+            cache_hit=run.cache_hit,
+            device=loaded.device,
+            dtype=summary.dtype,
+            sparsity=float(checkpoint.sparsity or 0.0),
+            round_interval=checkpoint.round_interval,
+            actual_ratio=summary.provenance["actual_ratio"],
+            params=summary.provenance["params"],
+            timings=run.timings(),
+            verification=verification,
+        )
 
     def reference(self, args: protocol.ReferenceArgs, ctx: RequestContext) -> protocol.ReferenceResult:
         """Run the reference model (the official one when it was loaded officially) on the inputs."""
@@ -150,26 +189,47 @@ class ConvertService:
         loaded, hit = self.load(args, ctx)
         model = loaded.official_model if loaded.official_model is not None else loaded.model
         count = len(args.inputs)
-        logits = forward_logits(model, [ids.to_torch() for ids in args.inputs], loaded.device,
-                                lambda index: ctx.progress("reference", index, count, "inputs"))
+        logits = forward_logits(
+            model,
+            [ids.to_torch() for ids in args.inputs],
+            loaded.device,
+            lambda index: ctx.progress("reference", index, count, "inputs"),
+        )
         ctx.progress("reference", count, count, "inputs")
         versions, _ = package_versions()
         return protocol.ReferenceResult(
-            logits=logits, loader=loaded.loader, device=loaded.device,
-            dtype=dtype_name(next(model.parameters()).dtype), cache_hit=hit,
+            logits=logits,
+            loader=loaded.loader,
+            device=loaded.device,
+            dtype=dtype_name(next(model.parameters()).dtype),
+            cache_hit=hit,
             seconds=time.perf_counter() - started,
-            versions={k: versions.get(k) for k in ("torch", "transformers", "slicegpt")})
+            versions={k: versions.get(k) for k in ("torch", "transformers", "slicegpt")},
+        )
 
     def cache_info(self, args: protocol.CacheInfoArgs, ctx: RequestContext) -> protocol.CacheInfoResult:
-        entries = [{"checkpoint": key.checkpoint, "loader": key.loader, "device": key.device, "bytes": size}
-                   for key, size in self.cache.entries()]
-        return protocol.CacheInfoResult(entries, self.cache.used_bytes, self.cache.budget_bytes,
-                                        self.cache.hits, self.cache.misses)
+        entries = [
+            {"checkpoint": key.checkpoint, "loader": key.loader, "device": key.device, "bytes": size}
+            for key, size in self.cache.entries()
+        ]
+        return protocol.CacheInfoResult(
+            entries, self.cache.used_bytes, self.cache.budget_bytes, self.cache.hits, self.cache.misses
+        )
 
 
-def convert_result(output: str, model, summary: dict, params: dict, *, loader: str, cache_hit: bool, device: str,
-                   sparsity: float | None, round_interval: int | None,
-                   timings: dict[str, float]) -> protocol.ConvertResult:
+def convert_result(
+    output: str,
+    model,
+    summary: dict,
+    params: dict,
+    *,
+    loader: str,
+    cache_hit: bool,
+    device: str,
+    sparsity: float | None,
+    round_interval: int | None,
+    timings: dict[str, float],
+) -> protocol.ConvertResult:
     """What ``convert`` and ``upgrade`` report about the ``.bin`` they wrote (``summary``: ``save_bin``'s)."""
     return protocol.ConvertResult(
         output=str(output),
@@ -191,8 +251,10 @@ def convert_result(output: str, model, summary: dict, params: dict, *, loader: s
 def _check_against_official(loaded: LoadedCheckpoint) -> dict:
     """Compare the portable model with the official one, here, before writing: the model card's check."""
     if loaded.official_model is None:
-        return {"status": "not checked here: the server's env has no slicegpt (builtin loader); "
-                          "run `slicebridge verify` on the export"}
+        return {
+            "status": "not checked here: the server's env has no slicegpt (builtin loader); "
+            "run `slicebridge verify` on the export"
+        }
     from transformers import AutoTokenizer
 
     from slicebridge.model.compare import compare, forward_logits, verification_inputs
@@ -200,12 +262,19 @@ def _check_against_official(loaded: LoadedCheckpoint) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(loaded.checkpoint.base_dir, trust_remote_code=False)
     inputs = verification_inputs(loaded.model.config.vocab_size, tokenizer)
     ids = list(inputs.values())
-    comparison = compare(inputs, forward_logits(loaded.model, ids, loaded.device),
-                         forward_logits(loaded.official_model, ids, loaded.device),
-                         [next(m.parameters()).dtype for m in (loaded.model, loaded.official_model)])
-    return {"status": "passed" if comparison.passed else "FAILED",
-            "against": "the official slicegpt model, in the slicegpt env", "dtype": comparison.dtype,
-            "tolerance": comparison.tolerance, "inputs": comparison.by_input()}
+    comparison = compare(
+        inputs,
+        forward_logits(loaded.model, ids, loaded.device),
+        forward_logits(loaded.official_model, ids, loaded.device),
+        [next(m.parameters()).dtype for m in (loaded.model, loaded.official_model)],
+    )
+    return {
+        "status": "passed" if comparison.passed else "FAILED",
+        "against": "the official slicegpt model, in the slicegpt env",
+        "dtype": comparison.dtype,
+        "tolerance": comparison.tolerance,
+        "inputs": comparison.by_input(),
+    }
 
 
 def _copied_sources_mode(checkpoint) -> int:

@@ -68,9 +68,17 @@ def build_handlers() -> dict:
     from slicebridge.server.convert import ConvertService
 
     service = ConvertService()
-    handlers = {"echo": echo, "sleep": sleep, "fail": fail,
-                "convert": service.convert, "export": service.export, "reference": service.reference,
-                "cache_info": service.cache_info, "upgrade": seed.upgrade, "info": seed.info}
+    handlers = {
+        "echo": echo,
+        "sleep": sleep,
+        "fail": fail,
+        "convert": service.convert,
+        "export": service.export,
+        "reference": service.reference,
+        "cache_info": service.cache_info,
+        "upgrade": seed.upgrade,
+        "info": seed.info,
+    }
     return {op: _in_request_scope(handler) for op, handler in handlers.items()}
 
 

@@ -30,9 +30,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from slicebridge.bridge.server_loop import HandlerError
 from slicebridge.server import faults
@@ -108,8 +109,7 @@ def resolve_device(requested: str) -> str:
 Progress = Callable[[str, float, float], None]
 
 
-def load_checkpoint(checkpoint, loader: str, device: str,
-                    progress: Progress = lambda *a: None) -> LoadedCheckpoint:
+def load_checkpoint(checkpoint, loader: str, device: str, progress: Progress = lambda *a: None) -> LoadedCheckpoint:
     """Load a checkpoint the reader has validated, with a resolved loader, onto ``device``."""
     started = time.perf_counter()
     progress("load", 1, 3)
@@ -206,7 +206,8 @@ def _load_official(checkpoint):
                 attempts.append(f"{style}: {type(exc).__name__}: {exc}")
         raise OfficialLoaderFailed(
             f"slicegpt.hf_utils.load_sliced_model could not load {checkpoint.checkpoint_path} as {model_name!r}:\n  "
-            + "\n  ".join(attempts) + "\nloader='builtin' loads it without slicegpt."
+            + "\n  ".join(attempts)
+            + "\nloader='builtin' loads it without slicegpt."
         )
 
 
@@ -216,8 +217,11 @@ def _in_checkpoint_dtype(official_model, state_dict: dict, dtype: str):
 
     wanted = getattr(torch, dtype)
     if next(official_model.parameters()).dtype != wanted:
-        log.info("slicegpt's loader built %s modules; casting them to the checkpoint's %s",
-                 next(official_model.parameters()).dtype, wanted)
+        log.info(
+            "slicegpt's loader built %s modules; casting them to the checkpoint's %s",
+            next(official_model.parameters()).dtype,
+            wanted,
+        )
         official_model.to(wanted).load_state_dict(state_dict)
     return official_model
 
@@ -228,4 +232,3 @@ def _portable_from_official(official_model, checkpoint):
 
     state = {k: v for k, v in official_model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
     return build_sliced_llama(state, checkpoint.sliced_config())
-

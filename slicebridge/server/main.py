@@ -30,12 +30,12 @@ def main(conn_path: str) -> None:
     info = read_connection_file(Path(conn_path))
     info.server_start = process_start_time(os.getpid())  # written with ``ready``, against pid reuse
     if info.log_path:
-        threading.Thread(target=cap_own_log, args=(info.log_path, settings.log_max_bytes()),
-                         name="slicebridge-log-cap", daemon=True).start()
+        threading.Thread(
+            target=cap_own_log, args=(info.log_path, settings.log_max_bytes()), name="slicebridge-log-cap", daemon=True
+        ).start()
     if info.debug_ops:
         faults.install_from_environment()
-    ServerLoop(Path(conn_path), info, build_handlers(), runtime_facts=runtime_facts,
-               on_out_of_memory=free_memory).run()
+    ServerLoop(Path(conn_path), info, build_handlers(), runtime_facts=runtime_facts, on_out_of_memory=free_memory).run()
 
 
 def cap_own_log(path: str, max_bytes: int) -> None:
@@ -62,8 +62,11 @@ def _keep_tail(path: str, size: int, keep: int) -> None:
         fh.readline()  # from a line start
         tail = fh.read()
     os.ftruncate(2, 0)  # O_APPEND: every writer goes on at the new end
-    os.write(2, f"[slicebridge: log cut to its last {len(tail)} bytes; the {size - len(tail)} before "
-                "were dropped]\n".encode() + tail)
+    os.write(
+        2,
+        f"[slicebridge: log cut to its last {len(tail)} bytes; the {size - len(tail)} before were dropped]\n".encode()
+        + tail,
+    )
 
 
 def free_memory() -> None:

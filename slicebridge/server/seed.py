@@ -40,7 +40,8 @@ def upgrade(args: protocol.UpgradeArgs, ctx: RequestContext) -> protocol.Convert
     if not args.trust_pickle:
         raise PickleNotTrusted(
             f"upgrade reads {args.source} by unpickling it, which runs code from the file (the seed pickled "
-            "its model with dill); pass trust_pickle=True (--trust-pickle on the command line) if you trust it")
+            "its model with dill); pass trust_pickle=True (--trust-pickle on the command line) if you trust it"
+        )
     check_output(args.output, args.overwrite)
     seed = _read_seed_bin(Path(args.source))
     ctx.progress("read", 1, 2, "steps")
@@ -53,8 +54,12 @@ def upgrade(args: protocol.UpgradeArgs, ctx: RequestContext) -> protocol.Convert
         tokenizer_files=_tokenizer_files_of(seed.get("tokenizer")),
         pruning_ratio=seed.get("pruning_ratio", sparsity or 0.0),
         actual_ratio=actual_ratio(params),
-        config={"base_model": seed_config.get("base_model"), "slicegpt_model": seed_config.get("slicegpt_model"),
-                "sparsity": sparsity, "round_interval": round_interval},
+        config={
+            "base_model": seed_config.get("base_model"),
+            "slicegpt_model": seed_config.get("slicegpt_model"),
+            "sparsity": sparsity,
+            "round_interval": round_interval,
+        },
         extra={"loader": "upgrade", "upgraded_from": os.path.abspath(args.source), "params": params},
         overwrite=args.overwrite,
         pickle_module=args.pickle_module,
@@ -62,9 +67,18 @@ def upgrade(args: protocol.UpgradeArgs, ctx: RequestContext) -> protocol.Convert
     )
     ctx.progress("save", 2, 2, "steps")
     seconds = time.perf_counter() - started
-    return convert_result(args.output, portable, summary, params, loader="upgrade", cache_hit=False, device="cpu",
-                          sparsity=sparsity, round_interval=round_interval,
-                          timings={"load": 0.0, "save": seconds, "total": seconds})
+    return convert_result(
+        args.output,
+        portable,
+        summary,
+        params,
+        loader="upgrade",
+        cache_hit=False,
+        device="cpu",
+        sparsity=sparsity,
+        round_interval=round_interval,
+        timings={"load": 0.0, "save": seconds, "total": seconds},
+    )
 
 
 def info(args: protocol.InfoArgs, ctx: RequestContext) -> protocol.InfoResult:
@@ -81,8 +95,11 @@ def info(args: protocol.InfoArgs, ctx: RequestContext) -> protocol.InfoResult:
     except NotASeedModel as exc:
         raise NotASeedBin(str(exc)) from None
     missing = diagnose_seed_bin(path).failures[1:]  # the first, weights_only, holds everywhere
-    facts.notes.append("the server's env has every class the file names: upgrade --trust-pickle can read it there"
-                       if not missing else "the server's env cannot read it either: " + "; ".join(missing))
+    facts.notes.append(
+        "the server's env has every class the file names: upgrade --trust-pickle can read it there"
+        if not missing
+        else "the server's env cannot read it either: " + "; ".join(missing)
+    )
     return protocol.InfoResult(facts=facts.as_dict())
 
 
@@ -124,8 +141,10 @@ def _check_names_the_seeds_classes(path: Path) -> None:
     if any(name.startswith("slicebridge.model.binfile.") for name in names):
         raise NotASeedBin(f"{path} is already a portable slicebridge .bin; nothing to upgrade")
     if not any(name.startswith(("slicegpt.", "dill.")) for name in names):
-        raise NotASeedBin(f"{path} is not a .bin made the seed's way (its pickle names neither slicegpt nor dill), "
-                          "so upgrade does not unpickle it")
+        raise NotASeedBin(
+            f"{path} is not a .bin made the seed's way (its pickle names neither slicegpt nor dill), "
+            "so upgrade does not unpickle it"
+        )
 
 
 def _portable_from_seed(seed: dict, source: Path):
@@ -139,8 +158,13 @@ def _portable_from_seed(seed: dict, source: Path):
     seed_config.setdefault("sparsity", seed.get("pruning_ratio"))
     seed_config.setdefault("round_interval", None)
     tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    config = sliced_config_from_tensors(tensors, base_config, source=source, sparsity=seed_config["sparsity"],
-                                        round_interval=seed_config["round_interval"])
+    config = sliced_config_from_tensors(
+        tensors,
+        base_config,
+        source=source,
+        sparsity=seed_config["sparsity"],
+        round_interval=seed_config["round_interval"],
+    )
     return build_sliced_llama(tensors, config).eval(), base_config, seed_config
 
 

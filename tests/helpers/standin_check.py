@@ -56,16 +56,22 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def against_reference(model, reference: dict, precision: str) -> dict[str, Any]:
-    return {name: logit_metrics(logits_of(model, reference[ids]), reference[key.format(precision)])
-            for name, (ids, key) in INPUTS.items()}
+    return {
+        name: logit_metrics(logits_of(model, reference[ids]), reference[key.format(precision)])
+        for name, (ids, key) in INPUTS.items()
+    }
 
 
 def error_of(call) -> dict[str, Any]:
     try:
         call()
     except BaseException as exc:  # noqa: BLE001 - we report whatever the loader raises
-        return {"raised": True, "type": type(exc).__name__, "mro": [c.__name__ for c in type(exc).__mro__],
-                "message": str(exc)[:400]}
+        return {
+            "raised": True,
+            "type": type(exc).__name__,
+            "mro": [c.__name__ for c in type(exc).__mro__],
+            "message": str(exc)[:400],
+        }
     return {"raised": False}
 
 
@@ -115,11 +121,11 @@ def structure(model_adapter, tokenizer, checkpoint: dict) -> dict[str, Any]:
         "model_module": type(model).__module__,
         "model_base": f"{type(model).__mro__[1].__module__}.{type(model).__mro__[1].__qualname__}",
         "layer_class": f"{type(layer).__module__}.{type(layer).__qualname__}",
-        "layer_is_llama_decoder_layer": isinstance(
-            layer, transformers.models.llama.modeling_llama.LlamaDecoderLayer),
+        "layer_is_llama_decoder_layer": isinstance(layer, transformers.models.llama.modeling_llama.LlamaDecoderLayer),
         "attention_class": type(layer.self_attn).__name__,
-        "norm_classes": sorted({f"{type(m).__module__}.{type(m).__qualname__}"
-                                for n, m in model.named_modules() if n.endswith("norm")}),
+        "norm_classes": sorted(
+            {f"{type(m).__module__}.{type(m).__qualname__}" for n, m in model.named_modules() if n.endswith("norm")}
+        ),
         "rmsn_mean_dim": layer.input_layernorm.mean_dim,
         "rmsn_eps": layer.input_layernorm.eps,
         "dtype": str(model.dtype),
@@ -145,9 +151,13 @@ def main(fixture: Path) -> dict[str, Any]:
     reference = torch.load(fixture / "reference.pt", weights_only=True)
     checkpoint = torch.load(pt_path, map_location="cpu", weights_only=True)
     report: dict[str, Any] = {
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "dill": dill.__version__,
-                     "slicegpt": slicegpt.__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "dill": dill.__version__,
+            "slicegpt": slicegpt.__version__,
+        },
         "slicegpt_file": slicegpt.__file__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -182,8 +192,7 @@ def main(fixture: Path) -> dict[str, Any]:
         const_adapter, _ = load("new", Path(tmp))
         report["load_without_slicing_json"] = {
             "const_dimension": const_adapter.slicing_conf.const_dimension,
-            "fp16_identical_to_new": torch.equal(logits_of(const_adapter.model, reference["probe_ids"]),
-                                                 standin_fp16),
+            "fp16_identical_to_new": torch.equal(logits_of(const_adapter.model, reference["probe_ids"]), standin_fp16),
         }
         del const_adapter
 

@@ -33,11 +33,13 @@ def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def main(save_dir: str, model_name: str, sparsity: float, round_interval: int, ids_path: str,
-         out_path: str) -> dict[str, Any]:
+def main(
+    save_dir: str, model_name: str, sparsity: float, round_interval: int, ids_path: str, out_path: str
+) -> dict[str, Any]:
     ids = torch.load(ids_path, weights_only=True)
-    adapter, tokenizer = hf_utils.load_sliced_model(model_name, save_dir, sparsity=sparsity,
-                                                    round_interval=round_interval)
+    adapter, tokenizer = hf_utils.load_sliced_model(
+        model_name, save_dir, sparsity=sparsity, round_interval=round_interval
+    )
     model = adapter.model
     layer = model.model.layers[0]
     report = {

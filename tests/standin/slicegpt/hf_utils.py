@@ -78,16 +78,27 @@ def do_not_initialize(func):
 
 
 @do_not_initialize
-def get_model_and_tokenizer(model_name: str, model_path: str | None = None, *, uninitialized: bool = False,
-                            dtype: torch.dtype = torch.float16, token: str | bool | None = None):
+def get_model_and_tokenizer(
+    model_name: str,
+    model_path: str | None = None,
+    *,
+    uninitialized: bool = False,
+    dtype: torch.dtype = torch.float16,
+    token: str | bool | None = None,
+):
     local_model = model_path is not None
     if local_model and uninitialized:
         local_model = (pathlib.Path(model_path) / "config.json").exists()
     if not local_model:
         model_path = model_name  # the official goes to the Hub here; the stand-in only looks in the HF cache
     model_adapter = ModelAdapter.from_model(
-        model_name, model_path=model_path, model_type="uninitialized" if uninitialized else "pretrained",
-        dtype=dtype, local_files_only=local_model, token=token)
+        model_name,
+        model_path=model_path,
+        model_type="uninitialized" if uninitialized else "pretrained",
+        dtype=dtype,
+        local_files_only=local_model,
+        token=token,
+    )
     model = model_adapter.model
     model.seqlen = model.config.max_position_embeddings
     model.eval()
@@ -141,14 +152,17 @@ def slice_rotated_model(model_adapter, slicing_scheduler=None) -> None:
         conf = model_adapter.slicing_conf
         if conf.const_dimension is not None:
             slicing_scheduler = ConstSlicingScheduler(conf.const_dimension)
-            slicing_scheduler.setup(hidden_size=model_adapter.hidden_size, layers_num=len(layers),
-                                    parallel_blocks=model_adapter.parallel_blocks)
+            slicing_scheduler.setup(
+                hidden_size=model_adapter.hidden_size,
+                layers_num=len(layers),
+                parallel_blocks=model_adapter.parallel_blocks,
+            )
         else:
             slicing_scheduler = ConfigSlicingScheduler(conf)
     sched = slicing_scheduler
     widths = sched.get_embedding_dimensions()
     for i, embedding in enumerate(model_adapter.get_embeddings()):
-        embedding.weight.data = embedding.weight.data[:, :widths[i]]
+        embedding.weight.data = embedding.weight.data[:, : widths[i]]
         embedding.embedding_dim = widths[i]
     for i, adapter in enumerate(layers):
         layer = adapter.layer
@@ -168,8 +182,15 @@ def slice_rotated_model(model_adapter, slicing_scheduler=None) -> None:
 
 
 @do_not_initialize
-def load_sliced_model(model_name: str, sliced_model_path: str, *, token: str | None = None,
-                      lora_config: Any = None, sparsity: float | None = None, round_interval: int | None = 1):
+def load_sliced_model(
+    model_name: str,
+    sliced_model_path: str,
+    *,
+    token: str | None = None,
+    lora_config: Any = None,
+    sparsity: float | None = None,
+    round_interval: int | None = 1,
+):
     """Load a run_slicegpt checkpoint as the official release selected by SLICEGPT_STANDIN_API does."""
     if api_mode() == "new":
         stem = pathlib.Path(model_name).name
@@ -181,8 +202,7 @@ def load_sliced_model(model_name: str, sliced_model_path: str, *, token: str | N
         weights_path = pathlib.Path(sliced_model_path)
         config_path = weights_path.with_suffix(".json")
 
-    model_adapter, tokenizer = get_model_and_tokenizer(model_name, model_path=base_dir, uninitialized=True,
-                                                       token=token)
+    model_adapter, tokenizer = get_model_and_tokenizer(model_name, model_path=base_dir, uninitialized=True, token=token)
     replace_layers(model_adapter)
     fuse_modules(model_adapter)
     hidden = model_adapter.hidden_size

@@ -58,9 +58,16 @@ class ModelAdapter(ABC):
         pass
 
     @classmethod
-    def from_model(cls, model_name: str, model_path: str, *, model_type: str = "pretrained",
-                   dtype: torch.dtype = torch.float16, local_files_only: bool = False,
-                   token: str | bool | None = None) -> ModelAdapter:
+    def from_model(
+        cls,
+        model_name: str,
+        model_path: str,
+        *,
+        model_type: str = "pretrained",
+        dtype: torch.dtype = torch.float16,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> ModelAdapter:
         def candidates(klass):
             for sub in klass.__subclasses__():
                 yield from candidates(sub)
@@ -69,11 +76,13 @@ class ModelAdapter(ABC):
 
         for klass in candidates(cls):
             if model_type == "pretrained":
-                adapter = klass._from_pretrained(model_name, model_path, dtype=dtype,
-                                                 local_files_only=local_files_only, token=token)
+                adapter = klass._from_pretrained(
+                    model_name, model_path, dtype=dtype, local_files_only=local_files_only, token=token
+                )
             elif model_type == "uninitialized":
-                adapter = klass._from_uninitialized(model_name, model_path, dtype=dtype,
-                                                    local_files_only=local_files_only, token=token)
+                adapter = klass._from_uninitialized(
+                    model_name, model_path, dtype=dtype, local_files_only=local_files_only, token=token
+                )
             else:
                 raise ValueError(f"Unknown model type: {model_type}")
             if adapter is not None:

@@ -32,13 +32,25 @@ class CompressedLlamaDecoderLayer(LlamaDecoderLayer):
     def _shortcut(residual: Tensor, q: Tensor | None) -> Tensor:
         return residual if q is None else torch.matmul(residual, q)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_value=None,
-                output_attentions: bool | None = False, use_cache: bool | None = False, **kwargs) -> tuple:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_value=None,
+        output_attentions: bool | None = False,
+        use_cache: bool | None = False,
+        **kwargs,
+    ) -> tuple:
         attn_out, attn_weights, present = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-            position_ids=position_ids, past_key_value=past_key_value,
-            output_attentions=output_attentions, use_cache=use_cache, **kwargs)
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_value=past_key_value,
+            output_attentions=output_attentions,
+            use_cache=use_cache,
+            **kwargs,
+        )
         hidden_states = self._shortcut(hidden_states, self.attn_shortcut_Q) + attn_out
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
         hidden_states = self._shortcut(hidden_states, self.mlp_shortcut_Q) + mlp_out
