@@ -122,7 +122,7 @@ def test_the_cache_lists_its_entries_least_recently_used_first(tmp_path):
     files = []
     for name in "abc":
         (tmp_path / name).write_bytes(name.encode())
-        files.append(CacheKey.for_file(str(tmp_path / name), "", "builtin", "cpu"))
+        files.append(CacheKey.for_file(str(tmp_path / name), "", "builtin", "cpu", "float32"))
     cache = ModelCache(budget_bytes=25)
     for key in files:
         cache.get_or_load(key, lambda: object(), lambda _: 10)

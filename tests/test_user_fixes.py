@@ -175,6 +175,24 @@ def test_both_loaders_keep_the_checkpoints_dtype(bridge, official_env, run_dir, 
     assert load(tmp_path / "official.bin")["model"].lm_head.weight.dtype == torch.float32
 
 
+def test_dtype_casts_the_checkpoint_the_same_with_either_loader(bridge, slicegpt_env, official_env, tmp_path):
+    fp16 = load(bridge.convert(FIXTURE / "sliced", tmp_path / "fp16.bin").output)["model"].state_dict()
+    builtin = bridge.convert(FIXTURE / "sliced", tmp_path / "builtin.bin", dtype="float32", loader="builtin")
+    with Bridge(env=str(official_env), attach=False) as official_bridge:
+        official = official_bridge.convert(FIXTURE / "sliced", tmp_path / "official.bin", dtype="float32")
+    assert (builtin.loader, official.loader) == ("builtin", "official")
+    assert builtin.dtype == official.dtype == "float32"
+    for name in ("builtin.bin", "official.bin"):
+        state = load(tmp_path / name)["model"].state_dict()
+        assert all(state[k].dtype == torch.float32 and torch.equal(state[k], fp16[k].float()) for k in fp16)
+    done = run_cli(
+        "convert", "--slicegpt_model", str(FIXTURE / "sliced"), "--output", str(tmp_path / "bf16.bin"),
+        "--dtype", "bfloat16", "--env", str(slicegpt_env), "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert load(tmp_path / "bf16.bin")["model"].lm_head.weight.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------ 15: doctor
 
 

@@ -489,6 +489,7 @@ class ConvertArgs:
     round_interval: int | None = None
     loader: str = "auto"  # auto | official | builtin
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str | None = None  # float32 | float16 | bfloat16; default: the checkpoint's own
     overwrite: bool = False
     pickle_module: str = "auto"  # auto (dill when installed, as the seed does) | dill | pickle
 
@@ -521,6 +522,7 @@ class ExportArgs:
     round_interval: int | None = None
     loader: str = "auto"
     device: str = "auto"
+    dtype: str | None = None  # as ConvertArgs.dtype
     overwrite: bool = False
     max_shard_size: int = 5 * 1024**3
 

@@ -99,7 +99,8 @@ def convert(
     """Convert a SliceGPT checkpoint into a portable ``.bin``; returns a ``ConvertResult``.
 
     Options: sparsity (default: from the checkpoint or its file name), round_interval,
-    loader ("auto" | "official" | "builtin"), device ("auto" | "cpu" | "cuda"), overwrite,
+    loader ("auto" | "official" | "builtin"), device ("auto" | "cpu" | "cuda"), dtype ("float32" |
+    "float16" | "bfloat16"; default: the checkpoint's own, whichever loader runs), overwrite,
     pickle_module, on_event. ``output`` defaults to ``<checkpoint>.bin`` beside it; ending in a
     slash, it is a directory that gets ``<checkpoint>.bin``.
     """

@@ -215,6 +215,7 @@ class Bridge:
         round_interval: int | None = None,
         loader: str = "auto",
         device: str = "auto",
+        dtype: str | None = None,
         overwrite: bool = False,
         pickle_module: str = "auto",
         on_event: EventCallback | None = None,
@@ -225,12 +226,13 @@ class Bridge:
         """
         args = protocol.ConvertArgs(
             slicegpt_model=_absolute(slicegpt_model),
-            output=_output(slicegpt_model, output, ".bin"),
+            output=_output(slicegpt_model, output, ".bin", sparsity),
             base_model=_absolute(base_model) if base_model is not None else None,
             sparsity=float(sparsity) if sparsity is not None else None,
             round_interval=round_interval,
             loader=loader,
             device=device,
+            dtype=dtype,
             overwrite=overwrite,
             pickle_module=pickle_module,
         )
@@ -246,6 +248,7 @@ class Bridge:
         round_interval: int | None = None,
         loader: str = "auto",
         device: str = "auto",
+        dtype: str | None = None,
         overwrite: bool = False,
         max_shard_size: int = 5 * 1024**3,
         on_event: EventCallback | None = None,
@@ -256,12 +259,13 @@ class Bridge:
         """
         args = protocol.ExportArgs(
             slicegpt_model=_absolute(slicegpt_model),
-            output=_output(slicegpt_model, output, ""),
+            output=_output(slicegpt_model, output, "", sparsity),
             base_model=_absolute(base_model) if base_model is not None else None,
             sparsity=float(sparsity) if sparsity is not None else None,
             round_interval=round_interval,
             loader=loader,
             device=device,
+            dtype=dtype,
             overwrite=overwrite,
             max_shard_size=int(max_shard_size),
         )
@@ -337,8 +341,8 @@ def _absolute(path: str | os.PathLike) -> str:
     return str(resolve(path, follow_final=False))
 
 
-def _output(checkpoint: str | os.PathLike, output: str | os.PathLike, suffix: str) -> str:
+def _output(checkpoint: str | os.PathLike, output: str | os.PathLike, suffix: str, sparsity: float | None) -> str:
     """An output, written through a symlink in its last place (where the server would resolve it)."""
     from slicebridge.client import output_path
 
-    return str(resolve(output_path(checkpoint, output, suffix)))
+    return str(resolve(output_path(checkpoint, output, suffix, sparsity=sparsity)))

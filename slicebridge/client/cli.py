@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--round-interval", "--round_interval", dest="round_interval", type=int, default=None)
         job.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
         job.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in the server)")
+        job.add_argument(
+            "--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's own"
+        )
         job.add_argument("--overwrite", action="store_true", help="replace existing outputs")
         job.add_argument("--overwrite-flag", default="--overwrite", help=argparse.SUPPRESS)  # make: OVERWRITE=1
         job.add_argument("--verify", action="store_true", help="verify each output in this env afterwards")
@@ -323,6 +326,7 @@ def _run_job(bridge, args, checkpoint, output, progress):
             round_interval=args.round_interval,
             loader=args.loader,
             device=args.device,
+            dtype=args.dtype,
             overwrite=args.overwrite,
             on_event=progress,
         )

@@ -32,12 +32,14 @@ class CacheKey:
     base_model: str
     loader: str
     device: str
+    dtype: str
 
     @classmethod
-    def for_file(cls, checkpoint: str, base_model: str, loader: str, device: str) -> CacheKey:
+    def for_file(cls, checkpoint: str, base_model: str, loader: str, device: str, dtype: str) -> CacheKey:
         real = os.path.realpath(checkpoint)
         st = os.stat(real)
-        return cls(real, st.st_size, st.st_mtime_ns, os.path.realpath(base_model) if base_model else "", loader, device)
+        base = os.path.realpath(base_model) if base_model else ""
+        return cls(real, st.st_size, st.st_mtime_ns, base, loader, device, dtype)
 
 
 def default_budget_bytes() -> int:

@@ -22,7 +22,13 @@ from slicebridge.model.atomic import check_output
 from slicebridge.model.facts import actual_ratio, parameter_counts
 from slicebridge.model.guards import job_inputs, refuse_output_over_inputs
 from slicebridge.server.cache import CacheKey, ModelCache
-from slicebridge.server.loaders import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_loader
+from slicebridge.server.loaders import (
+    LoadedCheckpoint,
+    load_checkpoint,
+    resolve_device,
+    resolve_dtype,
+    resolve_loader,
+)
 
 
 class RelativePath(HandlerError):
@@ -66,7 +72,8 @@ class ConvertService:
 
     def load(self, args, ctx: RequestContext) -> tuple[LoadedCheckpoint, bool]:
         """The checkpoint ``args`` names (``slicegpt_model``, ``base_model``, ``sparsity``, ``round_interval``,
-        ``loader``, ``device``), from the cache or loaded into it; and whether it was a cache hit."""
+        ``loader``, ``device``, ``dtype`` where the request has one), from the cache or loaded into it; and
+        whether it was a cache hit. One rule for both loaders: the checkpoint's dtype unless ``dtype`` says."""
         from slicebridge.model.checkpoint import read_checkpoint
 
         loader, device = resolve_loader(args.loader), resolve_device(args.device)
@@ -75,13 +82,14 @@ class ConvertService:
         checkpoint = read_checkpoint(
             args.slicegpt_model, base_dir=args.base_model, sparsity=args.sparsity, round_interval=args.round_interval
         )
-        key = CacheKey.for_file(str(checkpoint.checkpoint_path), str(checkpoint.base_dir), loader, device)
+        dtype = resolve_dtype(getattr(args, "dtype", None) or checkpoint.dtype)
+        key = CacheKey.for_file(str(checkpoint.checkpoint_path), str(checkpoint.base_dir), loader, device, dtype)
 
         def progress(stage, done, total):
             ctx.progress(stage, done, total, "steps")
 
         return self.cache.get_or_load(
-            key, lambda: load_checkpoint(checkpoint, loader, device, progress), lambda loaded: loaded.nbytes
+            key, lambda: load_checkpoint(checkpoint, loader, device, dtype, progress), lambda loaded: loaded.nbytes
         )
 
     def _start(self, args, ctx: RequestContext, *, directory: bool) -> _Started:

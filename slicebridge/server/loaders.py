@@ -106,11 +106,24 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_dtype(requested: str) -> str:
+    if requested not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {requested!r}")
+    return requested
+
+
 Progress = Callable[[str, float, float], None]
 
 
-def load_checkpoint(checkpoint, loader: str, device: str, progress: Progress = lambda *a: None) -> LoadedCheckpoint:
-    """Load a checkpoint the reader has validated, with a resolved loader, onto ``device``."""
+def load_checkpoint(
+    checkpoint, loader: str, device: str, dtype: str, progress: Progress = lambda *a: None
+) -> LoadedCheckpoint:
+    """Load a checkpoint the reader has validated, with a resolved loader, onto ``device`` in ``dtype``."""
+    import torch
+
     started = time.perf_counter()
     progress("load", 1, 3)
     faults.at("load")
@@ -121,9 +134,9 @@ def load_checkpoint(checkpoint, loader: str, device: str, progress: Progress = l
     else:
         model = checkpoint.build_model()
     progress("load", 2, 3)
-    model = model.to(device).eval()
+    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
     if official_model is not None:
-        official_model.to(device).eval()
+        official_model.to(device=device, dtype=getattr(torch, dtype)).eval()
     progress("load", 3, 3)
     seconds = time.perf_counter() - started
     log.info("loaded %s with the %s loader on %s in %.2fs", checkpoint.checkpoint_path.name, loader, device, seconds)
