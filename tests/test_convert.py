@@ -143,7 +143,9 @@ def test_bare_pt_plus_base_dir(bridge, tmp_path):
     result = bridge.convert(
         FIXTURE / "sliced" / "Meta-Llama-3-tiny_0.25.pt", tmp_path / "m.bin", base_model=FIXTURE / "base"
     )
-    assert result.sparsity == 0.25 and load(tmp_path / "m.bin")["config"]["base_model"] == str(FIXTURE / "base")
+    assert result.sparsity == 0.25 and load(tmp_path / "m.bin")["config"]["base_model"] == str(
+        (FIXTURE / "base").resolve()
+    )
 
 
 def test_existing_output_is_kept_unless_overwrite(bridge, tmp_path):
@@ -291,7 +293,7 @@ def test_upgrade_turns_the_seed_bin_into_a_portable_one(official_bridge, tmp_pat
     assert result.loader == "upgrade" and result.sparsity == 0.25
     assert result.params == {"dense": 982144, "sliced": 855552, "shortcut_q": 76800}
     contents = load(tmp_path / "upgraded.bin")  # the safe loader takes it now
-    assert contents["upgraded_from"] == str(FIXTURE / "seed_pruned_model.bin")
+    assert contents["upgraded_from"] == str((FIXTURE / "seed_pruned_model.bin").resolve())
     assert contents["config"]["sparsity"] == 0.25
     assert_matches_reference(contents["model"], reference)
     assert contents["tokenizer"]("the license").input_ids == base_ids("the license")

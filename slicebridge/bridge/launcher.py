@@ -219,8 +219,8 @@ class ServerProcess:
         if not self.wait_exit(timeout):
             log.warning("server pid %d did not stop; killing it", self.pid)
             self.kill()
-            if self.wait_exit(timeout):  # a killed server cannot remove its socket and shm dir itself
-                remove_leftovers(self.info)
+        if self.wait_exit(timeout):  # one that was killed (or died) cannot remove its socket and shm dir
+            remove_leftovers(self.info)
 
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -266,9 +266,11 @@ class ServerLoop:
 
     def run(self) -> None:
         _raise_open_files_limit()
-        self.bind()
+        # Before bind announces "ready": a SIGTERM from then on is a clean stop, never a kill that
+        # leaves the socket and the shared-memory dir behind.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
+        self.bind()
         logging.getLogger("slicebridge").addHandler(self._forward_logs)
         threading.Thread(target=self._warm_up, name="slicebridge-warm-up", daemon=True).start()
         worker = self._worker = threading.Thread(target=self._work, name="slicebridge-worker", daemon=True)
