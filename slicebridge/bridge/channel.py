@@ -29,7 +29,7 @@ from slicebridge.bridge.launcher import ServerProcess
 from slicebridge.bridge.transport import Codec, Dropped, admit
 from slicebridge.processes import process_start_time
 
-log = logging.getLogger("slicebridge.channel")
+log = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, Any], None]
 _POLL_MS = 50

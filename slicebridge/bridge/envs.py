@@ -23,7 +23,7 @@ from pathlib import Path
 
 from slicebridge.bridge.errors import EnvNotFound, EnvNotUsable
 
-log = logging.getLogger("slicebridge.envs")
+log = logging.getLogger(__name__)
 
 _CONDA_ROOTS = ["miniconda3", "anaconda3", "miniforge3", "mambaforge", "micromamba", ".conda"]
 _ENV_VARS_DROPPED = ("VIRTUAL_ENV", "__PYVENV_LAUNCHER__", "CONDA_DEFAULT_ENV", "CONDA_PROMPT_MODIFIER")

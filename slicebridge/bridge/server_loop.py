@@ -52,7 +52,7 @@ from slicebridge.bridge.errors import SlicebridgeError
 from slicebridge.bridge.transport import Codec, Dropped, Gatekeeper
 from slicebridge.processes import pid_alive
 
-log = logging.getLogger("slicebridge.server")
+log = logging.getLogger(__name__)
 
 _OUTBOX = "inproc://slicebridge-outbox"
 _POLL_MS = 100

@@ -29,7 +29,7 @@ import time
 from slicebridge.client.bridge import Bridge, default_env
 from slicebridge.errors import SlicebridgeError
 
-log = logging.getLogger("slicebridge.cli")
+log = logging.getLogger(__name__)
 
 
 def _add_env(parser: argparse.ArgumentParser, required: bool = False) -> None:

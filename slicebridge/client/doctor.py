@@ -25,7 +25,7 @@ from slicebridge.bridge.probe import (
     probe_this_interpreter,
 )
 
-log = logging.getLogger("slicebridge.doctor")
+log = logging.getLogger(__name__)
 
 # Where the env's slicegpt package comes from, and its commit: stdlib only, run as ``python -I``.
 OFFICIAL_PROBE = r"""

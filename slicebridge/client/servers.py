@@ -33,7 +33,7 @@ from slicebridge.bridge.launcher import (
 from slicebridge.bridge.leftovers import remove_leftovers, sweep_sockets
 from slicebridge.processes import pid_alive
 
-log = logging.getLogger("slicebridge.servers")
+log = logging.getLogger(__name__)
 
 _STATUS_TIMEOUT_S = 5.0
 _STOP_WAIT_S = 15.0

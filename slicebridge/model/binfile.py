@@ -34,7 +34,7 @@ from slicebridge.errors import SlicebridgeError
 from slicebridge.model.atomic import atomic_file
 from slicebridge.version import __version__
 
-log = logging.getLogger("slicebridge.binfile")
+log = logging.getLogger(__name__)
 
 FORMAT = "slicebridge.bin"
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ import time
 from slicebridge import settings
 from slicebridge.bridge.server_loop import current_request
 
-log = logging.getLogger("slicebridge.server.faults")
+log = logging.getLogger(__name__)
 
 _active: dict[str, list] = {}  # point -> [kind, value, times left (None: always)]
 

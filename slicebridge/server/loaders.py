@@ -38,7 +38,7 @@ from typing import Any
 from slicebridge.bridge.server_loop import HandlerError
 from slicebridge.server import faults
 
-log = logging.getLogger("slicebridge.server.loaders")
+log = logging.getLogger(__name__)
 
 LOADERS = ("auto", "official", "builtin")
 
