@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers.paths import FIXTURE
-from helpers.run import run_cli
+from helpers.run import WRITE_ONE, run_cli
 
 from slicebridge import Bridge
 from slicebridge.bridge.errors import RemoteError
@@ -177,25 +177,11 @@ def test_concurrent_directory_publishes_lose_with_output_exists(tmp_path):
     assert partials(tmp_path) == []
 
 
-EXPORT_ONE = r"""
-import json, os, sys
-from slicebridge import Bridge
-from slicebridge.model.atomic import OutputExists
-os.environ["SLICEBRIDGE_DEBUG_FAULTS"] = "publish:pause=1.5"  # both sit in the publish window together
-with Bridge(env=sys.argv[1], attach=False, debug_ops=True) as b:
-    try:
-        b.export(sys.argv[2], sys.argv[3])
-        print(json.dumps({"won": True}))
-    except OutputExists as exc:
-        print(json.dumps({"won": False, "error": str(exc)}))
-"""
-
-
 def test_two_servers_exporting_to_one_directory_one_wins_the_other_gets_output_exists(slicegpt_env, tmp_path):
     out = tmp_path / "shared-export"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", EXPORT_ONE, str(slicegpt_env), str(CHECKPOINT), str(out)],
+            [sys.executable, "-c", WRITE_ONE, str(slicegpt_env), "export", str(CHECKPOINT), str(out)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

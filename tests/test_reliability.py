@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.paths import FIXTURE
-from helpers.run import run_cli
+from helpers.run import WRITE_ONE, run_cli
 
 from slicebridge import Bridge
 from slicebridge.bridge.connection import read_connection_file
@@ -187,20 +187,6 @@ def test_a_full_disk_fails_cleanly(slicegpt_env, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-CONVERT_ONE = r"""
-import json, os, sys
-from slicebridge import Bridge
-from slicebridge.model.atomic import OutputExists
-os.environ["SLICEBRIDGE_DEBUG_FAULTS"] = "publish:pause=1.5"  # both sit in the publish window together
-with Bridge(env=sys.argv[1], attach=False, debug_ops=True) as b:
-    try:
-        b.convert(sys.argv[2], sys.argv[3])
-        print(json.dumps({"won": True}))
-    except OutputExists as exc:
-        print(json.dumps({"won": False, "error": str(exc)}))
-"""
-
-
 def test_two_clients_converting_to_one_path_one_wins_never_a_mix(slicegpt_env, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(CHECKPOINT, other)
@@ -211,7 +197,7 @@ def test_two_clients_converting_to_one_path_one_wins_never_a_mix(slicegpt_env, t
     out = tmp_path / "shared.bin"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CONVERT_ONE, str(slicegpt_env), str(src), str(out)],
+            [sys.executable, "-c", WRITE_ONE, str(slicegpt_env), "convert", str(src), str(out)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
