@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,10 @@ def test_demo_smoke(slicegpt_env, tmp_path):
         "sliced-0.5-hf",
         "sliced-0.5.bin",
     ]
+
+
+def test_output_cut_short_by_the_reader_is_no_traceback():
+    """`slicebridge info ... | head`: the reader leaves early (here before anything is written)."""
+    shell = f"{sys.executable} -m slicebridge.client.cli info {FIXTURE / 'sliced'} {FIXTURE / 'seed_pruned_model.bin'}"
+    done = subprocess.run(["bash", "-c", f"{shell} | true"], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slicebridge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `slicebridge info ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # as a shell reports a command killed by SIGPIPE
 
 
 def _print_json(data) -> None:
