@@ -14,13 +14,13 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 from helpers.paths import FIXTURE
 from helpers.run import WRITE_ONE, run_cli
+from helpers.waiting import interrupt_main_when, partials, wait_for
 
 from slicebridge import Bridge
 from slicebridge.bridge.errors import RemoteError
@@ -31,17 +31,6 @@ from slicebridge.model.errors import SparsityMismatch
 
 CHECKPOINT = FIXTURE / "sliced"
 PT_NAME = "Meta-Llama-3-tiny_0.25.pt"
-
-
-def partials(directory: Path) -> list[str]:
-    return [p.name for p in directory.rglob("*.partial")]
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not predicate():
-        time.sleep(0.02)
-    return predicate()
 
 
 # --------------------------------------------------------------------------- batch outputs (item 14)
@@ -200,14 +189,7 @@ def test_two_servers_exporting_to_one_directory_one_wins_the_other_gets_output_e
 def test_ctrl_c_mid_publish_of_an_export_leaves_nothing(slicegpt_env, tmp_path, monkeypatch):
     monkeypatch.setenv("SLICEBRIDGE_DEBUG_FAULTS", "publish:pause=60")
     with Bridge(env=str(slicegpt_env), attach=False, debug_ops=True) as paused:
-
-        def interrupt_once_written():
-            if wait_for(lambda: partials(tmp_path), 30):
-                import _thread
-
-                _thread.interrupt_main()
-
-        threading.Thread(target=interrupt_once_written, daemon=True).start()
+        interrupt_main_when(lambda: partials(tmp_path))
         with pytest.raises(KeyboardInterrupt):
             paused.export(CHECKPOINT, tmp_path / "exported")
         assert wait_for(lambda: not paused.stats().busy, 10)

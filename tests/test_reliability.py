@@ -15,12 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from helpers.paths import FIXTURE
 from helpers.run import WRITE_ONE, run_cli
+from helpers.waiting import interrupt_main_when, partials, wait_for
 
 from slicebridge import Bridge
 from slicebridge.bridge.connection import read_connection_file
@@ -28,19 +28,6 @@ from slicebridge.bridge.errors import RemoteOutOfMemory, ServerDied, ServerKeeps
 from slicebridge.model.binfile import load
 
 CHECKPOINT = FIXTURE / "sliced"
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def partials(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if p.name.endswith(".partial")]
 
 
 @pytest.fixture
@@ -144,13 +131,7 @@ def test_out_of_memory_while_loading_keeps_the_server_and_its_cache_sound(faulty
 def test_ctrl_c_during_a_convert_cancels_it_and_writes_nothing(faulty_bridge, tmp_path):
     bridge = faulty_bridge("publish:pause=60")
 
-    def interrupt_once_written():
-        if wait_for(lambda: partials(tmp_path), 30):
-            import _thread
-
-            _thread.interrupt_main()
-
-    threading.Thread(target=interrupt_once_written, daemon=True).start()
+    interrupt_main_when(lambda: partials(tmp_path))
     with pytest.raises(KeyboardInterrupt):
         bridge.convert(CHECKPOINT, tmp_path / "model.bin")
     assert wait_for(lambda: not bridge.stats().busy, 5)

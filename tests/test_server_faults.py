@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.paths import FIXTURE
+from helpers.waiting import wait_for
 
 from slicebridge import Bridge
 from slicebridge.bridge import protocol
@@ -61,15 +62,6 @@ with Bridge(env=env, attach=False, debug_ops=True) as b:
 def server_buffers(bridge: Bridge) -> list[Path]:
     """Shared-memory files the server wrote that nobody has taken."""
     return sorted(Path(bridge.server.info.shm_dir).glob(f"{bridge.server.pid}-*.buf"))
-
-
-def wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_a_reply_too_large_to_send_is_an_error_and_the_server_serves_on(slicegpt_env):
