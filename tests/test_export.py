@@ -18,17 +18,19 @@ import torch
 from helpers.paths import FIXTURE, HELPERS, REPO, slicegpt_env_path
 
 import slicebridge
+from slicebridge.model import portable
 from slicebridge.model.atomic import OutputExists
 from slicebridge.model.binfile import tokenizer_files
 from slicebridge.model.checkpoint import read_checkpoint
 from slicebridge.model.compare import logit_metrics, nmse, top1_agreement
 from slicebridge.model.export import (
-    REMOTE_CODE_FILES,
     ExportError,
     checkpoint_provenance,
     export_model,
     load_export,
+    remote_code_files,
 )
+from slicebridge.model.families import BY_KEY
 
 MODEL_SOURCES = REPO / "slicebridge" / "model"
 PORTABLE_HELPER = HELPERS / "portable_check.py"
@@ -39,10 +41,12 @@ SAMPLE_TEXT = "SliceGPT deletes rows and columns of the weight matrices: the qui
 EXPECTED_FILES = {
     "README.md",
     "config.json",
+    "configuration_sliced.py",
     "configuration_sliced_llama.py",
     "generation_config.json",
     "model.safetensors",
     "modeling_sliced_llama.py",
+    "sliced_decoder.py",
     "slicebridge.json",
     "special_tokens_map.json",
     "tokenizer.json",
@@ -228,7 +232,7 @@ def test_file_list_and_no_pickles(export_dir):
     assert {path.name for path in export_dir.iterdir()} == EXPECTED_FILES
     assert pickle_or_zip_files(export_dir) == []
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in os.listdir(export_dir))
-    for name in REMOTE_CODE_FILES:
+    for name in remote_code_files(BY_KEY["llama"]):
         assert (export_dir / name).read_bytes() == (MODEL_SOURCES / name).read_bytes()
     for name, data in tokenizer_files(FIXTURE / "sliced").items():
         assert (export_dir / name).read_bytes() == data
@@ -365,7 +369,7 @@ def test_slicebridge_load_without_remote_code(export_dir, reference, base_tokeni
 
 
 def test_load_export_refuses_what_is_not_an_export(tmp_path):
-    with pytest.raises(ExportError, match=r"model_type 'llama', expected 'sliced_llama'"):
+    with pytest.raises(ExportError, match=r"model_type 'llama', expected one of sliced_llama, sliced_opt"):
         load_export(FIXTURE / "base")
     with pytest.raises(ExportError, match=r"no config\.json and no model\.safetensors"):
         load_export(tmp_path)
@@ -472,13 +476,11 @@ def test_export_written_by_transformers_4_41_loads_in_5(export_dir, reference, t
 def test_tied_embeddings_saved_once_and_tied_again(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slicebridge.model.modeling_sliced_llama import build_sliced_llama
-
     spec = importlib.util.spec_from_file_location("portable_check", PORTABLE_HELPER)
     helper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helper)
     config = helper.variant_config()
-    model = build_sliced_llama(helper.random_sliced_tensors(config), config)
+    model = portable.build_model(helper.random_sliced_tensors(config), config)
     summary = export_model(model, tmp_path / "tied", tokenizer_files={}, provenance={"loader": "test"})
     assert summary.dropped_tied == ["lm_head.weight"]
     stored = safetensors.torch.load_file(str(tmp_path / "tied" / "model.safetensors"))

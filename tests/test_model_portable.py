@@ -14,16 +14,13 @@ import torch
 import torch.nn.functional as F
 from helpers.paths import FIXTURE, HELPERS, REPO, slicegpt_env_path
 
+from slicebridge.model import portable
 from slicebridge.model.checkpoint import read_checkpoint
 from slicebridge.model.configuration_sliced_llama import SlicedLlamaConfig
-from slicebridge.model.modeling_sliced_llama import (
-    CACHE_OUTPUT_FIELD,
-    SlicedLlamaForCausalLM,
-    build_sliced_llama,
-    count_sliced_parameters,
-    dense_llama_parameter_count,
-    rope_inverse_frequencies,
-)
+from slicebridge.model.export import remote_code_files
+from slicebridge.model.families import BY_KEY
+from slicebridge.model.modeling_sliced_llama import SlicedLlamaForCausalLM
+from slicebridge.model.sliced_decoder import CACHE_OUTPUT_FIELD, count_sliced_parameters, rope_inverse_frequencies
 
 HELPER = HELPERS / "portable_check.py"
 MODEL_SOURCES = REPO / "slicebridge" / "model"
@@ -155,7 +152,7 @@ def test_dtype_and_device_moves(fixture_checkpoint, reference):
 
 def test_build_uses_given_tensors_without_init(fixture_checkpoint):
     compact = {name: tensor.clone() for name, tensor in fixture_checkpoint.load_tensors().items()}
-    model = build_sliced_llama(compact, fixture_checkpoint.sliced_config())
+    model = portable.build_model(compact, fixture_checkpoint.sliced_config())
     assert model.lm_head.weight.data_ptr() == compact["lm_head.weight"].data_ptr()
     assert not any(param.is_meta for param in model.parameters())
     assert not model.training
@@ -166,7 +163,7 @@ def test_build_names_misfitting_tensors(fixture_checkpoint):
     tensors["model.layers.1.attn_shortcut_Q"] = torch.zeros(96, 88, dtype=torch.float16)
     del tensors["model.layers.2.mlp_shortcut_Q"]
     with pytest.raises(ValueError) as raised:
-        build_sliced_llama(tensors, fixture_checkpoint.sliced_config())
+        portable.build_model(tensors, fixture_checkpoint.sliced_config())
     message = str(raised.value)
     assert "model.layers.1.attn_shortcut_Q is (96, 88), expected (96, 96)" in message
     assert "missing model.layers.2.mlp_shortcut_Q" in message
@@ -176,7 +173,7 @@ def test_save_and_reload_with_remote_code(model_fp32, reference, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model_fp32.save_pretrained(tmp_path)
-    for source in ("configuration_sliced_llama.py", "modeling_sliced_llama.py"):
+    for source in remote_code_files(BY_KEY["llama"]):
         shutil.copy(MODEL_SOURCES / source, tmp_path / source)
     config = json.loads((tmp_path / "config.json").read_text())
     config["auto_map"] = {
@@ -200,7 +197,7 @@ def test_parameter_counts_on_fixture(fixture_checkpoint, model_fp32):
     from safetensors.torch import load_file
 
     dense_actual = sum(tensor.numel() for tensor in load_file(str(FIXTURE / "base" / "model.safetensors")).values())
-    dense = dense_llama_parameter_count(fixture_checkpoint.base_config)
+    dense = BY_KEY["llama"].dense_parameters(fixture_checkpoint.base_config)
     assert dense == dense_actual == 982_144
 
     counts = count_sliced_parameters(model_fp32)
@@ -341,7 +338,7 @@ def test_rotated_llama_equals_transformers_llama(rope_name):
     layers = dense.config.num_hidden_layers
     config = SlicedLlamaConfig.from_base_and_slicing(base_config, {"const_dimension": 64}, fused_norm_eps=1e-5)
     assert config.num_key_value_heads == 2
-    sliced = build_sliced_llama(_rotate_dense_llama(dense, shared_rotation=False), config)
+    sliced = portable.build_model(_rotate_dense_llama(dense, shared_rotation=False), config)
     assert config.mlp_output_dimensions == [64] * layers
     ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(2))  # longer than 16: dynamic kicks in
     with torch.no_grad():
@@ -363,8 +360,11 @@ def test_rope_frequencies_match_transformers():
             rope_parameters={"rope_theta": 10000.0, **scaling},
         )
         expected, _ = ROPE_INIT_FUNCTIONS[rope_name](hf_config, "cpu")
+        config = SlicedLlamaConfig(
+            hidden_size=64, num_attention_heads=4, max_position_embeddings=16, rope_scaling=scaling
+        )
         ours = rope_inverse_frequencies(
-            SlicedLlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=16, rope_scaling=scaling)
+            config.head_dim, config.rope_theta, config.rotary_scaling, config.max_position_embeddings
         )
         assert torch.allclose(ours, expected.float(), rtol=1e-6), rope_name
 
@@ -376,7 +376,7 @@ def test_tied_embeddings_variant_equals_transformers_llama():
     config = SlicedLlamaConfig.from_base_and_slicing(
         dense.config.to_dict(), {"const_dimension": 64}, fused_norm_eps=1e-5, tie_word_embeddings=True
     )
-    sliced = build_sliced_llama(tensors, config)
+    sliced = portable.build_model(tensors, config)
     assert sliced.lm_head.weight is sliced.model.embed_tokens.weight
     ids = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -386,7 +386,7 @@ def test_tied_embeddings_variant_equals_transformers_llama():
 def test_random_sliced_gqa_llama3_tied_model_generates():
     helper = _load_helper()
     config = helper.variant_config()
-    model = build_sliced_llama(helper.random_sliced_tensors(config), config)
+    model = portable.build_model(helper.random_sliced_tensors(config), config)
     assert model.model.layers[0].attn_shortcut_Q.shape == (40, 56)
     assert model.model.layers[2].mlp_shortcut_Q.shape == (48, 40)
     with torch.no_grad():

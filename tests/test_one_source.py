@@ -18,7 +18,7 @@ from helpers.paths import FIXTURE, REPO
 from slicebridge.client.artifact_info import info
 from slicebridge.model.compare import compare, logit_metrics
 from slicebridge.model.dense import PRESETS, make_dense_llama
-from slicebridge.model.modeling_sliced_llama import dense_llama_parameter_count
+from slicebridge.model.families import BY_KEY
 from slicebridge.model.slicing import slice_llama
 from slicebridge.server.cache import CacheKey, ModelCache
 
@@ -46,7 +46,7 @@ def test_every_form_of_a_tied_model_reports_the_same_counts_widths_and_ratio(bri
 
     counts = described[0].params
     base_config = json.loads((base / "config.json").read_text())
-    assert base_config["tie_word_embeddings"] and counts["dense"] == dense_llama_parameter_count(base_config)
+    assert base_config["tie_word_embeddings"] and counts["dense"] == BY_KEY["llama"].dense_parameters(base_config)
     assert [d.params for d in described] == [counts] * 3
     assert converted.params == exported.params == counts
     ratios = {converted.actual_ratio, exported.actual_ratio, *(d.actual_ratio for d in described)}

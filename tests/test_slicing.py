@@ -23,13 +23,11 @@ import torch
 from helpers.paths import FIXTURE, HELPERS, REPO, slicegpt_env_path
 from safetensors.torch import load_file, save_file
 
+from slicebridge.model import portable
 from slicebridge.model.checkpoint import read_checkpoint
 from slicebridge.model.compare import nmse, top1_agreement
 from slicebridge.model.dense import PRESETS, embedded_text, make_dense_llama
-from slicebridge.model.modeling_sliced_llama import (
-    build_sliced_llama,
-    dense_llama_parameter_count,
-)
+from slicebridge.model.families import BY_KEY
 from slicebridge.model.slicing import slice_llama, sliced_file_stem
 
 FIXTURE_SLICED = FIXTURE / "sliced"
@@ -186,7 +184,7 @@ def test_dense_weights_depend_only_on_the_seed(tmp_path):
 )
 def test_presets_have_their_advertised_sizes(preset, low, high):
     shape = PRESETS[preset]
-    count = dense_llama_parameter_count(
+    count = BY_KEY["llama"].dense_parameters(
         {
             "hidden_size": shape["hidden_size"],
             "intermediate_size": shape["intermediate_size"],
@@ -274,7 +272,7 @@ def test_a_low_rank_stream_is_sliced_without_loss(low_rank_dense, probes, tmp_pa
 
     dense = load_dense(low_rank_dense)
     sliced = checkpoint.build_model(dtype=torch.float32)
-    broken = build_sliced_llama(
+    broken = portable.build_model(
         with_identity_shortcuts(checkpoint.load_tensors()), checkpoint.sliced_config(), dtype=torch.float32
     )
     for name, ids in probes.items():
@@ -367,7 +365,7 @@ def test_random_weights_slice_stays_close_to_dense(
     text like the calibration's closer than predicting all zeros (NMSE 1)."""
     checkpoint = read_checkpoint(slice_llama(dense_fp32, tmp_path, sparsity=sparsity))
     sliced = checkpoint.build_model(dtype=torch.float32)
-    broken = build_sliced_llama(
+    broken = portable.build_model(
         with_identity_shortcuts(checkpoint.load_tensors()), checkpoint.sliced_config(), dtype=torch.float32
     )
     agreeing = []

@@ -509,6 +509,8 @@ class ConvertResult:
     timings: dict  # seconds: load, save, total
     pickle_module: str
     format_version: int
+    family: str = ""  # the model family: llama | opt | phi2 | phi3
+    official_name: str | None = None  # the model name slicegpt's adapter was given (official loader)
 
 
 @dataclass
@@ -543,6 +545,8 @@ class ExportResult:
     params: dict
     timings: dict
     verification: dict  # the in-server check written into the model card
+    family: str = ""  # the model family: llama | opt | phi2 | phi3
+    official_name: str | None = None  # the model name slicegpt's adapter was given (official loader)
 
 
 @dataclass
@@ -581,6 +585,8 @@ class ReferenceResult:
     cache_hit: bool
     seconds: float
     versions: dict  # torch, transformers, slicegpt of the server
+    family: str = ""  # the model family: llama | opt | phi2 | phi3
+    official_name: str | None = None  # the model name slicegpt's adapter was given (official loader)
 
 
 @dataclass

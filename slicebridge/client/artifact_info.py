@@ -17,6 +17,7 @@ from pathlib import Path
 
 from slicebridge.errors import InputNotFound
 from slicebridge.model.facts import ArtifactInfo, model_info
+from slicebridge.model.families import FAMILIES
 
 
 def info(path: str | os.PathLike, *, base_model: str | os.PathLike | None = None, bridge=None) -> ArtifactInfo:
@@ -56,7 +57,7 @@ def _is_export_dir(path: Path) -> bool:
     if not (path.is_dir() and config.is_file()):
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == "sliced_llama"
+        return json.loads(config.read_text()).get("model_type") in {f.sliced_model_type for f in FAMILIES}
     except (OSError, ValueError, AttributeError):  # not an export's config: the dir is read as what else it is
         return False
 
@@ -77,7 +78,9 @@ def _checkpoint_info(path: Path, base_model) -> ArtifactInfo:
     facts = ArtifactInfo(
         path=str(checkpoint.checkpoint_path),
         kind="checkpoint",
-        architecture=f"{(checkpoint.base_config.get('architectures') or ['LlamaForCausalLM'])[0]}, sliced by SliceGPT",
+        family=checkpoint.family.key,
+        architecture=f"{(checkpoint.base_config.get('architectures') or checkpoint.family.architectures)[0]}, "
+        "sliced by SliceGPT",
         sparsity=checkpoint.sparsity,
         round_interval=checkpoint.round_interval,
         dtype=checkpoint.dtype,

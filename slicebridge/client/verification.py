@@ -28,6 +28,8 @@ from typing import Any
 from slicebridge.bridge import protocol
 from slicebridge.dtypes import dtype_name
 from slicebridge.model.compare import compare, forward_logits, verification_inputs
+from slicebridge.model.families import BY_KEY
+from slicebridge.model.portable import family_of
 
 
 @dataclass
@@ -35,7 +37,8 @@ class VerifyReport:
     artifact: str
     kind: str  # "bin", "export" or "seed-bin"
     checkpoint: str
-    passed: bool
+    family: str = ""  # the artifact's model family (llama, opt, phi2, phi3)
+    passed: bool = False
     failures: list = field(default_factory=list)
     diagnosis: list = field(default_factory=list)  # for seed-format files: the failures met in this env
     fix: str = ""
@@ -54,7 +57,8 @@ class VerifyReport:
 
     def table(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        lines = [f"verify {self.artifact} ({self.kind}) against {self.checkpoint}: {verdict}"]
+        family = f", {self.family}" if self.family else ""
+        lines = [f"verify {self.artifact} ({self.kind}{family}) against {self.checkpoint}: {verdict}"]
         if self.diagnosis:
             lines += ["it does not load in this env:"] + [f"  - {d}" for d in self.diagnosis]
             lines.append(f"fix: {self.fix}")
@@ -131,6 +135,7 @@ def verify_artifact(
         report.failures = [f"the artifact does not load here: {type(exc).__name__}: {exc}"]
         return report
     model = contents["model"].to(artifact_device).eval()
+    report.family = family_of(model.config).key
     loaded_at = time.perf_counter()
     if sparsity is None and os.path.isdir(checkpoint_path):  # the run dir's checkpoint the artifact was made from
         sparsity = (contents.get("provenance" if report.kind == "export" else "config") or {}).get("sparsity")
@@ -156,6 +161,12 @@ def verify_artifact(
         on_event=on_event,
     )
     referenced_at = time.perf_counter()
+    if reference.family != report.family:
+        report.failures = [
+            f"the artifact is a sliced {BY_KEY[report.family].title} but the checkpoint is a sliced "
+            f"{BY_KEY[reference.family].title}: it was not made from that checkpoint"
+        ]
+        return report
 
     artifact_dtype = dtype_name(next(model.parameters()).dtype)
     comparison = compare(
@@ -178,6 +189,7 @@ def verify_artifact(
         "dtype": reference.dtype,
         "device": reference.device,
         "loader": reference.loader,
+        "official_name": reference.official_name,
         "versions": reference.versions,
         "cache_hit": reference.cache_hit,
     }

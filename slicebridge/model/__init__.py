@@ -1,9 +1,10 @@
 """The portable sliced model: torch + transformers only, runs in the base env and the slicegpt env.
 
-- ``configuration_sliced_llama`` / ``modeling_sliced_llama``: ``SlicedLlamaConfig`` and
-  ``SlicedLlamaForCausalLM``, a transformers causal LM for SliceGPT-sliced Llamas (works with
-  transformers 4.41 and 5.x; copied verbatim into exported directories as remote code);
-  ``build_sliced_llama`` builds it from a state dict without random init.
+- ``families``: the model families SliceGPT slices (Llama, OPT, Phi-2, Phi-3), as one table.
+- ``sliced_decoder`` / ``configuration_sliced`` and, per family, ``modeling_sliced_<family>`` /
+  ``configuration_sliced_<family>``: transformers causal LMs for SliceGPT-sliced models (work with
+  transformers 4.41 and 5.x; copied verbatim into exported directories as remote code).
+  ``portable`` finds a family's classes and builds a model from a state dict without random init.
 - ``checkpoint``: ``read_checkpoint`` finds, loads and validates what run_slicegpt wrote.
 - ``errors``: the ``CheckpointError`` family the reader raises.
 - ``export``: ``export_model`` writes the pickle-free Hugging Face directory (safetensors, config,
@@ -21,14 +22,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "FAMILIES": "families",
+    "Family": "families",
+    "SlicedConfig": "configuration_sliced",
+    "SlicedForCausalLM": "sliced_decoder",
+    "SlicedParameterCount": "sliced_decoder",
+    "count_sliced_parameters": "sliced_decoder",
+    "build_model": "portable",
     "SlicedLlamaConfig": "configuration_sliced_llama",
     "SlicedLlamaModel": "modeling_sliced_llama",
     "SlicedLlamaForCausalLM": "modeling_sliced_llama",
-    "SlicedLlamaPreTrainedModel": "modeling_sliced_llama",
-    "SlicedParameterCount": "modeling_sliced_llama",
-    "build_sliced_llama": "modeling_sliced_llama",
-    "count_sliced_parameters": "modeling_sliced_llama",
-    "dense_llama_parameter_count": "modeling_sliced_llama",
     "SliceGPTCheckpoint": "checkpoint",
     "SlicedWidths": "checkpoint",
     "read_checkpoint": "checkpoint",

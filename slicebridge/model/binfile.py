@@ -2,7 +2,7 @@
 
 A ``.bin`` is ``torch.save`` of the dict the seed's evaluation code expects::
 
-    {"model": SlicedLlamaForCausalLM, "tokenizer": PreTrainedTokenizerFast,
+    {"model": Sliced<Family>ForCausalLM, "tokenizer": PreTrainedTokenizerFast,
      "method": "SliceGPT", "pruning_ratio": 0.25, "actual_ratio": 0.13,
      "config": {"base_model", "slicegpt_model", "sparsity", "round_interval", "note"},
      "format": "slicebridge.bin", "format_version": 1, "producer": {...}, "loader": "builtin",
@@ -111,14 +111,11 @@ def rebuild_model(config: dict, state_dict: dict):
     The recipe is checked first (``_check_model_recipe``), so that a crafted file is refused
     before anything is allocated for it; a config the tensors do not fit is refused too.
     """
-    from slicebridge.model.configuration_sliced_llama import SlicedLlamaConfig
-    from slicebridge.model.modeling_sliced_llama import build_sliced_llama
+    from slicebridge.model import portable
 
     _check_model_recipe(config, state_dict)
-    config = dict(config)
-    config.pop("model_type", None)
     try:
-        return build_sliced_llama(state_dict, SlicedLlamaConfig(**config)).eval()
+        return portable.build_model(state_dict, portable.config_from_dict(config)).eval()
     except (ValueError, TypeError, ArithmeticError) as exc:
         raise ImplausibleBinFile(f"the .bin's model does not fit its own config: {exc}") from None
 

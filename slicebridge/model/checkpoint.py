@@ -37,8 +37,6 @@ from typing import TYPE_CHECKING, Any
 from slicebridge.dtypes import dtype_name
 
 from .errors import (
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_MODEL_TYPES,
     AmbiguousCheckpoint,
     BaseConfigMismatch,
     BaseConfigMissing,
@@ -51,12 +49,13 @@ from .errors import (
     TruncatedCheckpoint,
     UnsupportedArchitecture,
 )
+from .families import FAMILIES, Family, family_of_config, family_of_tensors
 
 if TYPE_CHECKING:
     import torch
 
-    from .configuration_sliced_llama import SlicedLlamaConfig
-    from .modeling_sliced_llama import SlicedLlamaForCausalLM
+    from .configuration_sliced import SlicedConfig
+    from .sliced_decoder import SlicedForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -66,23 +65,12 @@ DEFAULT_ROUND_INTERVAL = 8
 _CANDIDATE_ROUND_INTERVALS = (8, 1, 16, 32, 64, 128, 2, 4)
 
 _CHECKPOINT_NAME = re.compile(r"^(?P<stem>.+)_(?P<sparsity>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\.pt$")
-_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
-_LAYER_TENSORS = (
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-    "attn_shortcut_Q",
-    "mlp_shortcut_Q",
-)
+_LAYER_INDEX = re.compile("^(?:" + "|".join(sorted({re.escape(family.layers) for family in FAMILIES})) + r")\.(\d+)\.")
 # A zip local file header: signature, then fixed fields up to the name and extra-field lengths.
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
 _CRC_CHUNK = 64 * 1024 * 1024
-# Tensors that may be the very same view as another (tied weights), counted once.
-_TIED = {"lm_head.weight": "model.embed_tokens.weight"}
+# Tensors that may be the very same view as another (a head tied to the token embedding), counted once.
+_TIED = {"lm_head.weight": sorted({family.token_embedding for family in FAMILIES})}
 # Archives whose records passed the CRC check in this process, by (path, dev, inode, size, mtime).
 _VERIFIED_ARCHIVES: set[tuple[str, int, int, int, int]] = set()
 
@@ -94,7 +82,11 @@ _VERIFIED_ARCHIVES: set[tuple[str, int, int, int, int]] = set()
 
 @dataclass(frozen=True)
 class SlicedWidths:
-    """Per-layer widths of a sliced Llama, named as in SliceGPT's SlicingConfig."""
+    """Per-layer widths of a sliced model, named as in SliceGPT's SlicingConfig.
+
+    With parallel blocks (Phi-2) ``mlp_input`` equals ``attention_input`` and ``attention_output``
+    equals ``mlp_output``, layer by layer (the SlicingConfig leaves those two out).
+    """
 
     embedding: int
     attention_input: tuple[int, ...]
@@ -102,24 +94,26 @@ class SlicedWidths:
     mlp_input: tuple[int, ...]
     mlp_output: tuple[int, ...]
     lm_head: int
+    parallel_blocks: bool = False
 
     @classmethod
-    def constant(cls, num_layers: int, width: int, head: int) -> SlicedWidths:
+    def constant(cls, num_layers: int, width: int, head: int, parallel_blocks: bool = False) -> SlicedWidths:
         """A constant-sparsity run's widths: every stream ``width`` wide, except the head's input
         (and so the last layer's MLP output), which is ``head`` wide."""
         per_layer = (width,) * num_layers
         return cls(
             embedding=width,
             attention_input=per_layer,
-            attention_output=per_layer,
+            attention_output=per_layer[:-1] + (head,) if parallel_blocks else per_layer,
             mlp_input=per_layer,
             mlp_output=per_layer[:-1] + (head,),
             lm_head=head,
+            parallel_blocks=parallel_blocks,
         )
 
     @classmethod
     def of_config(cls, config: Any) -> SlicedWidths:
-        """The widths a ``SlicedLlamaConfig`` records."""
+        """The widths a sliced config (``configuration_sliced.SlicedConfig``) records."""
         return cls(
             embedding=config.embedding_dimension,
             attention_input=tuple(config.attention_input_dimensions),
@@ -127,6 +121,7 @@ class SlicedWidths:
             mlp_input=tuple(config.mlp_input_dimensions),
             mlp_output=tuple(config.mlp_output_dimensions),
             lm_head=config.lm_head_dimension,
+            parallel_blocks=bool(config.parallel_blocks),
         )
 
     @property
@@ -136,9 +131,11 @@ class SlicedWidths:
     def constant_width(self) -> int | None:
         """The single sliced width of a constant-sparsity run (what run_slicegpt does), else None.
 
-        The last layer's MLP output feeds the head and is exempt: it is the head width.
+        The last layer's output feeds the head and is exempt: it is the head width (with parallel
+        blocks the last attention output is that output too).
         """
-        widths = {self.embedding, *self.attention_input, *self.attention_output, *self.mlp_input, *self.mlp_output[:-1]}
+        attention_output = self.attention_output[:-1] if self.parallel_blocks else self.attention_output
+        widths = {self.embedding, *self.attention_input, *attention_output, *self.mlp_input, *self.mlp_output[:-1]}
         if len(widths) == 1 and self.mlp_output[-1] == self.lm_head:
             return widths.pop()
         return None
@@ -154,11 +151,11 @@ class SlicedWidths:
             "hidden_size": hidden_size,
             "layers_num": self.num_layers,
             "do_slice_head": self.lm_head != hidden_size if do_slice_head is None else do_slice_head,
-            "parallel_blocks": False,
+            "parallel_blocks": self.parallel_blocks,
             "embedding_dimensions": {"0": self.embedding},
             "attention_input_dimensions": by_layer(self.attention_input),
-            "attention_output_dimensions": by_layer(self.attention_output),
-            "mlp_input_dimensions": by_layer(self.mlp_input),
+            "attention_output_dimensions": {} if self.parallel_blocks else by_layer(self.attention_output),
+            "mlp_input_dimensions": {} if self.parallel_blocks else by_layer(self.mlp_input),
             "mlp_output_dimensions": by_layer(self.mlp_output),
             "head_dimension": self.lm_head,
             "const_dimension": None,
@@ -173,6 +170,7 @@ class SliceGPTCheckpoint:
     reproduces the widths, else None. ``sparsity`` is the caller's, else the file name's.
     """
 
+    family: Family = field(compare=False)
     checkpoint_path: Path
     base_dir: Path
     slicing_config_path: Path | None
@@ -197,6 +195,7 @@ class SliceGPTCheckpoint:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description (paths as strings, widths as lists)."""
         described = asdict(self)
+        described["family"] = self.family.key
         for key in ("checkpoint_path", "base_dir", "slicing_config_path"):
             described[key] = str(described[key]) if described[key] is not None else None
         described["widths"] = {
@@ -206,9 +205,7 @@ class SliceGPTCheckpoint:
 
     def dense_parameter_count(self) -> int:
         """Parameters of the dense base model (from its config)."""
-        from .modeling_sliced_llama import dense_llama_parameter_count
-
-        return dense_llama_parameter_count(self.base_config)
+        return self.family.dense_parameters(self.base_config)
 
     def params(self) -> dict[str, int]:
         """The parameter counts: ``dense`` (the base model's), ``sliced`` and ``shortcut_q``."""
@@ -228,22 +225,23 @@ class SliceGPTCheckpoint:
         """The state dict, memory-mapped (cheap: tensors are read when touched)."""
         return _unwrap_state_dict(load_checkpoint_file(self.checkpoint_path), self.checkpoint_path)
 
-    def sliced_config(self) -> SlicedLlamaConfig:
-        """The ``SlicedLlamaConfig`` for this checkpoint (imports transformers)."""
-        from .configuration_sliced_llama import SlicedLlamaConfig
+    def sliced_config(self) -> SlicedConfig:
+        """The family's sliced config for this checkpoint (imports transformers)."""
+        from . import portable
 
-        return SlicedLlamaConfig.from_base_and_slicing(
+        return portable.sliced_config(
+            self.family,
             self.base_config,
             self.widths.as_slicing_config(self.hidden_size),
             sparsity=self.sparsity,
             round_interval=self.round_interval,
         )
 
-    def build_model(self, dtype: torch.dtype | None = None) -> SlicedLlamaForCausalLM:
+    def build_model(self, dtype: torch.dtype | None = None) -> SlicedForCausalLM:
         """The portable model with this checkpoint's weights (imports transformers)."""
-        from .modeling_sliced_llama import build_sliced_llama
+        from . import portable
 
-        return build_sliced_llama(self.load_tensors(), self.sliced_config(), dtype=dtype)
+        return portable.build_model(self.load_tensors(), self.sliced_config(), dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +341,7 @@ def choose_checkpoint_in_dir(directory: Path, sparsity: float | None) -> Path:
     return candidates[0]
 
 
-def _read_base_config(base_dir: Path, checkpoint_path: Path) -> dict[str, Any]:
+def _read_base_config(base_dir: Path, checkpoint_path: Path) -> tuple[dict[str, Any], Family]:
     config_path = base_dir / "config.json"
     if not config_path.is_file():
         raise BaseConfigMissing(
@@ -358,28 +356,27 @@ def _read_base_config(base_dir: Path, checkpoint_path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(base_config, dict):
         raise BaseConfigMissing(f"{config_path} is not a model config (a JSON object was expected)")
-    _check_architecture(base_config, config_path)
-    missing = [
-        key
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
-        if key not in base_config
-    ]
+    family = family_of_base_config(base_config, config_path)
+    missing = [key for key in family.required_config if key not in base_config]
     if missing:
-        raise BaseConfigMismatch(f"{config_path} lacks {', '.join(missing)}; it is not a complete Llama config")
-    return base_config
+        raise BaseConfigMismatch(
+            f"{config_path} lacks {', '.join(missing)}; it is not a complete {family.title} config"
+        )
+    return base_config, family
 
 
-def _check_architecture(base_config: Mapping[str, Any], config_path: Path) -> None:
+def family_of_base_config(base_config: Mapping[str, Any], config_path: Path | str) -> Family:
+    """The family a dense ``config.json`` describes; ``UnsupportedArchitecture`` for any other model."""
     model_type = base_config.get("model_type")
     architectures = base_config.get("architectures") or []
     described = " / ".join(architectures) or "model"
     described += f" (model_type {model_type!r})" if model_type is not None else ""
-    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitecture(described, str(config_path))
-    if architectures and not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
-        raise UnsupportedArchitecture(described, str(config_path))
     if model_type is None and not architectures:
         raise UnsupportedArchitecture("model of unstated type (no model_type nor architectures)", str(config_path))
+    family = family_of_config(base_config)
+    if family is None or (architectures and not set(architectures) & set(family.architectures)):
+        raise UnsupportedArchitecture(described, str(config_path))
+    return family
 
 
 def _read_slicing_config(path: Path) -> dict[str, Any] | None:
@@ -523,7 +520,7 @@ def tensor_bytes_problem(tensors: Mapping[str, torch.Tensor]) -> str | None:
             described = f"{list(tensor.shape)} {dtype_name(tensor.dtype)}"
             return f"tensor {name} claims {_bytes(size)} ({described}) but the file holds {_bytes(max(room, 0))} for it"
         held[storage.data_ptr()] = storage.nbytes()
-        if not _same_view(tensor, tensors.get(_TIED.get(name, ""))):
+        if not any(_same_view(tensor, tensors.get(source)) for source in _TIED.get(name, ())):
             claimed += size
     if claimed > sum(held.values()):
         return (
@@ -571,7 +568,7 @@ def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def layer_indices(names: Iterable[str]) -> set[int]:
-    """The N of every ``model.layers.N.*`` name."""
+    """The N of every ``model.layers.N.*`` (or ``model.decoder.layers.N.*``) name."""
     return {int(match[1]) for name in names if (match := _LAYER_INDEX.match(name))}
 
 
@@ -580,61 +577,74 @@ def _layer_count(tensors: Mapping[str, Any]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _check_is_sliced_llama(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
-    """Check the keys look like SliceGPT's Llama output; return the layer count."""
+def check_is_sliced(tensors: Mapping[str, torch.Tensor], family: Family, path: Path) -> int:
+    """Check the keys look like SliceGPT's output for ``family``; return the layer count."""
     num_layers = _layer_count(tensors)
     has_shortcuts = any(key.endswith("_shortcut_Q") for key in tensors)
-    if "model.embed_tokens.weight" not in tensors or num_layers == 0:
+    first_layer = family.layer(0)
+    if family.token_embedding not in tensors or num_layers == 0 or not any(k.startswith(first_layer) for k in tensors):
         sample = ", ".join(list(tensors)[:3])
+        seen = family_of_tensors(tensors)
+        looks_like = f"; its tensors are laid out as a sliced {seen.title}'s" if seen is not None else ""
         raise NotASliceGPTCheckpoint(
-            f"{path} is a state dict but not of a Llama (no model.embed_tokens.weight / model.layers.N.*; "
-            f"its first keys are {sample}); pass the .pt that run_slicegpt --save-dir writes for a Llama model"
+            f"{path} is a state dict but not of a sliced {family.title} as the base config.json says (no "
+            f"{family.token_embedding} / {family.layers}.N.*{looks_like}; its first keys are {sample}); pass the .pt "
+            f"that run_slicegpt --save-dir writes for that model, with its own base model directory"
         )
     if not has_shortcuts:
         dense_hint = (
-            " It still has RMSNorm weights (input_layernorm.weight): it is a plain, unsliced Llama."
-            if any(key.endswith("input_layernorm.weight") for key in tensors)
+            f" It still has norm weights: it is a plain, unsliced {family.title}."
+            if any(key.endswith(("layernorm.weight", "layer_norm.weight")) for key in tensors)
             else ""
         )
         raise NotASliceGPTCheckpoint(
-            f"{path} is a Llama state dict without SliceGPT's shortcut matrices "
-            f"(model.layers.N.attn_shortcut_Q / mlp_shortcut_Q).{dense_hint} Pass the sliced model's .pt."
+            f"{path} is a {family.title} state dict without SliceGPT's shortcut matrices "
+            f"({family.layers}.N.{' / '.join(family.shortcuts)}).{dense_hint} Pass the sliced model's .pt."
         )
     missing = [
-        f"model.layers.{idx}.{name}"
+        family.layer(idx) + name
         for idx in range(num_layers)
-        for name in _LAYER_TENSORS
-        if f"model.layers.{idx}.{name}" not in tensors
+        for name in family.layer_weights()
+        if family.layer(idx) + name not in tensors
     ]
     if "lm_head.weight" not in tensors:
         missing.append("lm_head.weight")
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise NotASliceGPTCheckpoint(f"{path} is missing tensors of a sliced Llama: {shown}")
+        raise NotASliceGPTCheckpoint(f"{path} is missing tensors of a sliced {family.title}: {shown}")
     return num_layers
 
 
-def widths_from_tensors(tensors: Mapping[str, torch.Tensor], num_layers: int) -> SlicedWidths:
+def widths_from_tensors(tensors: Mapping[str, torch.Tensor], num_layers: int, family: Family) -> SlicedWidths:
     """Read the per-layer widths off the weight shapes (Linear weights are [out, in])."""
 
-    def shape(name: str) -> tuple[int, ...]:
-        return tuple(tensors[name].shape)
+    def columns(name: str) -> tuple[int, ...]:
+        return tuple(tensors[family.layer(i) + f"{name}.weight"].shape[1] for i in range(num_layers))
 
-    layer = "model.layers.{}.".format
+    def rows(name: str) -> tuple[int, ...]:
+        return tuple(tensors[family.layer(i) + f"{name}.weight"].shape[0] for i in range(num_layers))
+
     return SlicedWidths(
-        embedding=shape("model.embed_tokens.weight")[1],
-        attention_input=tuple(shape(layer(i) + "self_attn.q_proj.weight")[1] for i in range(num_layers)),
-        attention_output=tuple(shape(layer(i) + "self_attn.o_proj.weight")[0] for i in range(num_layers)),
-        mlp_input=tuple(shape(layer(i) + "mlp.gate_proj.weight")[1] for i in range(num_layers)),
-        mlp_output=tuple(shape(layer(i) + "mlp.down_proj.weight")[0] for i in range(num_layers)),
-        lm_head=shape("lm_head.weight")[1],
+        embedding=tensors[family.token_embedding].shape[1],
+        attention_input=columns(family.attention_inputs[0]),
+        attention_output=rows(family.attention_output),
+        mlp_input=columns(family.mlp_inputs[0]),
+        mlp_output=rows(family.mlp_output),
+        lm_head=tensors["lm_head.weight"].shape[1],
+        parallel_blocks=family.parallel_blocks,
     )
 
 
-def widths_from_slicing_config(slicing_config: Mapping[str, Any], num_layers: int, hidden_size: int) -> SlicedWidths:
-    """Read the widths a SlicingConfig dict records (string or int layer keys)."""
+def widths_from_slicing_config(
+    slicing_config: Mapping[str, Any], num_layers: int, hidden_size: int, parallel_blocks: bool = False
+) -> SlicedWidths:
+    """Read the widths a SlicingConfig dict records (string or int layer keys); with parallel blocks
+    the attention output and MLP input widths it leaves out are the layer's output and input."""
 
     def per_layer(key: str) -> tuple[int, ...]:
+        if parallel_blocks and not slicing_config.get(key):
+            key = {"attention_output_dimensions": "mlp_output_dimensions"}.get(key, key)
+            key = {"mlp_input_dimensions": "attention_input_dimensions"}.get(key, key)
         values = slicing_config.get(key) or {}
         by_index = {int(k): int(v) for k, v in values.items()}
         const = slicing_config.get("const_dimension")
@@ -650,6 +660,7 @@ def widths_from_slicing_config(slicing_config: Mapping[str, Any], num_layers: in
         mlp_input=per_layer("mlp_input_dimensions"),
         mlp_output=per_layer("mlp_output_dimensions"),
         lm_head=int(head) if head is not None else hidden_size,
+        parallel_blocks=parallel_blocks,
     )
 
 
@@ -659,29 +670,26 @@ def widths_from_slicing_config(slicing_config: Mapping[str, Any], num_layers: in
 
 
 def _check_against_base(
-    tensors: Mapping[str, torch.Tensor], num_layers: int, widths: SlicedWidths, base: Mapping[str, Any], path: Path
+    tensors: Mapping[str, torch.Tensor],
+    num_layers: int,
+    widths: SlicedWidths,
+    base: Mapping[str, Any],
+    family: Family,
+    path: Path,
 ) -> None:
     hidden = int(base["hidden_size"])
-    heads = int(base["num_attention_heads"])
-    kv_heads = int(base.get("num_key_value_heads") or heads)
-    head_dim = int(base.get("head_dim") or hidden // heads)
     problems: list[str] = []
     if num_layers != int(base["num_hidden_layers"]):
         problems.append(f"the checkpoint has {num_layers} layers, the base config {base['num_hidden_layers']}")
-    vocab_rows = tensors["model.embed_tokens.weight"].shape[0]
+    vocab_rows = tensors[family.token_embedding].shape[0]
     if vocab_rows != int(base["vocab_size"]):
         problems.append(f"the embedding has {vocab_rows} rows, the base config's vocab_size is {base['vocab_size']}")
-    layer0 = "model.layers.0."
-    expected_rows = {
-        "self_attn.q_proj.weight": (heads * head_dim, f"num_attention_heads {heads} x head_dim {head_dim}"),
-        "self_attn.k_proj.weight": (kv_heads * head_dim, f"num_key_value_heads {kv_heads} x head_dim {head_dim}"),
-        "mlp.gate_proj.weight": (int(base["intermediate_size"]), "intermediate_size"),
-    }
-    for name, (rows, meaning) in expected_rows.items():
-        if num_layers and tensors[layer0 + name].shape[0] != rows:
-            problems.append(
-                f"{layer0 + name} has {tensors[layer0 + name].shape[0]} rows, the base config says {rows} ({meaning})"
-            )
+    layer0 = family.layer(0)
+    row_tensors = family.row_tensors()
+    for what, (rows, meaning) in family.base_rows(base).items():
+        name = layer0 + row_tensors[what]
+        if num_layers and tensors[name].shape[0] != rows:
+            problems.append(f"{name} has {tensors[name].shape[0]} rows, the base config says {rows} ({meaning})")
     too_wide = [
         w for w in (widths.embedding, *widths.attention_input, *widths.mlp_output, widths.lm_head) if w > hidden
     ]
@@ -696,17 +704,21 @@ def _check_against_base(
         )
 
 
-def _check_shortcuts(tensors: Mapping[str, torch.Tensor], widths: SlicedWidths, path: Path) -> None:
+def _check_shortcuts(tensors: Mapping[str, torch.Tensor], widths: SlicedWidths, family: Family, path: Path) -> None:
     problems = []
     for idx in range(widths.num_layers):
-        for name, expected in (
-            ("attn_shortcut_Q", (widths.attention_input[idx], widths.attention_output[idx])),
-            ("mlp_shortcut_Q", (widths.mlp_input[idx], widths.mlp_output[idx])),
-        ):
-            actual = tuple(tensors[f"model.layers.{idx}.{name}"].shape)
+        if family.parallel_blocks:  # one shortcut around attention and MLP together
+            expected_shapes = {"attn_shortcut_Q": (widths.attention_input[idx], widths.mlp_output[idx])}
+        else:
+            expected_shapes = {
+                "attn_shortcut_Q": (widths.attention_input[idx], widths.attention_output[idx]),
+                "mlp_shortcut_Q": (widths.mlp_input[idx], widths.mlp_output[idx]),
+            }
+        for name, expected in expected_shapes.items():
+            actual = tuple(tensors[family.layer(idx) + name].shape)
             if actual != expected:
                 problems.append(
-                    f"model.layers.{idx}.{name} is {list(actual)}, the layer's projections need {list(expected)}"
+                    f"{family.layer(idx)}{name} is {list(actual)}, the layer's projections need {list(expected)}"
                 )
     if problems:
         raise NotASliceGPTCheckpoint(f"{path} has inconsistent shapes: " + "; ".join(problems))
@@ -809,24 +821,34 @@ def _refuse_unusual_interval(
             )
 
 
+def read_state_dict_widths(
+    tensors: Mapping[str, torch.Tensor], base_config: Mapping[str, Any], family: Family, source: Path
+) -> SlicedWidths:
+    """The widths of a sliced ``family`` state dict, checked like ``read_checkpoint`` checks a file's."""
+    num_layers = check_is_sliced(tensors, family, source)
+    widths = widths_from_tensors(tensors, num_layers, family)
+    _check_shortcuts(tensors, widths, family, source)
+    _check_against_base(tensors, num_layers, widths, base_config, family, source)
+    return widths
+
+
 def sliced_config_from_tensors(
     tensors: Mapping[str, torch.Tensor],
     base_config: Mapping[str, Any],
+    family: Family,
     *,
     source: Path,
     sparsity: float | None = None,
     round_interval: int | None = None,
-) -> SlicedLlamaConfig:
-    """The ``SlicedLlamaConfig`` of a sliced Llama state dict that did not come from a run_slicegpt
-    directory (e.g. the model object inside a seed ``.bin``): widths are read off the tensors and
-    checked against ``base_config`` like ``read_checkpoint`` does for files."""
-    from .configuration_sliced_llama import SlicedLlamaConfig
+) -> SlicedConfig:
+    """The sliced config of a state dict that did not come from a run_slicegpt directory (e.g. the
+    model object inside a seed ``.bin``): widths are read off the tensors and checked against
+    ``base_config`` like ``read_checkpoint`` does for files."""
+    from . import portable
 
-    num_layers = _check_is_sliced_llama(tensors, source)
-    widths = widths_from_tensors(tensors, num_layers)
-    _check_shortcuts(tensors, widths, source)
-    _check_against_base(tensors, num_layers, widths, base_config, source)
-    return SlicedLlamaConfig.from_base_and_slicing(
+    widths = read_state_dict_widths(tensors, base_config, family, source)
+    return portable.sliced_config(
+        family,
         dict(base_config),
         widths.as_slicing_config(int(base_config["hidden_size"])),
         sparsity=sparsity,
@@ -861,14 +883,12 @@ def read_checkpoint(
     resolved_base_dir = Path(base_dir).expanduser() if base_dir is not None else checkpoint_path.parent
     if base_dir is not None and not resolved_base_dir.is_dir():
         raise BaseConfigMissing(f"the base model directory {resolved_base_dir} does not exist")
-    base_config = _read_base_config(resolved_base_dir, checkpoint_path)
+    base_config, family = _read_base_config(resolved_base_dir, checkpoint_path)
     hidden = int(base_config["hidden_size"])
 
     tensors = _unwrap_state_dict(load_checkpoint_file(checkpoint_path), checkpoint_path)
-    num_layers = _check_is_sliced_llama(tensors, checkpoint_path)
-    widths = widths_from_tensors(tensors, num_layers)
-    _check_shortcuts(tensors, widths, checkpoint_path)
-    _check_against_base(tensors, num_layers, widths, base_config, checkpoint_path)
+    widths = read_state_dict_widths(tensors, base_config, family, checkpoint_path)
+    num_layers = widths.num_layers
 
     slicing_config_path = checkpoint_path.with_suffix(".json")
     slicing_config = _read_slicing_config(slicing_config_path)
@@ -878,14 +898,16 @@ def read_checkpoint(
             raise SlicingConfigMismatch(
                 f"{slicing_config_path.name} was made for hidden_size {recorded_hidden}, the base config has {hidden}"
             )
-        _compare_widths(widths_from_slicing_config(slicing_config, num_layers, hidden), widths, slicing_config_path)
+        recorded = widths_from_slicing_config(slicing_config, num_layers, hidden, family.parallel_blocks)
+        _compare_widths(recorded, widths, slicing_config_path)
 
-    embedding = tensors["model.embed_tokens.weight"]
+    embedding = tensors[family.token_embedding]
     recorded_interval = _check_sparsity(
         widths, embedding.shape[0], hidden, sparsity, round_interval, name_sparsity, checkpoint_path
     )
     shortcut_count = sum(t.numel() for k, t in tensors.items() if k.endswith("_shortcut_Q"))
     return SliceGPTCheckpoint(
+        family=family,
         checkpoint_path=checkpoint_path,
         base_dir=resolved_base_dir,
         slicing_config_path=slicing_config_path if slicing_config is not None else None,

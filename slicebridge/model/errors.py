@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from slicebridge.errors import SlicebridgeError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("llama",)
+from .families import SUPPORTED
 
 
 class CheckpointError(SlicebridgeError):
@@ -71,8 +70,7 @@ class UnsupportedArchitecture(CheckpointError):
 
     def __init__(self, found: str, config_path: str) -> None:
         super().__init__(
-            f"{config_path} describes a {found} model; slicebridge rebuilds SliceGPT checkpoints of "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)}) only "
-            "(Llama-2 and Llama-3 families). Point base_dir at the Llama model you sliced."
+            f"{config_path} describes a {found} model, and SliceGPT slices only the families slicebridge "
+            f"rebuilds: {SUPPORTED}; point base_dir at the dense model you sliced."
         )
         self.found = found

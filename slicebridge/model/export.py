@@ -6,18 +6,20 @@
   ``model.safetensors.index.json`` (transformers' index format) above ``max_shard_size``.
   The files are written here with ``safetensors.torch.save_file`` (metadata ``{"format": "pt"}``),
   not with ``save_pretrained``, so their bytes are the same whichever transformers runs the export.
-- ``config.json``: the ``SlicedLlamaConfig`` with ``architectures``, ``auto_map`` and both
-  ``torch_dtype`` (4.x) and ``dtype`` (5.x), in one canonical form under 4.41 and 5.x
-  (only ``transformers_version`` differs).
-- ``configuration_sliced_llama.py`` and ``modeling_sliced_llama.py``, copied verbatim from this
-  package: the remote code for ``trust_remote_code=True`` (they import only torch and transformers).
+- ``config.json``: the family's sliced config (``SlicedLlamaConfig``, ``SlicedOPTConfig``, ...) with
+  ``architectures``, ``auto_map`` and both ``torch_dtype`` (4.x) and ``dtype`` (5.x), in one
+  canonical form under 4.41 and 5.x (only ``transformers_version`` differs).
+- the remote code for ``trust_remote_code=True``, copied verbatim from this package: the shared
+  ``configuration_sliced.py`` and ``sliced_decoder.py`` and the family's
+  ``configuration_sliced_<family>.py`` and ``modeling_sliced_<family>.py``, which import each other
+  relatively and otherwise only torch and transformers.
 - the tokenizer files given, and ``generation_config.json`` (given, or a minimal one).
 - ``slicebridge.json``: the provenance, machine-readable; ``README.md``: a model card with it.
 
 Nothing in the directory is a pickle; that is checked before the directory is put in place.
 
 ``load_export`` reads such a directory back WITHOUT remote code: it uses this package's own
-classes (``SlicedLlamaConfig``, ``build_sliced_llama``) and ``safetensors.torch.load_file``.
+classes (through ``portable``) and ``safetensors.torch.load_file``.
 ``slicebridge.load(directory)`` dispatches here.
 
 Like the rest of ``slicebridge.model`` this module runs in the slicegpt env (transformers 4.41,
@@ -40,19 +42,19 @@ from slicebridge.dtypes import dtype_name
 from slicebridge.errors import SlicebridgeError
 
 from .atomic import atomic_directory, check_output
+from .families import FAMILIES, Family, family_named
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .checkpoint import SlicedWidths, SliceGPTCheckpoint
-    from .configuration_sliced_llama import SlicedLlamaConfig
-    from .modeling_sliced_llama import SlicedLlamaForCausalLM
+    from .configuration_sliced import SlicedConfig
+    from .sliced_decoder import SlicedForCausalLM
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "slicebridge.export"
 FORMAT_VERSION = 1
-MODEL_TYPE = "sliced_llama"
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -60,18 +62,34 @@ CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 PROVENANCE_NAME = "slicebridge.json"
 README_NAME = "README.md"
-REMOTE_CODE_FILES = ("configuration_sliced_llama.py", "modeling_sliced_llama.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_sliced_llama.SlicedLlamaConfig",
-    "AutoModelForCausalLM": "modeling_sliced_llama.SlicedLlamaForCausalLM",
-}
-ARCHITECTURES = ["SlicedLlamaForCausalLM"]
+MODEL_TYPES = tuple(family.sliced_model_type for family in FAMILIES)
 SAFETENSORS_METADATA = {"format": "pt"}
+
+
+def remote_code_files(family: Family) -> tuple[str, ...]:
+    """The model code an export of ``family`` ships: the shared modules and the family's own."""
+    return (
+        "configuration_sliced.py",
+        f"{family.config_module}.py",
+        "sliced_decoder.py",
+        f"{family.modeling_module}.py",
+    )
+
+
+def auto_map(family: Family) -> dict[str, str]:
+    """``config.json``'s ``auto_map``: where ``AutoConfig`` / ``AutoModelForCausalLM`` find the classes."""
+    return {
+        "AutoConfig": f"{family.config_module}.{family.config_class}",
+        "AutoModelForCausalLM": f"{family.modeling_module}.{family.model_class}",
+    }
+
+
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
 # Files the export writes itself: a tokenizer file of the same name is refused.
 _OWN_FILES = frozenset(
-    {WEIGHTS_NAME, WEIGHTS_INDEX_NAME, CONFIG_NAME, PROVENANCE_NAME, README_NAME, *REMOTE_CODE_FILES}
+    {WEIGHTS_NAME, WEIGHTS_INDEX_NAME, CONFIG_NAME, PROVENANCE_NAME, README_NAME}
+    | {name for family in FAMILIES for name in remote_code_files(family)}
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -126,7 +144,7 @@ def checkpoint_provenance(checkpoint: SliceGPTCheckpoint, *, loader: str = "buil
 
 
 def complete_provenance(
-    model: SlicedLlamaForCausalLM, provenance: Mapping[str, Any], verification: Mapping[str, Any] | None
+    model: SlicedForCausalLM, provenance: Mapping[str, Any], verification: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """The caller's provenance with what the model itself tells filled in.
 
@@ -157,6 +175,7 @@ def complete_provenance(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": "SliceGPT",
+        "family": family_named(config.model_type).key,
         "base_model": _public_name(given.pop("base_model", None)),
         "checkpoint": _public_name(checkpoint),
         "sparsity": given.pop("sparsity", getattr(config, "sparsity", None)),
@@ -185,7 +204,7 @@ def _public_name(path: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _tied_targets(model: SlicedLlamaForCausalLM) -> set[str]:
+def _tied_targets(model: SlicedForCausalLM) -> set[str]:
     """Names transformers leaves out of a checkpoint because they are tied to another tensor."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
@@ -193,7 +212,7 @@ def _tied_targets(model: SlicedLlamaForCausalLM) -> set[str]:
     return set(keys.keys() if isinstance(keys, Mapping) else keys)
 
 
-def tensors_to_save(model: SlicedLlamaForCausalLM) -> tuple[dict[str, torch.Tensor], list[str]]:
+def tensors_to_save(model: SlicedForCausalLM) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The model's tensors on the CPU, contiguous, each owning its storage, in state-dict order.
 
     Tied targets (``lm_head.weight`` when embeddings are tied) are left out, as transformers
@@ -293,21 +312,20 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def export_config_dict(config: SlicedLlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
+def export_config_dict(config: SlicedConfig, dtype: torch.dtype) -> dict[str, Any]:
     """``config.json`` in one form for transformers 4.41 and 5.x (only ``transformers_version`` differs).
 
-    Starts from the non-default fields, makes every ``SlicedLlamaConfig`` field explicit (the two
-    versions disagree on which defaults they leave out), drops private keys (``_name_or_path``)
-    and sets the remote-code and dtype keys.
+    Starts from the non-default fields, makes every field of the family's config class explicit
+    (the two versions disagree on which defaults they leave out), drops private keys
+    (``_name_or_path``) and sets the remote-code and dtype keys.
     """
     import transformers
 
-    from .configuration_sliced_llama import SlicedLlamaConfig
-
+    family = family_named(config.model_type)
     data = {key: value for key, value in config.to_diff_dict().items() if not key.startswith("_")}
     own_fields = [
         name
-        for name, parameter in inspect.signature(SlicedLlamaConfig.__init__).parameters.items()
+        for name, parameter in inspect.signature(type(config).__init__).parameters.items()
         if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     ]
     for name in own_fields:
@@ -315,15 +333,15 @@ def export_config_dict(config: SlicedLlamaConfig, dtype: torch.dtype) -> dict[st
     for name in ("torch_dtype", "dtype"):
         data[name] = dtype_name(dtype)
     data.update(
-        architectures=list(ARCHITECTURES),
-        auto_map=dict(AUTO_MAP),
-        model_type=MODEL_TYPE,
+        architectures=[family.model_class],
+        auto_map=auto_map(family),
+        model_type=family.sliced_model_type,
         transformers_version=transformers.__version__,
     )
     return json.loads(json.dumps(data, default=str))
 
 
-def minimal_generation_config(config: SlicedLlamaConfig) -> dict[str, Any]:
+def minimal_generation_config(config: SlicedConfig) -> dict[str, Any]:
     """What ``GenerationConfig.from_model_config`` keeps: the special token ids."""
     import transformers
 
@@ -335,12 +353,13 @@ def minimal_generation_config(config: SlicedLlamaConfig) -> dict[str, Any]:
     return data
 
 
-def write_remote_code(directory: Path) -> list[str]:
-    """Copy the configuration and modeling files of this package, byte for byte."""
+def write_remote_code(directory: Path, family: Family) -> list[str]:
+    """Copy the family's configuration and modeling files (and the shared ones), byte for byte."""
     source = Path(__file__).resolve().parent
-    for name in REMOTE_CODE_FILES:
+    names = remote_code_files(family)
+    for name in names:
         (directory / name).write_bytes((source / name).read_bytes())
-    return list(REMOTE_CODE_FILES)
+    return list(names)
 
 
 def _check_tokenizer_file_name(name: str) -> None:
@@ -468,6 +487,7 @@ def model_card(provenance: Mapping[str, Any], name: str) -> str:
     """The README.md: YAML front matter, provenance, widths, how to load, verification."""
     params = provenance.get("params") or {}
     producer = provenance.get("producer") or {}
+    family = family_named(provenance["family"])
     facts = [
         ("base model", f"`{provenance.get('base_model')}`"),
         ("SliceGPT checkpoint", f"`{provenance.get('checkpoint')}`"),
@@ -490,9 +510,9 @@ def model_card(provenance: Mapping[str, Any], name: str) -> str:
         "- slicebridge",
         "---",
         "",
-        f"# {name}: a SliceGPT-sliced Llama",
+        f"# {name}: a SliceGPT-sliced {family.title}",
         "",
-        "A Llama compressed with [SliceGPT](https://github.com/microsoft/TransformerCompression) "
+        f"A {family.releases} model compressed with [SliceGPT](https://github.com/microsoft/TransformerCompression) "
         "(rotated and sliced residual stream, with a shortcut matrix on every residual connection), "
         "exported by slicebridge as safetensors with its own model code. No pickles, and no need "
         "for the `slicegpt` package to load it.",
@@ -562,7 +582,7 @@ def _json_ready(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def export_model(
-    model: SlicedLlamaForCausalLM,
+    model: SlicedForCausalLM,
     out_dir: str | os.PathLike,
     *,
     tokenizer_files: Mapping[str, bytes],
@@ -582,11 +602,13 @@ def export_model(
     of the directory (before anything is written in it) and of its files.
     """
     out_path = check_output(out_dir, overwrite, directory=True)
-    if getattr(model.config, "model_type", None) != MODEL_TYPE:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPES:
         raise ExportError(
-            f"export_model needs a SlicedLlamaForCausalLM, got a {type(model).__name__} "
-            f"(model_type {getattr(model.config, 'model_type', None)!r})"
+            f"export_model needs a sliced model of slicebridge's ({', '.join(MODEL_TYPES)}), got a "
+            f"{type(model).__name__} (model_type {model_type!r})"
         )
+    family = family_named(model_type)
     for name in tokenizer_files:
         _check_tokenizer_file_name(name)
     tensors, dropped = tensors_to_save(model)
@@ -597,7 +619,7 @@ def export_model(
         _narrow(tmp, max_mode)
         weight_files = write_weights(tensors, tmp, max_shard_size)
         _write_json(tmp / CONFIG_NAME, export_config_dict(model.config, dtype))
-        write_remote_code(tmp)
+        write_remote_code(tmp, family)
         write_tokenizer_files(tmp, tokenizer_files)
         if GENERATION_CONFIG_NAME not in tokenizer_files:
             _write_json(tmp / GENERATION_CONFIG_NAME, minimal_generation_config(model.config))
@@ -656,15 +678,15 @@ def _check_is_export(directory: Path) -> dict[str, Any]:
         raise ExportError(f"{directory} is not a slicebridge export: it has no {' and no '.join(missing)}")
     config = _read_json(directory / CONFIG_NAME, "the config")
     model_type = config.get("model_type")
-    if model_type != MODEL_TYPE:
+    if model_type not in MODEL_TYPES:
         hint = (
             " (a dense model: export a sliced one with slicebridge, or load this with transformers)"
-            if model_type == "llama"
+            if any(model_type in family.model_types for family in FAMILIES)
             else ""
         )
         raise ExportError(
             f"{directory} is not a slicebridge export: config.json has model_type "
-            f"{model_type!r}, expected {MODEL_TYPE!r}{hint}"
+            f"{model_type!r}, expected one of {', '.join(MODEL_TYPES)}{hint}"
         )
     return config
 
@@ -705,20 +727,20 @@ def load_state_dict(directory: str | os.PathLike, device: torch.device | str | N
     return tensors
 
 
-def read_export_config(directory: str | os.PathLike) -> SlicedLlamaConfig:
-    """The export's ``config.json`` as this package's ``SlicedLlamaConfig``."""
-    from .configuration_sliced_llama import SlicedLlamaConfig
+def read_export_config(directory: str | os.PathLike) -> SlicedConfig:
+    """The export's ``config.json`` as this package's config class of its family."""
+    from . import portable
 
     data = _check_is_export(Path(directory))
     data = {
         key: value
         for key, value in data.items()
-        if key not in ("model_type", "auto_map", "torch_dtype", "dtype", "transformers_version")
+        if key not in ("auto_map", "torch_dtype", "dtype", "transformers_version")
     }
-    return SlicedLlamaConfig(**data)
+    return portable.config_from_dict(data)
 
 
-def _load_tokenizer(directory: Path, config: SlicedLlamaConfig) -> Any:
+def _load_tokenizer(directory: Path, config: SlicedConfig) -> Any:
     """``AutoTokenizer`` on the export, given our config: transformers 5.x would otherwise load
     config.json through AutoConfig, whose ``auto_map`` makes it ask whether to run remote code."""
     from transformers import AutoTokenizer
@@ -751,12 +773,12 @@ def load_export(
     places them (default: CPU). Raises ``ExportError`` naming what is missing when ``path`` is not
     an export of ours.
     """
-    from .modeling_sliced_llama import build_sliced_llama
+    from . import portable
 
     directory = Path(path).expanduser()
     config = read_export_config(directory)
     try:
-        model = build_sliced_llama(load_state_dict(directory, device), config, dtype=dtype, device=device)
+        model = portable.build_model(load_state_dict(directory, device), config, dtype=dtype, device=device)
     except ValueError as exc:
         raise ExportError(f"the weights in {directory} do not fit its config.json: {exc}") from None
     provenance: dict[str, Any] = {}

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class ArtifactInfo:
     path: str
     kind: str  # "checkpoint", "bin", "export" or "seed-bin"
+    family: str = ""  # families.Family.key: llama, opt, phi2, phi3
     architecture: str = ""
     num_layers: int = 0
     hidden_size: int = 0  # the dense model's width
@@ -57,6 +58,7 @@ class ArtifactInfo:
         rows = [
             ("path", self.path),
             ("kind", self.kind),
+            ("family", _family_title(self.family) or unknown),
             ("architecture", self.architecture or unknown),
             ("layers", str(self.num_layers or unknown)),
             (
@@ -86,6 +88,13 @@ class ArtifactInfo:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
+def _family_title(key: str) -> str:
+    from .families import BY_KEY
+
+    family = BY_KEY.get(key)
+    return f"{family.releases} ({family.key})" if family is not None else key
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -94,7 +103,8 @@ def _widths_summary(recorded: dict) -> str:
     from .checkpoint import widths_from_slicing_config
 
     hidden = int(recorded.get("hidden_size") or 0)
-    widths = widths_from_slicing_config(recorded, len(recorded.get("attention_input_dimensions") or {}), hidden)
+    layers = len(recorded.get("attention_input_dimensions") or {})
+    widths = widths_from_slicing_config(recorded, layers, hidden, bool(recorded.get("parallel_blocks")))
     constant = widths.constant_width()
     if constant is not None:
         return f"{constant} in all {widths.num_layers} layers, head {widths.lm_head}"
@@ -115,10 +125,12 @@ def actual_ratio(params: Mapping[str, int]) -> float:
 
 def parameter_counts(model, base_config: Mapping[str, Any]) -> dict[str, int]:
     """``dense`` (the base model's, from its config), ``sliced`` and ``shortcut_q`` (the model's own)."""
-    from .modeling_sliced_llama import count_sliced_parameters, dense_llama_parameter_count
+    from .portable import family_of
+    from .sliced_decoder import count_sliced_parameters
 
     counted = count_sliced_parameters(model)
-    return {"dense": dense_llama_parameter_count(base_config), "sliced": counted.total, "shortcut_q": counted.shortcut}
+    dense = family_of(model.config).dense_parameters(base_config)
+    return {"dense": dense, "sliced": counted.total, "shortcut_q": counted.shortcut}
 
 
 def file_bytes(path: Path) -> int:
@@ -130,12 +142,15 @@ def file_bytes(path: Path) -> int:
 def model_info(path: Path, kind: str, model, meta: dict) -> ArtifactInfo:
     """Facts about a loaded portable model (a ``.bin``'s or an export's), with ``meta``'s recorded settings."""
     from .checkpoint import SlicedWidths
+    from .portable import family_of
 
     config = model.config
+    family = family_of(config)
     info = ArtifactInfo(
         path=str(path),
         kind=kind,
-        architecture="SlicedLlamaForCausalLM (portable, SliceGPT-sliced Llama)",
+        family=family.key,
+        architecture=f"{type(model).__name__} (portable, SliceGPT-sliced {family.title})",
         sparsity=meta.get("sparsity"),
         round_interval=meta.get("round_interval"),
         dtype=dtype_name(next(model.parameters()).dtype),

@@ -1,168 +1,38 @@
-"""A SliceGPT-sliced Llama as a plain transformers causal LM (``model_type = "sliced_llama"``).
+"""A SliceGPT-sliced Llama (Llama-2, Llama-3) as a plain transformers causal LM (``model_type = "sliced_llama"``).
 
-What SliceGPT leaves of a Llama, and what this file computes:
+Read ``sliced_decoder`` first for what SliceGPT leaves of any decoder. A sliced Llama block:
 
-- Every RMSNorm weight is fused into the linear layers that follow it; what remains is a
-  weightless RMS normalisation whose mean runs over the ORIGINAL hidden size:
-  ``x / sqrt(sum(x**2) / hidden_size + eps)`` (eps 1e-5, SliceGPT's ``RMSN``).
-- The residual stream is rotated and sliced, so each layer has its own widths, and each
-  residual connection carries a matrix: ``h = h @ attn_shortcut_Q + attn(norm(h))`` and
-  ``h = h @ mlp_shortcut_Q + mlp(norm(h))``.
-- The final norm is fused into ``lm_head`` in the same way.
+    h = h @ attn_shortcut_Q + o_proj(attention(q/k/v_proj(rmsn(h))))      # RoPE on q and k
+    h = h @ mlp_shortcut_Q + down_proj(silu(gate_proj(rmsn(h))) * up_proj(rmsn(h)))
 
-Portable by design: this file imports only torch, transformers and the stdlib (plus its own
-config), is copied verbatim into exported model directories as remote code, and runs under
-transformers 4.41 (SliceGPT's pin) and 5.x. It therefore implements rotary embeddings,
-masking and attention itself and only uses transformers' stable surface: ``PreTrainedModel``,
-``GenerationMixin``, ``DynamicCache.update/get_seq_length`` and the output dataclasses.
-Differences between the two versions are handled in the "Version compatibility" section.
+with grouped-query attention and the RoPE variants of Llama-2/3 (default, linear, dynamic and
+llama3 scaling). The RMSNorm weights are fused into q/k/v and gate/up; ``lm_head`` has no bias.
 
-The bottom of the file has the building and sizing helpers: ``build_sliced_llama`` (fast,
-meta-device construction from a state dict), ``count_sliced_parameters`` and
-``dense_llama_parameter_count``.
+Portable by design: imports only torch, transformers and its siblings ``sliced_decoder`` and
+``configuration_sliced*``, and is copied verbatim into exported model directories as remote
+code; runs under transformers 4.41 (SliceGPT's pin) and 5.x.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
-
-try:  # transformers >= 4.45 exports it at top level; 4.41 has it under generation
-    from transformers import GenerationMixin
-except ImportError:  # pragma: no cover - depends on the installed version
-    from transformers.generation import GenerationMixin
-
-try:  # transformers 5.x: init functions that skip tensors already loaded from a checkpoint
-    from transformers import initialization as weight_init
-except ImportError:  # transformers 4.x
-    from torch.nn import init as weight_init
+from transformers.cache_utils import Cache
 
 from .configuration_sliced_llama import SlicedLlamaConfig
-
-logger = logging.get_logger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Version compatibility
-# --------------------------------------------------------------------------------------------
-
-# transformers 5.x renamed the cache field of model outputs (and the forward/generate keyword)
-# from `past_key_values` to `cache`; outputs must use whichever name the installed version reads.
-CACHE_OUTPUT_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-# transformers 5.x declares tied weights as a {target: source} mapping, 4.x as a list of targets.
-_TIED_KEYS_AS_MAPPING = hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
-TIED_WEIGHTS_KEYS: Any = (
-    {"lm_head.weight": "model.embed_tokens.weight"} if _TIED_KEYS_AS_MAPPING else ["lm_head.weight"]
+from .sliced_decoder import (
+    SlicedDecoderModel,
+    SlicedForCausalLM,
+    SlicedRMSNorm,
+    apply_rotary_pos_emb,
+    attend,
+    rope_inverse_frequencies,
+    rotary_cos_sin,
+    shortcut,
+    split_heads,
+    tied_weights_keys,
 )
-
-LegacyCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
-
-
-def cache_seq_length(cache: Cache | LegacyCache | None) -> int:
-    """Number of positions already held by a cache (a ``Cache`` or a legacy tuple of (k, v))."""
-    if cache is None:
-        return 0
-    if isinstance(cache, Cache):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2]) if len(cache) else 0
-
-
-def cache_from_legacy(legacy: LegacyCache) -> DynamicCache:
-    """Wrap a legacy tuple cache into a ``DynamicCache`` (``from_legacy_cache`` is gone in 5.x)."""
-    cache = DynamicCache()
-    for layer_idx, (keys, values) in enumerate(legacy):
-        cache.update(keys, values, layer_idx)
-    return cache
-
-
-# --------------------------------------------------------------------------------------------
-# Normalisation and rotary position embeddings
-# --------------------------------------------------------------------------------------------
-
-
-class SlicedRMSNorm(nn.Module):
-    """Weightless RMS norm of a sliced stream, averaged over the ORIGINAL (dense) width.
-
-    The weight was fused into the next linear layer; the slicing dropped coordinates but the
-    mean still divides by the dense width, so this is not an RMSNorm of the sliced vector.
-    """
-
-    def __init__(self, mean_width: int, eps: float) -> None:
-        super().__init__()
-        self.mean_width = mean_width
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        mean_square = hidden_states.pow(2).sum(-1, keepdim=True) / self.mean_width
-        return (hidden_states * torch.rsqrt(mean_square + self.eps)).to(input_dtype)
-
-    def extra_repr(self) -> str:
-        return f"mean_width={self.mean_width}, eps={self.eps}"
-
-
-def _llama3_scaled_inv_freq(
-    inv_freq: torch.Tensor, scaling: Mapping[str, Any], original_context: float
-) -> torch.Tensor:
-    """Llama 3.1 frequency-dependent scaling: long wavelengths are divided by ``factor``,
-    short ones kept, and the band in between interpolated smoothly."""
-    factor = float(scaling["factor"])
-    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
-    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-
-    wavelength = 2 * math.pi / inv_freq
-    low_freq_wavelength = original_context / low_freq_factor
-    high_freq_wavelength = original_context / high_freq_factor
-    smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-
-    scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / factor, inv_freq)
-    in_band = (wavelength <= low_freq_wavelength) & (wavelength >= high_freq_wavelength)
-    return torch.where(in_band, interpolated, scaled)
-
-
-def rope_inverse_frequencies(
-    config: SlicedLlamaConfig, device: torch.device | None = None, seq_len: int | None = None
-) -> torch.Tensor:
-    """Inverse frequencies (float32, ``head_dim // 2``) for the config's RoPE variant.
-
-    ``seq_len`` only matters for "dynamic" (NTK) scaling, which raises the base once the
-    sequence outgrows the original context.
-    """
-    dim = config.head_dim
-    base = config.rope_theta
-    scaling = config.rotary_scaling or {}
-    rope_type = scaling.get("rope_type", "default")
-
-    if rope_type == "dynamic" and seq_len is not None:
-        factor = float(scaling["factor"])
-        original_context = config.max_position_embeddings  # as transformers does for "dynamic"
-        if seq_len > original_context:
-            base = base * ((factor * seq_len / original_context) - (factor - 1)) ** (dim / (dim - 2))
-
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
-    inv_freq = 1.0 / (base**exponents)
-
-    if rope_type == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
-    elif rope_type == "llama3":
-        original_context = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
-        inv_freq = _llama3_scaled_inv_freq(inv_freq, scaling, float(original_context))
-    return inv_freq
 
 
 class SlicedLlamaRotaryEmbedding(nn.Module):
@@ -176,33 +46,17 @@ class SlicedLlamaRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
         seq_len = int(position_ids.max()) + 1 if self.is_dynamic else None
-        inv_freq = rope_inverse_frequencies(self.config, hidden_states.device, seq_len)
-        device_type = hidden_states.device.type if hidden_states.device.type != "mps" else "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):
-            freqs = position_ids[:, :, None].to(torch.float32) * inv_freq[None, None, :]
-            angles = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = angles.cos(), angles.sin()
-        return cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dimension's two halves."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(
-    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate query/key ([batch, heads, seq, head_dim]) by cos/sin ([batch, seq, head_dim])."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
-
-
-# --------------------------------------------------------------------------------------------
-# Blocks
-# --------------------------------------------------------------------------------------------
+        inv_freq = rope_inverse_frequencies(
+            config.head_dim,
+            config.rope_theta,
+            config.rotary_scaling,
+            config.max_position_embeddings,
+            hidden_states.device,
+            seq_len,
+        )
+        return rotary_cos_sin(inv_freq, position_ids, hidden_states)
 
 
 class SlicedLlamaMLP(nn.Module):
@@ -219,15 +73,6 @@ class SlicedLlamaMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
-
-
-def repeat_kv(states: torch.Tensor, repeats: int) -> torch.Tensor:
-    """[batch, kv_heads, seq, dim] -> [batch, kv_heads * repeats, seq, dim] (grouped-query attention)."""
-    if repeats == 1:
-        return states
-    batch, kv_heads, seq_len, dim = states.shape
-    expanded = states[:, :, None, :, :].expand(batch, kv_heads, repeats, seq_len, dim)
-    return expanded.reshape(batch, kv_heads * repeats, seq_len, dim)
 
 
 class SlicedLlamaAttention(nn.Module):
@@ -256,27 +101,13 @@ class SlicedLlamaAttention(nn.Module):
         cache: Cache | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Returns the attention output and this layer's full (cached + new) keys and values."""
-        batch, seq_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch, seq_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch, seq_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-
-        cos, sin = rotary
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query = split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
+        key = split_heads(self.k_proj(hidden_states), self.num_key_value_heads, self.head_dim)
+        value = split_heads(self.v_proj(hidden_states), self.num_key_value_heads, self.head_dim)
+        query, key = apply_rotary_pos_emb(query, key, *rotary)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-
-        groups = self.num_heads // self.num_key_value_heads
-        attended = F.scaled_dot_product_attention(
-            query,
-            repeat_kv(key, groups),
-            repeat_kv(value, groups),
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            scale=self.scaling,
-        )
-        attended = attended.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
-        return self.o_proj(attended), (key, value)
+        return self.o_proj(attend(query, key, value, attention_mask, self.scaling)), (key, value)
 
 
 class SlicedLlamaDecoderLayer(nn.Module):
@@ -286,14 +117,12 @@ class SlicedLlamaDecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
         self.self_attn = SlicedLlamaAttention(config, layer_idx)
-        self.attn_shortcut_Q = nn.Parameter(
-            torch.empty(config.attention_input_dimensions[layer_idx], config.attention_output_dimensions[layer_idx])
+        self.attn_shortcut_Q = shortcut(
+            config.attention_input_dimensions[layer_idx], config.attention_output_dimensions[layer_idx]
         )
         self.post_attention_layernorm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
         self.mlp = SlicedLlamaMLP(config, layer_idx)
-        self.mlp_shortcut_Q = nn.Parameter(
-            torch.empty(config.mlp_input_dimensions[layer_idx], config.mlp_output_dimensions[layer_idx])
-        )
+        self.mlp_shortcut_Q = shortcut(config.mlp_input_dimensions[layer_idx], config.mlp_output_dimensions[layer_idx])
 
     def forward(
         self,
@@ -310,440 +139,25 @@ class SlicedLlamaDecoderLayer(nn.Module):
         return hidden_states, key_values
 
 
-# --------------------------------------------------------------------------------------------
-# Masks and positions
-# --------------------------------------------------------------------------------------------
-
-
-def position_ids_from_mask(
-    attention_mask: torch.Tensor | None, past_len: int, seq_len: int, device: torch.device
-) -> torch.Tensor:
-    """Positions of the new tokens: counted over non-padding tokens when a 2D mask is given
-    (so left padding does not shift positions), else ``past_len .. past_len + seq_len - 1``."""
-    if attention_mask is not None and attention_mask.dim() == 2:
-        positions = attention_mask.long().cumsum(-1) - 1
-        return positions.clamp(min=0)[:, -seq_len:].to(device)
-    return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
-
-
-def causal_attention_mask(
-    attention_mask: torch.Tensor | None, past_len: int, seq_len: int, device: torch.device
-) -> torch.Tensor:
-    """Boolean SDPA mask [batch or 1, 1, seq_len, past_len + seq_len] (True = may attend).
-
-    A 4D mask is returned as given. Query rows that may attend to nothing (padding before any
-    real token) are opened up entirely: their outputs are never used, and a fully masked row
-    would make SDPA return NaN, which would then leak through 0 * NaN into real positions.
-    """
-    if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask.to(device)
-    kv_len = past_len + seq_len
-    query_positions = torch.arange(past_len, kv_len, device=device)[:, None]
-    key_positions = torch.arange(kv_len, device=device)[None, :]
-    allowed = (key_positions <= query_positions)[None, None, :, :]
-    if attention_mask is not None:
-        if attention_mask.shape[-1] != kv_len:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache plus the new tokens "
-                f"make {kv_len}; pass a mask over all positions (past and new)"
-            )
-        allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    return allowed
-
-
-# --------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------
-
-
-class SlicedLlamaPreTrainedModel(PreTrainedModel):
-    config_class = SlicedLlamaConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = False
-    _no_split_modules = ["SlicedLlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values", "cache"]
-    _supports_sdpa = True
-    _supports_cache_class = True
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """Random init for a model built from a config alone; shortcuts start as (rectangular) identities."""
-        if any(param.is_meta for param in module.parameters(recurse=False)):
-            return  # built on the meta device: the weights come from a checkpoint
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            weight_init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                weight_init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            weight_init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, SlicedLlamaDecoderLayer):
-            weight_init.eye_(module.attn_shortcut_Q)
-            weight_init.eye_(module.mlp_shortcut_Q)
-
-
-class SlicedLlamaModel(SlicedLlamaPreTrainedModel):
+class SlicedLlamaModel(SlicedDecoderModel):
     """Embeddings, decoder layers and the final (weightless) norm; no LM head."""
 
+    config_class = SlicedLlamaConfig
+    _no_split_modules = ["SlicedLlamaDecoderLayer"]
+    layer_class = SlicedLlamaDecoderLayer
+
     def __init__(self, config: SlicedLlamaConfig) -> None:
         super().__init__(config)
-        width_errors = config.residual_width_errors()
-        if width_errors:
-            raise ValueError("inconsistent sliced widths: " + "; ".join(width_errors))
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_dimension)
-        self.layers = nn.ModuleList(
-            [SlicedLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
-        self.rotary_emb = SlicedLlamaRotaryEmbedding(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | LegacyCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        cache: Cache | LegacyCache | None = None,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPast | tuple:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if kwargs.get("output_attentions"):
-            logger.warning_once("the sliced Llama uses fused SDPA attention and returns no attention weights")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-
-        past = cache if cache is not None else past_key_values
-        return_legacy_cache = past is not None and not isinstance(past, Cache)
-        if return_legacy_cache:
-            past = cache_from_legacy(past)
-        if use_cache and past is None:
-            past = DynamicCache()
-        active_cache = past if use_cache else None
-
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        seq_len = hidden_states.shape[1]
-        past_len = cache_seq_length(past)
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask, past_len, seq_len, hidden_states.device)
-        mask = causal_attention_mask(attention_mask, past_len, seq_len, hidden_states.device)
-        rotary = self.rotary_emb(hidden_states, position_ids)
-
-        all_hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
-        legacy_layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states += (hidden_states,)
-            hidden_states, key_values = layer(hidden_states, rotary, mask, active_cache)
-            legacy_layers.append(key_values)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states += (hidden_states,)
-
-        returned_cache: Any = None
-        if use_cache:
-            returned_cache = tuple(legacy_layers) if return_legacy_cache else active_cache
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_OUTPUT_FIELD: returned_cache}
-        )
-        return output if return_dict else output.to_tuple()
+    def make_rotary(self, config: SlicedLlamaConfig) -> nn.Module:
+        return SlicedLlamaRotaryEmbedding(config)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross entropy: position t predicts ``labels[t + 1]`` (computed in float32)."""
-    vocab_size = logits.shape[-1]
-    shifted_logits = logits[:, :-1, :].reshape(-1, vocab_size).to(torch.float32)
-    shifted_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=ignore_index)
-
-
-class SlicedLlamaForCausalLM(SlicedLlamaPreTrainedModel, GenerationMixin):
+class SlicedLlamaForCausalLM(SlicedForCausalLM):
     """The sliced Llama with its LM head (into which SliceGPT fused the final norm's weight)."""
 
-    _tied_weights_keys = TIED_WEIGHTS_KEYS
-
-    def __init__(self, config: SlicedLlamaConfig) -> None:
-        super().__init__(config)
-        if config.tie_word_embeddings and config.lm_head_dimension != config.embedding_dimension:
-            raise ValueError(
-                f"tie_word_embeddings needs lm_head_dimension ({config.lm_head_dimension}) == "
-                f"embedding_dimension ({config.embedding_dimension})"
-            )
-        self.model = SlicedLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.lm_head_dimension, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head = new_embeddings
-
-    def get_decoder(self) -> SlicedLlamaModel:
-        return self.model
-
-    def set_decoder(self, decoder: SlicedLlamaModel) -> None:
-        self.model = decoder
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | LegacyCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        cache: Cache | LegacyCache | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast | tuple:
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            cache=cache,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        logits_to_keep = kwargs.get("num_logits_to_keep", logits_to_keep)  # 4.4x spelling
-        if isinstance(logits_to_keep, int):
-            if logits_to_keep > 0:
-                hidden_states = hidden_states[:, -logits_to_keep:, :]
-        else:
-            hidden_states = hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head(hidden_states)
-
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            **{CACHE_OUTPUT_FIELD: getattr(outputs, CACHE_OUTPUT_FIELD)},
-        )
-        return output if return_dict else output.to_tuple()
-
-    def prepare_inputs_for_generation(
-        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        """Use the library's generic preparation where it has one (>= 4.45, 5.x), else our own (4.41).
-
-        ``inputs_embeds`` is named in the signature because ``generate`` looks for it there.
-        """
-        try:
-            return super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
-        except NotImplementedError:
-            return self._prepare_inputs_for_generation_legacy(input_ids, inputs_embeds=inputs_embeds, **kwargs)
-
-    def _prepare_inputs_for_generation_legacy(
-        self,
-        input_ids: torch.LongTensor,
-        past_key_values: Cache | LegacyCache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        position_ids: torch.LongTensor | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """transformers 4.41 passes every token so far at each step: feed only what the cache lacks.
-
-        The sequence length is read off ``attention_mask`` when there is one, since a prompt given
-        as ``inputs_embeds`` is not part of ``input_ids``. Positions are left to ``forward``, which
-        derives them from ``attention_mask``.
-        """
-        past_len = cache_seq_length(past_key_values)
-        total_len = attention_mask.shape[-1] if attention_mask is not None else input_ids.shape[1]
-        new_len = max(total_len - past_len, 1)
-        if inputs_embeds is not None and past_len == 0:
-            model_inputs: dict[str, Any] = {"inputs_embeds": inputs_embeds}
-        else:
-            model_inputs = {"input_ids": input_ids[:, -new_len:].contiguous()}
-        if position_ids is not None:
-            model_inputs["position_ids"] = position_ids[:, -new_len:]
-        model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask, use_cache=use_cache)
-        return model_inputs
-
-    @staticmethod
-    def _reorder_cache(past_key_values: Cache | LegacyCache, beam_idx: torch.Tensor) -> Cache | LegacyCache:
-        """Keep the cache rows of the surviving beams (5.x calls this for any cache, 4.41 for tuples)."""
-        if isinstance(past_key_values, Cache):
-            past_key_values.reorder_cache(beam_idx)
-            return past_key_values
-        return tuple(
-            tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer_past)
-            for layer_past in past_key_values
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Building and sizing helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _record_dtype(config: SlicedLlamaConfig, dtype: torch.dtype) -> None:
-    """Note the weights' dtype in the config (``dtype`` in 5.x, ``torch_dtype`` in 4.x)."""
-    if "dtype" in getattr(type(config), "__dataclass_fields__", {}):
-        config.dtype = dtype
-    else:
-        config.torch_dtype = dtype
-
-
-@contextlib.contextmanager
-def _torch_init_disabled() -> Iterator[None]:
-    """Make torch.nn.init's functions no-ops for a while (torch's own layer constructors call them;
-    on the meta device they cost nothing but a one-off import of torch._dynamo, ~2 s)."""
-    names = (
-        "normal_",
-        "uniform_",
-        "kaiming_uniform_",
-        "kaiming_normal_",
-        "xavier_uniform_",
-        "xavier_normal_",
-        "trunc_normal_",
-        "zeros_",
-        "ones_",
-    )
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-
-
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor owning exactly its elements.
-
-    SliceGPT slices with views (``weight[:, :width]``), so its saved tensors are often
-    non-contiguous windows onto the unsliced storage; safetensors refuses those, and keeping
-    them would keep the dense storage alive.
-    """
-    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def build_sliced_llama(
-    state_dict: Mapping[str, torch.Tensor],
-    config: SlicedLlamaConfig,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> SlicedLlamaForCausalLM:
-    """Build the model around the tensors of ``state_dict`` without any random initialisation.
-
-    The modules are created on the meta device (no memory, no init cost) and the checkpoint
-    tensors are then assigned in place of the meta parameters (``load_state_dict(assign=True)``).
-    Tensors that are already compact are used as they are (mmap-loaded ones stay file-backed)
-    unless ``dtype``/``device`` ask for a copy; SliceGPT's strided views are compacted.
-    Raises ``ValueError`` naming every missing, unexpected or mis-shaped tensor.
-    """
-    with torch.device("meta"), _torch_init_disabled():
-        model = SlicedLlamaForCausalLM(config)
-
-    expected = {name: tuple(param.shape) for name, param in model.state_dict().items()}
-    tied_targets = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    problems = [
-        f"missing {name} {shape}"
-        for name, shape in expected.items()
-        if name not in state_dict and name not in tied_targets
-    ]
-    problems += [f"unexpected {name}" for name in state_dict if name not in expected]
-    problems += [
-        f"{name} is {tuple(tensor.shape)}, expected {expected[name]}"
-        for name, tensor in state_dict.items()
-        if name in expected and tuple(tensor.shape) != expected[name]
-    ]
-    if problems:
-        raise ValueError("state dict does not fit the sliced Llama config: " + "; ".join(problems))
-
-    tensors = {
-        name: _compact(tensor).to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-        for name, tensor in state_dict.items()
-        if name not in tied_targets
-    }
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    still_meta = [name for name, param in model.named_parameters() if param.is_meta]
-    if still_meta:
-        raise ValueError(f"tensors left unloaded: {still_meta}")
-    _record_dtype(model.config, model.lm_head.weight.dtype)
-    return model.eval()
-
-
-@dataclass(frozen=True)
-class SlicedParameterCount:
-    """Parameter counts of a sliced model; ``shortcut`` is the part held by the shortcut Qs."""
-
-    total: int
-    shortcut: int
-
-
-def count_sliced_parameters(source: nn.Module | Mapping[str, torch.Tensor]) -> SlicedParameterCount:
-    """Count the parameters of a sliced model or of its state dict (tied tensors counted once)."""
-    named = source.named_parameters() if isinstance(source, nn.Module) else source.items()
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    total = shortcut = 0
-    for name, tensor in named:
-        identity = (tensor.data_ptr(), tuple(tensor.shape))
-        if identity[0] and identity in seen:
-            continue
-        seen.add(identity)
-        total += tensor.numel()
-        if name.endswith("_shortcut_Q"):
-            shortcut += tensor.numel()
-    return SlicedParameterCount(total=total, shortcut=shortcut)
-
-
-def dense_llama_parameter_count(base_config: Mapping[str, Any]) -> int:
-    """Parameter count of the dense Llama described by a LlamaConfig dict (norm weights included)."""
-    hidden = int(base_config["hidden_size"])
-    vocab = int(base_config["vocab_size"])
-    layers = int(base_config["num_hidden_layers"])
-    heads = int(base_config["num_attention_heads"])
-    kv_heads = int(base_config.get("num_key_value_heads") or heads)
-    head_dim = int(base_config.get("head_dim") or hidden // heads)
-    intermediate = int(base_config["intermediate_size"])
-    attention_bias = bool(base_config.get("attention_bias", False))
-    mlp_bias = bool(base_config.get("mlp_bias", False))
-
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    if attention_bias:
-        attention += heads * head_dim + 2 * kv_heads * head_dim + hidden
-    mlp = 3 * hidden * intermediate + ((2 * intermediate + hidden) if mlp_bias else 0)
-    per_layer = attention + mlp + 2 * hidden  # two RMSNorm weights
-    embeddings = vocab * hidden
-    lm_head = 0 if base_config.get("tie_word_embeddings", False) else vocab * hidden
-    return embeddings + layers * per_layer + hidden + lm_head
+    config_class = SlicedLlamaConfig
+    _no_split_modules = ["SlicedLlamaDecoderLayer"]
+    _tied_weights_keys = tied_weights_keys("model.embed_tokens.weight")
+    model_class = SlicedLlamaModel

@@ -202,8 +202,8 @@ def _code_notes(names: list[str]) -> list[str]:
 
 def _model_facts(info: ArtifactInfo, root: dict, path: Path) -> None:
     """Fill ``info`` with the facts of the model object in ``root['model']`` (raises what is wrong)."""
-    from slicebridge.model.checkpoint import sliced_config_from_tensors, widths_from_tensors
-    from slicebridge.model.modeling_sliced_llama import dense_llama_parameter_count
+    from slicebridge.model.checkpoint import read_state_dict_widths
+    from slicebridge.model.families import SUPPORTED, family_of_config, family_of_tensors
 
     model = root["model"]
     info.architecture = _architecture(model)
@@ -217,18 +217,20 @@ def _model_facts(info: ArtifactInfo, root: dict, path: Path) -> None:
     info.sparsity = float(sparsity) if isinstance(sparsity, (int, float)) else None
     info.round_interval = round_interval if isinstance(round_interval, int) else None
     tensors = named_tensors(model)
-    config = sliced_config_from_tensors(
-        tensors, base_config, source=path, sparsity=info.sparsity, round_interval=info.round_interval
-    )
-    info.set_widths(widths_from_tensors(tensors, config.num_hidden_layers), int(base_config["hidden_size"]))
+    family = family_of_config(base_config) or family_of_tensors(tensors)
+    if family is None:
+        raise NotASeedModel(f"its model is not of a family SliceGPT slices ({SUPPORTED})")
+    info.family = family.key
+    widths = read_state_dict_widths(tensors, base_config, family, path)
+    info.set_widths(widths, int(base_config["hidden_size"]))
     info.set_params(
         {
-            "dense": dense_llama_parameter_count(base_config),
+            "dense": family.dense_parameters(base_config),
             "sliced": sum(t.numel() for t in tensors.values()),
             "shortcut_q": sum(t.numel() for k, t in tensors.items() if k.endswith("_shortcut_Q")),
         }
     )
-    info.dtype = tensors["model.embed_tokens.weight"].dtype
+    info.dtype = tensors[family.token_embedding].dtype
 
 
 def describe_seed_bin(path: str | Path) -> ArtifactInfo:

@@ -70,7 +70,8 @@ from .atomic import atomic_file
 from .checkpoint import SlicedWidths, sliced_width
 from .configuration_sliced_llama import SLICEGPT_FUSED_NORM_EPS, SlicedLlamaConfig
 from .dense import embedded_text, resolve_dtype
-from .modeling_sliced_llama import SlicedLlamaRotaryEmbedding, apply_rotary_pos_emb, repeat_kv
+from .modeling_sliced_llama import SlicedLlamaRotaryEmbedding
+from .sliced_decoder import apply_rotary_pos_emb, repeat_kv
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from slicebridge.dtypes import dtype_name
 from slicebridge.model.atomic import check_output
 from slicebridge.model.facts import actual_ratio, parameter_counts
 from slicebridge.model.guards import job_inputs, refuse_output_over_inputs
+from slicebridge.model.portable import family_of
 from slicebridge.server.cache import CacheKey, ModelCache
 from slicebridge.server.loaders import (
     LoadedCheckpoint,
@@ -142,6 +143,7 @@ class ConvertService:
             sparsity=checkpoint.sparsity,
             round_interval=checkpoint.round_interval,
             timings=run.timings(),
+            official_name=loaded.official_name,
         )
 
     def export(self, args: protocol.ExportArgs, ctx: RequestContext) -> protocol.ExportResult:
@@ -181,6 +183,8 @@ class ConvertService:
             params=summary.provenance["params"],
             timings=run.timings(),
             verification=verification,
+            family=checkpoint.family.key,
+            official_name=loaded.official_name,
         )
 
     def reference(self, args: protocol.ReferenceArgs, ctx: RequestContext) -> protocol.ReferenceResult:
@@ -213,6 +217,8 @@ class ConvertService:
             cache_hit=hit,
             seconds=time.perf_counter() - started,
             versions={k: versions.get(k) for k in ("torch", "transformers", "slicegpt")},
+            family=loaded.checkpoint.family.key,
+            official_name=loaded.official_name,
         )
 
     def cache_info(self, args: protocol.CacheInfoArgs, ctx: RequestContext) -> protocol.CacheInfoResult:
@@ -237,6 +243,7 @@ def convert_result(
     sparsity: float | None,
     round_interval: int | None,
     timings: dict[str, float],
+    official_name: str | None = None,
 ) -> protocol.ConvertResult:
     """What ``convert`` and ``upgrade`` report about the ``.bin`` they wrote (``summary``: ``save_bin``'s)."""
     return protocol.ConvertResult(
@@ -253,6 +260,8 @@ def convert_result(
         timings=timings,
         pickle_module=summary["pickle_module"],
         format_version=summary["format_version"],
+        family=family_of(model.config).key,
+        official_name=official_name,
     )
 
 

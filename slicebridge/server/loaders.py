@@ -9,9 +9,10 @@ validated, so bad input gets the same clear errors whichever loader is used. The
   of the checkpoint is handed the state dict we loaded with ``weights_only=True``, so a file
   swapped in a shared directory after our checks is never unpickled by it (an old torch's
   default is ``weights_only=False``); any other ``torch.load`` it makes is forced to
-  ``weights_only=True``. Its quirks are handled here: adapters are chosen by model-name
-  prefix (``meta-llama/Llama-2``, ``meta-llama/Meta-Llama-3``), which a local base model
-  dir does not match, and file names derive from that name, so the files are linked into a
+  ``weights_only=True``. Its quirks are handled here: adapters are chosen by model name
+  (``meta-llama/Llama-2…`` / ``Meta-Llama-3…``, ``facebook/opt…``, exactly ``microsoft/phi-2``,
+  ``microsoft/Phi-3-mini-4k-instruct…``: ``families.Family.official_name``), which a local base
+  model dir does not match, and file names derive from that name, so the files are linked into a
   staging directory under a name the official code accepts (never a file from outside the
   base model dir); older releases take the ``.pt`` path, newer ones a directory, so the
   directory form is tried first and the path form second.
@@ -59,12 +60,13 @@ class OfficialLoaderFailed(HandlerError):
 class LoadedCheckpoint:
     """A checkpoint loaded into the server: the portable model and what is known about it."""
 
-    model: Any  # SlicedLlamaForCausalLM, on ``device``
+    model: Any  # the family's Sliced<X>ForCausalLM, on ``device``
     checkpoint: Any  # model.checkpoint.SliceGPTCheckpoint
     loader: str
     device: str
     load_seconds: float
     official_model: Any = None  # the slicegpt model object, when loaded officially
+    official_name: str | None = None  # the model name the official adapter was given
 
     @property
     def nbytes(self) -> int:
@@ -127,9 +129,10 @@ def load_checkpoint(
     started = time.perf_counter()
     progress("load", 1, 3)
     faults.at("load")
-    official_model = None
+    official_model = official_name = None
     if loader == "official":
-        official_model = _load_official(checkpoint)
+        official_name = official_model_name(checkpoint)
+        official_model = _load_official(checkpoint, official_name)
         model = _portable_from_official(official_model, checkpoint)
     else:
         model = checkpoint.build_model()
@@ -140,20 +143,17 @@ def load_checkpoint(
     progress("load", 3, 3)
     seconds = time.perf_counter() - started
     log.info("loaded %s with the %s loader on %s in %.2fs", checkpoint.checkpoint_path.name, loader, device, seconds)
-    return LoadedCheckpoint(model, checkpoint, loader, device, seconds, official_model)
+    return LoadedCheckpoint(model, checkpoint, loader, device, seconds, official_model, official_name)
 
 
 # ---------------------------------------------------------------------------------- official
 
 
 def official_model_name(checkpoint) -> str:
-    """A model name that slicegpt's Llama adapter accepts (it matches on these prefixes)."""
-    config = checkpoint.base_config
-    is_llama3 = float(config.get("rope_theta", 10000.0)) >= 500000.0 or int(config.get("vocab_size", 0)) >= 128000
-    family = "Meta-Llama-3" if is_llama3 else "Llama-2"
-    stem = checkpoint.model_stem
-    name = stem if stem.startswith(family) else f"{family}-{stem}"
-    return f"meta-llama/{name}"
+    """A model name that slicegpt's adapter for the checkpoint's family accepts (they match on names)."""
+    from slicebridge.model.families import official_model_name as name_for
+
+    return name_for(checkpoint.family, checkpoint.base_config, checkpoint.model_stem)
 
 
 def _stage_for_official(checkpoint, model_name: str, staging: Path) -> Path:
@@ -193,7 +193,7 @@ def _checked_torch_load(staged_checkpoint: Path, state_dict: dict):
         torch.load = original
 
 
-def _load_official(checkpoint):
+def _load_official(checkpoint, model_name: str):
     from slicegpt import hf_utils
 
     if checkpoint.sparsity is None:
@@ -201,7 +201,6 @@ def _load_official(checkpoint):
             f"slicegpt's loader needs the sparsity, and {checkpoint.checkpoint_path.name} does not say it; "
             "pass sparsity=..."
         )
-    model_name = official_model_name(checkpoint)
     kwargs = {"sparsity": checkpoint.sparsity}
     if checkpoint.round_interval is not None:
         kwargs["round_interval"] = checkpoint.round_interval
@@ -241,7 +240,7 @@ def _in_checkpoint_dtype(official_model, state_dict: dict, dtype: str):
 
 def _portable_from_official(official_model, checkpoint):
     """The portable model over the official model's tensors (no copy where they are compact)."""
-    from slicebridge.model.modeling_sliced_llama import build_sliced_llama
+    from slicebridge.model import portable
 
     state = {k: v for k, v in official_model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    return build_sliced_llama(state, checkpoint.sliced_config())
+    return portable.build_model(state, checkpoint.sliced_config())

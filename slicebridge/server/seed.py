@@ -149,11 +149,12 @@ def _check_names_the_seeds_classes(path: Path) -> None:
 
 def _portable_from_seed(seed: dict, source: Path):
     """The portable model over the tensors of a seed .bin's model object, its base config and settings."""
-    from slicebridge.model.checkpoint import sliced_config_from_tensors
-    from slicebridge.model.modeling_sliced_llama import build_sliced_llama
+    from slicebridge.model import portable
+    from slicebridge.model.checkpoint import family_of_base_config, sliced_config_from_tensors
 
     model = seed["model"]
     base_config = model.config.to_dict()
+    family = family_of_base_config(base_config, f"{source} (its model's config)")
     seed_config = dict(seed.get("config")) if isinstance(seed.get("config"), dict) else {}
     seed_config.setdefault("sparsity", seed.get("pruning_ratio"))
     seed_config.setdefault("round_interval", None)
@@ -161,11 +162,12 @@ def _portable_from_seed(seed: dict, source: Path):
     config = sliced_config_from_tensors(
         tensors,
         base_config,
+        family,
         source=source,
         sparsity=seed_config["sparsity"],
         round_interval=seed_config["round_interval"],
     )
-    return build_sliced_llama(tensors, config).eval(), base_config, seed_config
+    return portable.build_model(tensors, config).eval(), base_config, seed_config
 
 
 def _tokenizer_files_of(tokenizer) -> dict[str, bytes]:

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "slicegpt-llama-tiny"  # the official SliceGPT run's outputs
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"  # the official SliceGPT runs' outputs, one per family
+FIXTURE = SHARED_FIXTURES / "slicegpt-llama-tiny"
 HELPERS = REPO / "tests" / "helpers"  # scripts run by other interpreters
 STANDIN = REPO / "tests" / "standin"  # the test stand-in of the official slicegpt package
 

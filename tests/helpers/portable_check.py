@@ -26,13 +26,11 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from slicebridge.model import portable  # noqa: E402
 from slicebridge.model.checkpoint import read_checkpoint  # noqa: E402
 from slicebridge.model.compare import logit_metrics  # noqa: E402
 from slicebridge.model.configuration_sliced_llama import SlicedLlamaConfig  # noqa: E402
-from slicebridge.model.modeling_sliced_llama import (  # noqa: E402
-    SlicedLlamaForCausalLM,
-    build_sliced_llama,
-)
+from slicebridge.model.modeling_sliced_llama import SlicedLlamaForCausalLM  # noqa: E402
 
 INPUTS = {"probe": "probe_ids", "text": "text_ids"}
 NEW_TOKENS = 8
@@ -131,7 +129,7 @@ def random_sliced_tensors(config: SlicedLlamaConfig, seed: int = 4) -> dict[str,
 
 def variant_checks() -> dict[str, bool]:
     config = variant_config()
-    model = build_sliced_llama(random_sliced_tensors(config), config)
+    model = portable.build_model(random_sliced_tensors(config), config)
     prompt = torch.randint(3, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
     with_cache = model.generate(prompt, max_new_tokens=10, do_sample=False)
     without_cache = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
