@@ -240,9 +240,12 @@ def attend(
     scale: float,
 ) -> torch.Tensor:
     """Scaled dot-product attention of [batch, heads, seq, dim] queries over (grouped) keys and
-    values; returns [batch, seq, heads * dim]."""
+    values; returns [batch, seq, heads * dim]. A mask wider than the keys is cut to its last columns:
+    a sliding-window cache (transformers 5.x) hands back only the most recent keys."""
     batch, heads, seq_len, head_dim = query.shape
     groups = heads // key.shape[1]
+    if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
+        attention_mask = attention_mask[..., -key.shape[-2] :]
     attended = F.scaled_dot_product_attention(
         query,
         repeat_kv(key, groups),
@@ -274,10 +277,11 @@ def causal_attention_mask(
 ) -> torch.Tensor:
     """Boolean SDPA mask [batch or 1, 1, seq_len, past_len + seq_len] (True = may attend).
 
-    A 4D mask is returned as given. With ``sliding_window`` a query sees only the keys less than
-    that many positions back. Query rows that may attend to nothing (padding before any real
-    token) are opened up entirely: their outputs are never used, and a fully masked row would
-    make SDPA return NaN, which would then leak through 0 * NaN into real positions.
+    A 4D mask is returned as given. With ``sliding_window`` W a query sees W keys, itself included
+    (transformers 5.x's meaning; 4.41's Phi-3 let it see W + 1, which its config converts). Query
+    rows that may attend to nothing (padding before any real token) are opened up entirely: their
+    outputs are never used, and a fully masked row would make SDPA return NaN, which would then
+    leak through 0 * NaN into real positions.
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.to(device)

@@ -1,0 +1,161 @@
+"""A SliceGPT-sliced Phi-2 as a plain transformers causal LM (``model_type = "sliced_phi2"``).
+
+Read ``sliced_decoder`` first for what SliceGPT leaves of any decoder. Phi-2 runs attention and
+MLP in parallel on one normalised stream, so a sliced Phi-2 block has one norm and one shortcut:
+
+    x = rmsn(h)
+    h = dense(attention(q/k/v_proj(x))) + fc2(gelu_new(fc1(x))) + h @ attn_shortcut_Q
+
+with partial RoPE (only the first ``partial_rotary_factor * head_dim`` channels of each query
+and key head rotate; default, linear and dynamic scaling, as transformers 4.41's Phi) and
+grouped-query attention. Every linear has a bias. The LayerNorm weights and biases are fused
+into q/k/v and fc1, the mean subtraction is baked into the embeddings, ``dense`` and ``fc2``,
+and the final LayerNorm is fused into ``lm_head``, which therefore has a bias.
+
+Portable by design: imports only torch, transformers and its siblings ``sliced_decoder`` and
+``configuration_sliced*``, and is copied verbatim into exported model directories as remote
+code; runs under transformers 4.41 (SliceGPT's pin) and 5.x.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+
+from .configuration_sliced_phi2 import SlicedPhi2Config
+from .sliced_decoder import (
+    SlicedDecoderModel,
+    SlicedForCausalLM,
+    SlicedRMSNorm,
+    apply_rotary_pos_emb,
+    attend,
+    rope_inverse_frequencies,
+    rotary_cos_sin,
+    shortcut,
+    split_heads,
+    tied_weights_keys,
+)
+
+
+class SlicedPhi2RotaryEmbedding(nn.Module):
+    """Computes partial-RoPE cos/sin (``rotary_dim`` wide) for given positions; holds no buffers
+    (so meta-device construction and every transformers version's loading path need no care)."""
+
+    def __init__(self, config: SlicedPhi2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.is_dynamic = (config.rotary_scaling or {}).get("rope_type") == "dynamic"
+
+    @torch.no_grad()
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        seq_len = int(position_ids.max()) + 1 if self.is_dynamic else None
+        inv_freq = rope_inverse_frequencies(
+            config.rotary_dim,
+            config.rope_theta,
+            config.rotary_scaling,
+            config.max_position_embeddings,
+            hidden_states.device,
+            seq_len,
+        )
+        return rotary_cos_sin(inv_freq, position_ids, hidden_states)
+
+
+class SlicedPhi2MLP(nn.Module):
+    """fc1 -> gelu_new -> fc2, reading and writing the layer's sliced widths."""
+
+    def __init__(self, config: SlicedPhi2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.mlp_input_dimensions[layer_idx], config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.mlp_output_dimensions[layer_idx])
+        self.activation_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class SlicedPhi2Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with partial RoPE and sliced input and output widths."""
+
+    def __init__(self, config: SlicedPhi2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        in_width = config.attention_input_dimensions[layer_idx]
+        out_width = config.attention_output_dimensions[layer_idx]
+        self.q_proj = nn.Linear(in_width, self.num_heads * self.head_dim)
+        self.k_proj = nn.Linear(in_width, self.num_key_value_heads * self.head_dim)
+        self.v_proj = nn.Linear(in_width, self.num_key_value_heads * self.head_dim)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, out_width)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the attention output and this layer's full (cached + new) keys and values."""
+        query = split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
+        key = split_heads(self.k_proj(hidden_states), self.num_key_value_heads, self.head_dim)
+        value = split_heads(self.v_proj(hidden_states), self.num_key_value_heads, self.head_dim)
+        query, key = apply_rotary_pos_emb(query, key, *rotary)  # cos/sin are rotary_dim wide: partial RoPE
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        return self.dense(attend(query, key, value, attention_mask, self.scaling)), (key, value)
+
+
+class SlicedPhi2DecoderLayer(nn.Module):
+    """A parallel Phi-2 block: attention and MLP read one normalised stream; one shortcut matrix."""
+
+    def __init__(self, config: SlicedPhi2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
+        self.self_attn = SlicedPhi2Attention(config, layer_idx)
+        self.mlp = SlicedPhi2MLP(config, layer_idx)
+        self.attn_shortcut_Q = shortcut(
+            config.attention_input_dimensions[layer_idx], config.mlp_output_dimensions[layer_idx]
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        normed = self.input_layernorm(hidden_states)
+        attn_output, key_values = self.self_attn(normed, rotary, attention_mask, cache)
+        mlp_output = self.mlp(normed)
+        # Summed in the official CompressedPhiDecoderLayer's order (rounding matches in fp16).
+        hidden_states = attn_output + mlp_output + torch.matmul(hidden_states, self.attn_shortcut_Q)
+        return hidden_states, key_values
+
+
+class SlicedPhi2Model(SlicedDecoderModel):
+    """Embeddings, decoder layers and the final (weightless) norm, Phi's ``final_layernorm``; no LM head."""
+
+    config_class = SlicedPhi2Config
+    _no_split_modules = ["SlicedPhi2DecoderLayer"]
+    layer_class = SlicedPhi2DecoderLayer
+
+    def __init__(self, config: SlicedPhi2Config) -> None:
+        super().__init__(config)
+        self.post_init()
+
+    def make_rotary(self, config: SlicedPhi2Config) -> nn.Module:
+        return SlicedPhi2RotaryEmbedding(config)
+
+
+class SlicedPhi2ForCausalLM(SlicedForCausalLM):
+    """The sliced Phi-2 with its LM head (into which SliceGPT fused the final LayerNorm: it has a bias)."""
+
+    config_class = SlicedPhi2Config
+    _no_split_modules = ["SlicedPhi2DecoderLayer"]
+    _tied_weights_keys = tied_weights_keys("model.embed_tokens.weight")
+    model_class = SlicedPhi2Model
