@@ -108,8 +108,17 @@ def _entries(container: Any) -> dict:
     return container.items if isinstance(container, Call) else {}
 
 
+def _name_set(value: Any) -> set[str]:
+    """The names in a pickled set: a set, or a call building one from a list (as dill pickles sets)."""
+    if isinstance(value, Call) and len(value.args) == 1:
+        value = value.args[0]
+    return {name for name in value if isinstance(name, str)} if isinstance(value, (set, frozenset, list)) else set()
+
+
 def named_tensors(module: Any) -> dict[str, TensorRecord]:
-    """``state_dict``-style names of a pickled module's parameters and buffers, read off the graph."""
+    """``state_dict``-style names of a pickled module's parameters and persistent buffers, read off the
+    graph (buffers a module registered as non-persistent, such as rotary caches, are left out, as
+    ``state_dict`` leaves them out)."""
     found: dict[str, TensorRecord] = {}
     pending = [("", module, 0)]
     seen: set[int] = set()
@@ -119,15 +128,16 @@ def named_tensors(module: Any) -> dict[str, TensorRecord]:
             continue
         seen.add(id(current))
         state = _state(current)
+        transient = _name_set(state.get("_non_persistent_buffers_set"))
         for kind in ("_parameters", "_buffers"):
             for name, value in _entries(state.get(kind)).items():
                 record = _tensor(value)
-                if record is not None and isinstance(name, str):
+                if record is not None and isinstance(name, str) and not (kind == "_buffers" and name in transient):
                     found[prefix + name] = record
         for name, child in reversed(list(_entries(state.get("_modules")).items())):
             if isinstance(name, str):
                 pending.append((f"{prefix}{name}.", child, depth + 1))
-    return {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}
+    return found
 
 
 def _class_of(obj: Any) -> tuple[str, list[str]]:

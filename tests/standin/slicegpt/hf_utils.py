@@ -1,9 +1,10 @@
 """Test stand-in for the official ``slicegpt.hf_utils`` (microsoft/TransformerCompression).
 
-Reproduces ``get_model_and_tokenizer`` and ``load_sliced_model`` for Llama, with the
-official control flow and failure modes, but strictly offline (local files only: where the
-official would download config/tokenizer from the Hugging Face Hub, this raises the
-``OSError`` transformers gives for a name that is neither a local folder nor cached).
+Reproduces ``get_model_and_tokenizer`` and ``load_sliced_model`` for every family the
+adapters serve (Llama, OPT, Phi-2, Phi-3), with the official control flow and failure modes,
+but strictly offline (local files only: where the official would download config/tokenizer
+from the Hugging Face Hub, this raises the ``OSError`` transformers gives for a name that is
+neither a local folder nor cached).
 
 Two releases of ``load_sliced_model(model_name, sliced_model_path, *, token=None,
 lora_config=None, sparsity=None, round_interval=1)``, picked per call by the env var
@@ -30,8 +31,10 @@ raises ``NotImplementedError`` before any file is read.
 Also here under their official names (the official imports them from ``layernorm_fusion``
 and ``rotate``): ``replace_layers``, ``fuse_modules``, ``slice_rotated_model``. Since every
 weight is overwritten by the sliced state dict, ``fuse_modules`` only does what changes the
-model's structure (untie the head, LlamaRMSNorm -> RMSN(hidden_size)), not the weight
-arithmetic.
+model's structure, not the weight arithmetic: it unties the head; a linear fed by a norm with
+a bias (OPT's and Phi-2's LayerNorm) gets a bias if it has none -- so OPT's ``lm_head`` has
+one, as in the official ``.pt`` --; every norm becomes RMSN(hidden_size). A parallel block
+(Phi-2) has one shortcut, ``attn_shortcut_Q``: no ``mlp_shortcut_Q`` is created or sliced.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from slicegpt.modules import RMSN
 from slicegpt.slicing_scheduler import ConfigSlicingScheduler, ConstSlicingScheduler
 
 API_ENV_VAR = "SLICEGPT_STANDIN_API"
+
+log = logging.getLogger(__name__)
 
 
 def api_mode() -> str:
@@ -108,28 +113,44 @@ def get_model_and_tokenizer(
     return model_adapter, tokenizer
 
 
-def replace_layers(model_adapter) -> None:
-    """Swap every decoder layer for the adapter's compressed layer (with empty shortcut_Q slots)."""
-    layers = model_adapter.model.model.layers
-    for idx, layer in enumerate(layers):
-        if isinstance(layer, model_adapter.original_layer_type):
-            layers[idx] = model_adapter.convert_layer_to_compressed_and_register_buffers(layer, idx)
-
-
 def _swap_modules(root: torch.nn.Module, kind: type, make) -> None:
+    """Replace each ``kind`` module under ``root`` (depth first) by ``make(name, module)``, not inside replaced ones."""
     for name, child in root.named_children():
         if isinstance(child, kind):
-            setattr(root, name, make())
+            setattr(root, name, make(name, child))
         else:
             _swap_modules(child, kind, make)
 
 
+def replace_layers(model_adapter) -> None:
+    """Swap every decoder layer for the adapter's compressed layer (with empty shortcut_Q slots)."""
+    convert = model_adapter.convert_layer_to_compressed_and_register_buffers
+    _swap_modules(model_adapter.model, model_adapter.original_layer_type, lambda name, layer: convert(layer, int(name)))
+
+
+def _norm_readers(model_adapter):
+    """Each norm with the linears that read its output, as the official fusion pairs them."""
+    for layer in model_adapter.get_layers():
+        if model_adapter.parallel_blocks:
+            yield layer.get_first_layernorm(), layer.get_attention_inputs() + layer.get_mlp_inputs()
+        else:
+            yield layer.get_first_layernorm(), layer.get_attention_inputs()
+            yield layer.get_second_layernorm(), layer.get_mlp_inputs()
+    yield model_adapter.get_pre_head_layernorm(), [model_adapter.get_lm_head()]
+
+
 def fuse_modules(model_adapter) -> None:
-    """Structural part of the official layer-norm fusion: untied head, RMSN over the original width."""
+    """Structural part of the official layer-norm fusion: untied head, norm biases, RMSN over the original width."""
     head = model_adapter.get_lm_head()
     head.weight = torch.nn.Parameter(head.weight.clone())
+    for norm, linears in _norm_readers(model_adapter):
+        if getattr(norm, "bias", None) is None:  # RMSNorm: nothing to fold into a bias
+            continue
+        for linear in linears:
+            if linear.bias is None:
+                linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
     hidden = model_adapter.hidden_size
-    _swap_modules(model_adapter.model, model_adapter.original_layer_norm_type, lambda: RMSN(hidden))
+    _swap_modules(model_adapter.model, model_adapter.original_layer_norm_type, lambda _name, _norm: RMSN(hidden))
 
 
 def _keep_columns(linear, width: int) -> None:
@@ -145,7 +166,7 @@ def _keep_rows(linear, width: int) -> None:
 
 
 def slice_rotated_model(model_adapter, slicing_scheduler=None) -> None:
-    """Cut every weight and shortcut_Q to the widths of the slicing config (sequential blocks)."""
+    """Cut every weight and shortcut_Q to the widths of the slicing config (or of the constant width)."""
     model_adapter.model.eval()
     layers = model_adapter.get_layers()
     if slicing_scheduler is None:
@@ -168,7 +189,7 @@ def slice_rotated_model(model_adapter, slicing_scheduler=None) -> None:
         layer = adapter.layer
         d_attn_in, d_mlp_in = sched.get_attention_input_dimension(i), sched.get_mlp_input_dimension(i)
         d_mlp_out = sched.get_mlp_output_dimension(i)
-        d_attn_out = sched.get_attention_output_dimension(i, match_head_dim=False)
+        d_attn_out = sched.get_attention_output_dimension(i, match_head_dim=model_adapter.parallel_blocks)
         for linear in adapter.get_attention_inputs():
             _keep_columns(linear, d_attn_in)
         for linear in adapter.get_mlp_inputs():
@@ -176,7 +197,8 @@ def slice_rotated_model(model_adapter, slicing_scheduler=None) -> None:
         _keep_rows(adapter.get_mlp_output(), d_mlp_out)
         _keep_rows(adapter.get_attention_output(), d_attn_out)
         layer.attn_shortcut_Q = torch.nn.Parameter(layer.attn_shortcut_Q[:d_attn_in, :d_attn_out])
-        layer.mlp_shortcut_Q = torch.nn.Parameter(layer.mlp_shortcut_Q[:d_mlp_in, :d_mlp_out])
+        if not model_adapter.parallel_blocks:
+            layer.mlp_shortcut_Q = torch.nn.Parameter(layer.mlp_shortcut_Q[:d_mlp_in, :d_mlp_out])
     if sched.do_slice_head:
         _keep_columns(model_adapter.get_lm_head(), sched.get_head_dimension())
 
@@ -207,7 +229,8 @@ def load_sliced_model(
     fuse_modules(model_adapter)
     hidden = model_adapter.hidden_size
     for adapter in model_adapter.get_layers():
-        adapter.layer.mlp_shortcut_Q = torch.nn.Parameter(torch.zeros(hidden, hidden, dtype=torch.float16))
+        if not model_adapter.parallel_blocks:
+            adapter.layer.mlp_shortcut_Q = torch.nn.Parameter(torch.zeros(hidden, hidden, dtype=torch.float16))
         adapter.layer.attn_shortcut_Q = torch.nn.Parameter(torch.zeros(hidden, hidden, dtype=torch.float16))
 
     if config_path.exists():
@@ -223,7 +246,7 @@ def load_sliced_model(
 
         model_adapter.model = get_peft_model(model_adapter.model, lora_config)
 
-    logging.info("Loading sliced model weights from %s", sliced_model_path)
+    log.info("Loading sliced model weights from %s", sliced_model_path)
     model_adapter.model.load_state_dict(torch.load(str(weights_path), map_location="cpu"))
     model_adapter.model.eval()
     return model_adapter, tokenizer

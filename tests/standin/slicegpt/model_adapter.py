@@ -1,16 +1,20 @@
 """Test stand-in for the official ``slicegpt.model_adapter`` (microsoft/TransformerCompression).
 
-Reproduces, for the Llama case only:
+Reproduces what loading a sliced model needs, for the four families the official adapters cover:
 - ``SlicingConfig``: the dataclass whose JSON run_slicegpt writes next to the ``.pt``
   (``{model}_{sparsity}.json``); ``from_json_string`` turns the numeric string keys of its
   per-layer dicts back into ints.
 - ``ModelAdapter.from_model``: the adapter is picked by asking every concrete subclass in
   turn (depth first over ``__subclasses__``); each one decides by the model NAME alone
-  (see ``adapters.llama_adapter``). When none accepts it, it raises
+  (see ``adapters``). When none accepts it, it raises
   ``NotImplementedError("{model_path} is neither a Hugging Face model nor a supported local model.")``
   like the official one -- so a local directory given as the model name fails.
-- ``convert_layer_to_compressed_and_register_buffers``: registers ``mlp_shortcut_Q`` then
-  ``attn_shortcut_Q`` as (empty) parameters, so state-dict keys and order match the ``.pt``.
+- ``convert_layer_to_compressed_and_register_buffers``: registers ``mlp_shortcut_Q`` (sequential
+  blocks only: a parallel block has one shortcut) then ``attn_shortcut_Q`` as (empty)
+  parameters, so state-dict keys and order match the ``.pt``.
+- What every official adapter repeats (the model, its config, width, sequence length and
+  ``use_cache``; the compressed layer built from the config and the layer index) lives once in
+  ``ModelAdapter`` here; the adapters add their family's module paths and name test.
 Only what loading a sliced model needs is here (no rotation, no calibration).
 """
 
@@ -28,24 +32,83 @@ from torch.nn import Module
 
 
 class LayerAdapter(ABC):
-    """Access to one transformer block's norms and linear layers."""
+    """Access to one transformer block's norms and linear layers (the getters are per family)."""
+
+    def __init__(self, layer: Module) -> None:
+        self._layer = layer
 
     @property
+    def layer(self) -> Module:
+        return self._layer
+
     @abstractmethod
-    def layer(self) -> Module: ...
+    def get_first_layernorm(self) -> Module: ...
+
+    @abstractmethod
+    def get_second_layernorm(self) -> Module | None: ...
+
+    @abstractmethod
+    def get_attention_inputs(self) -> list[Module]: ...
+
+    @abstractmethod
+    def get_attention_output(self) -> Module: ...
+
+    @abstractmethod
+    def get_mlp_inputs(self) -> list[Module]: ...
+
+    @abstractmethod
+    def get_mlp_output(self) -> Module: ...
 
 
 class ModelAdapter(ABC):
-    """Wraps a model; ``slicing_conf`` is set by ``hf_utils.load_sliced_model``."""
+    """Wraps a model; ``slicing_conf`` is set by ``hf_utils.load_sliced_model``.
+
+    Subclasses set the family's types as class attributes (``parallel_blocks``,
+    ``original_layer_type``, ``original_layer_norm_type``, ``layer_adapter_type``,
+    ``compressed_layer_type``, ``config_type``) and say where its modules are.
+    """
 
     parallel_blocks = False
 
-    def __init__(self) -> None:
+    def __init__(self, model: Module) -> None:
+        self._model = model
         self.slicing_conf: SlicingConfig | None = None
 
     @property
-    @abstractmethod
-    def model(self) -> Module: ...
+    def model(self) -> Module:
+        return self._model
+
+    @model.setter
+    def model(self, value: Module) -> None:  # the official assigns the PEFT wrapper here
+        self._model = value
+
+    @property
+    def config(self):
+        return self._model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def seqlen(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def use_cache(self) -> bool:
+        return self.config.use_cache
+
+    @use_cache.setter
+    def use_cache(self, value: bool) -> None:
+        self.config.use_cache = value
+
+    def compute_output_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def convert_layer_to_compressed(self, layer: Module, layer_idx: int | None) -> Module:
+        new_layer = self.compressed_layer_type(self.config, layer_idx).to(self.config.torch_dtype)
+        new_layer.load_state_dict(layer.state_dict(), strict=True)
+        return new_layer
 
     def convert_layer_to_compressed_and_register_buffers(self, layer: Module, layer_idx: int | None) -> Module:
         new_layer = self.convert_layer_to_compressed(layer, layer_idx)

@@ -1,5 +1,7 @@
 """Test stand-in for the official ``slicegpt.adapters`` package (microsoft/TransformerCompression).
 
-Only the Llama adapter is reproduced (``adapters.llama_adapter``); the official OPT, Phi-2 and
-Phi-3 adapters are absent, so their model names raise ``NotImplementedError`` here.
+One module per family the official package serves, with the official module and class names:
+``llama_adapter`` (Llama-2 / Llama-3), ``opt_adapter`` (OPT), ``phi2_adapter`` (Phi-2) and
+``phi3_adapter`` (Phi-3-mini-4k). Importing ``slicegpt`` registers them all, so
+``ModelAdapter.from_model`` can pick one by model name.
 """

@@ -21,16 +21,13 @@ from torch import Tensor
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm
 
 from slicegpt.model_adapter import LayerAdapter, ModelAdapter
+from slicegpt.modules import shortcut
 
 SUPPORTED_PREFIXES = ("meta-llama/Llama-2", "meta-llama/Meta-Llama-3")
 
 
 class CompressedLlamaDecoderLayer(LlamaDecoderLayer):
     """LlamaDecoderLayer with residuals rotated (and sliced) by ``*_shortcut_Q``."""
-
-    @staticmethod
-    def _shortcut(residual: Tensor, q: Tensor | None) -> Tensor:
-        return residual if q is None else torch.matmul(residual, q)
 
     def forward(
         self,
@@ -51,9 +48,9 @@ class CompressedLlamaDecoderLayer(LlamaDecoderLayer):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = self._shortcut(hidden_states, self.attn_shortcut_Q) + attn_out
+        hidden_states = shortcut(hidden_states, self.attn_shortcut_Q) + attn_out
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
-        hidden_states = self._shortcut(hidden_states, self.mlp_shortcut_Q) + mlp_out
+        hidden_states = shortcut(hidden_states, self.mlp_shortcut_Q) + mlp_out
         outputs = (hidden_states,)
         if output_attentions:
             outputs += (attn_weights,)
@@ -63,31 +60,24 @@ class CompressedLlamaDecoderLayer(LlamaDecoderLayer):
 
 
 class LlamaLayerAdapter(LayerAdapter):
-    def __init__(self, layer: LlamaDecoderLayer) -> None:
-        self._layer = layer
-
-    @property
-    def layer(self):
-        return self._layer
-
     def get_first_layernorm(self):
-        return self._layer.input_layernorm
+        return self.layer.input_layernorm
 
     def get_second_layernorm(self):
-        return self._layer.post_attention_layernorm
+        return self.layer.post_attention_layernorm
 
     def get_attention_inputs(self):
-        attn = self._layer.self_attn
+        attn = self.layer.self_attn
         return [attn.q_proj, attn.k_proj, attn.v_proj]
 
     def get_attention_output(self):
-        return self._layer.self_attn.o_proj
+        return self.layer.self_attn.o_proj
 
     def get_mlp_inputs(self):
-        return [self._layer.mlp.gate_proj, self._layer.mlp.up_proj]
+        return [self.layer.mlp.gate_proj, self.layer.mlp.up_proj]
 
     def get_mlp_output(self):
-        return self._layer.mlp.down_proj
+        return self.layer.mlp.down_proj
 
 
 class LlamaModelAdapter(ModelAdapter):
@@ -98,46 +88,6 @@ class LlamaModelAdapter(ModelAdapter):
     layer_adapter_type = LlamaLayerAdapter
     compressed_layer_type = CompressedLlamaDecoderLayer
     config_type = LlamaConfig
-
-    def __init__(self, model: LlamaForCausalLM) -> None:
-        super().__init__()
-        self._model = model
-
-    @property
-    def model(self):
-        return self._model
-
-    @model.setter
-    def model(self, value) -> None:  # the official assigns the PEFT wrapper here
-        self._model = value
-
-    @property
-    def config(self):
-        return self._model.config
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def seqlen(self) -> int:
-        return self.config.max_position_embeddings
-
-    @property
-    def use_cache(self) -> bool:
-        return self.config.use_cache
-
-    @use_cache.setter
-    def use_cache(self, value: bool) -> None:
-        self.config.use_cache = value
-
-    def compute_output_logits(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids).logits
-
-    def convert_layer_to_compressed(self, layer, layer_idx):
-        new_layer = CompressedLlamaDecoderLayer(self.config, layer_idx).to(self.config.torch_dtype)
-        new_layer.load_state_dict(layer.state_dict(), strict=True)
-        return new_layer
 
     def get_layers(self):
         return [LlamaLayerAdapter(layer) for layer in self.model.model.layers]

@@ -1,0 +1,203 @@
+"""Every family the official slicegpt slices, end to end through a real server: Llama, OPT, Phi-2, Phi-3.
+
+For each official fixture and each loader (``builtin`` in the stand-in env, ``official`` in the
+env with the stand-in slicegpt package): convert, export, verify and info, with the results
+saying the family (and, officially, the model name the adapter was given); the ``.bin`` and the
+export then load every way a user would, under transformers 5.x (this interpreter) and 4.41
+(the slicegpt env), with fp32 NMSE <= 1e-8 and 100 % top-1 against the official logits.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers.paths import HELPERS, REPO, SHARED_FIXTURES, slicegpt_env_path
+
+import slicebridge
+from slicebridge import Bridge
+from slicebridge.model.compare import logit_metrics
+from slicebridge.model.export import remote_code_files
+from slicebridge.model.families import BY_KEY, FAMILIES
+
+CHECK = HELPERS / "family_artifacts_check.py"
+NMSE_LIMIT = 1e-8
+FP16_NMSE_LIMIT = 1e-4  # fp16 compute on fp16 weights vs the official fp16 logits (README: fp16 tolerance)
+OFFICIAL_NAMES = {
+    "llama": "meta-llama/Meta-Llama-3-tiny",
+    "opt": "facebook/opt-tiny",
+    "phi2": "microsoft/phi-2",
+    "phi3": "microsoft/Phi-3-mini-4k-instruct",
+}
+KEYS = [family.key for family in FAMILIES]
+
+
+def fixture_of(key: str):
+    return SHARED_FIXTURES / f"slicegpt-{key}-tiny"
+
+
+@pytest.fixture(scope="module")
+def bridges(slicegpt_env, official_env):
+    with (
+        Bridge(env=str(slicegpt_env), attach=False) as builtin,
+        Bridge(env=str(official_env), attach=False) as official,
+    ):
+        yield {"builtin": builtin, "official": official}
+
+
+@pytest.fixture(scope="module")
+def artifacts(bridges, tmp_path_factory):
+    """Per (family, loader): the convert and export results and their outputs, made once."""
+    made = {}
+    for key in KEYS:
+        for loader, bridge in bridges.items():
+            out = tmp_path_factory.mktemp(f"{key}-{loader}")
+            sliced = fixture_of(key) / "sliced"
+            converted = bridge.convert(sliced, out / "model.bin", loader=loader)
+            exported = bridge.export(sliced, out / "export", loader=loader)
+            made[key, loader] = (converted, exported)
+    return made
+
+
+def dense_parameters_stored(key: str) -> int:
+    """The parameters the dense base model's safetensors hold (a tied head is stored once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(fixture_of(key) / "base" / "model.safetensors"), "pt") as handle:
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())  # noqa: SIM118
+
+
+def _check_loads(python: str, key: str, converted, exported) -> dict:
+    done = subprocess.run(
+        [python, str(CHECK), str(fixture_of(key) / "reference.pt"), converted.output, exported.output],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("loader", ["builtin", "official"])
+@pytest.mark.parametrize("key", KEYS)
+def test_convert_and_export_report_the_family(artifacts, key, loader):
+    converted, exported = artifacts[key, loader]
+    for result in (converted, exported):
+        assert result.family == key and result.loader == loader
+        assert result.official_name == (OFFICIAL_NAMES[key] if loader == "official" else None)
+        assert result.params["dense"] == dense_parameters_stored(key)
+    assert converted.actual_ratio == pytest.approx(1 - converted.params["sliced"] / converted.params["dense"])
+    expected_check = "passed" if loader == "official" else "not checked here"
+    assert exported.verification["status"].startswith(expected_check), exported.verification
+
+
+@pytest.mark.parametrize("interpreter", ["transformers-5", "transformers-4.41"])
+@pytest.mark.parametrize("loader", ["builtin", "official"])
+@pytest.mark.parametrize("key", KEYS)
+def test_artifacts_load_every_way_with_the_official_logits(artifacts, key, loader, interpreter):
+    python = sys.executable if interpreter == "transformers-5" else str(slicegpt_env_path() / "bin" / "python")
+    report = _check_loads(python, key, *artifacts[key, loader])
+    assert report["transformers"].startswith("5." if interpreter == "transformers-5" else "4.41")
+    expected = {"bin:slicebridge.load", "bin:torch.load", "export:AutoModelForCausalLM", "export:slicebridge.load"}
+    assert expected <= set(report["loads"])
+    for name, entry in report["loads"].items():
+        for metrics in (entry["fp32"], entry["fp32_text"]):
+            assert metrics["nmse"] <= NMSE_LIMIT and metrics["top1"] == 1.0, (name, metrics)
+        assert entry["fp16"]["nmse"] <= FP16_NMSE_LIMIT, (name, entry["fp16"])
+        assert entry["generate_cache_equals_no_cache"], name
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_verify_and_info_through_the_server(bridges, artifacts, key):
+    converted, exported = artifacts[key, "official"]
+    bridge = bridges["official"]
+    for artifact in (converted.output, exported.output):
+        verdict = bridge.verify(artifact, fixture_of(key) / "sliced")
+        assert verdict.passed, verdict.table()
+        facts = bridge.info(artifact)
+        assert facts.family == key and BY_KEY[key].title in facts.architecture
+        assert BY_KEY[key].releases in facts.table()
+    assert bridge.info(fixture_of(key) / "sliced").family == key
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_the_export_ships_only_the_shared_and_its_own_model_code(artifacts, key):
+    _, exported = artifacts[key, "builtin"]
+    shipped = sorted(name for name in exported.files if name.endswith(".py"))
+    assert shipped == sorted(remote_code_files(BY_KEY[key]))
+    config = json.loads((REPO / exported.output / "config.json").read_text())
+    assert config["model_type"] == f"sliced_{key}" and config["architectures"] == [BY_KEY[key].model_class]
+
+
+def test_remote_code_imports_only_torch_transformers_and_its_siblings():
+    siblings = {name.removesuffix(".py") for family in FAMILIES for name in remote_code_files(family)}
+    for name in sorted({name for family in FAMILIES for name in remote_code_files(family)}):
+        tree = ast.parse((REPO / "slicebridge" / "model" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module in siblings, (name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                for module in modules:
+                    top = module.split(".")[0]
+                    assert top in ("torch", "transformers", "__future__") or top in sys.stdlib_module_names, (
+                        name,
+                        module,
+                    )
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's .bin (a dill pickle of the slicegpt model object), one per family
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seed_bins(tmp_path_factory) -> dict[str, str]:
+    """A seed-format .bin per family, written by the stand-in slicegpt in the slicegpt env."""
+    out = tmp_path_factory.mktemp("seed-bins")
+    made = {}
+    for key in KEYS:
+        fixture = json.loads((fixture_of(key) / "fixture.json").read_text())
+        path = out / f"{key}_pruned_model.bin"
+        done = subprocess.run(
+            [
+                str(slicegpt_env_path() / "bin" / "python"),
+                str(HELPERS / "make_seed_bin.py"),
+                str(fixture_of(key)),
+                OFFICIAL_NAMES[key],
+                str(fixture["sparsity"]),
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        made[key] = str(path)
+    return made
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_seed_bin_is_described_and_diagnosed_without_unpickling(bridges, seed_bins, key):
+    facts = bridges["builtin"].info(seed_bins[key])
+    assert facts.kind == "seed-bin" and facts.family == key, facts.table()
+    checkpoint = bridges["builtin"].info(fixture_of(key) / "sliced")
+    assert (facts.widths, facts.params, facts.dtype) == (checkpoint.widths, checkpoint.params, checkpoint.dtype)
+    verdict = bridges["builtin"].verify(seed_bins[key], fixture_of(key) / "sliced")
+    assert verdict.kind == "seed-bin" and not verdict.passed and "upgrade" in verdict.fix
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_seed_bin_upgrades_in_the_slicegpt_env_to_the_official_logits(bridges, seed_bins, key, tmp_path):
+    upgraded = bridges["official"].upgrade(seed_bins[key], tmp_path / "portable.bin", trust_pickle=True)
+    assert upgraded.family == key and upgraded.loader == "upgrade"
+    reference = torch.load(fixture_of(key) / "reference.pt", weights_only=True)
+    model = slicebridge.load(upgraded.output)["model"].float()
+    with torch.no_grad():
+        metrics = logit_metrics(model(reference["probe_ids"]).logits, reference["logits_fp32"])
+    assert metrics["nmse"] <= NMSE_LIMIT and metrics["top1"] == 1.0, metrics
