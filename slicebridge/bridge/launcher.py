@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import hashlib
 import logging
 import os
@@ -65,7 +66,7 @@ LOGS_KEPT = 10  # logs of servers that are gone, newest first
 _BOOT_IMPORT = "from slicebridge.server.main import main"
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _STAGED_PARTS = ("*.py", "bridge/**/*.py", "server/**/*.py", "model/**/*.py")  # the top modules are stdlib-only
-_NOT_STAGED = ("model/dense.py", "model/slicing.py")  # demo and test tooling: the server never imports them
+_NOT_STAGED = ("model/dense.py", "model/slicing*.py")  # demo and test tooling: the server never imports them
 _BOOT_SCRIPT = f"""
 import sys
 if sys.version_info < (3, 10):
@@ -92,7 +93,11 @@ def stage_server_code() -> Path:
     files = []
     for pattern in _STAGED_PARTS:
         files += sorted(package_dir.glob(pattern))
-    files = [path for path in files if path.relative_to(package_dir).as_posix() not in _NOT_STAGED]
+    files = [
+        path
+        for path in files
+        if not any(fnmatch.fnmatch(path.relative_to(package_dir).as_posix(), pattern) for pattern in _NOT_STAGED)
+    ]
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(package_dir)).encode() + b"\0" + path.read_bytes() + b"\0")

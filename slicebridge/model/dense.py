@@ -1,24 +1,32 @@
-"""Dense Llama models with random weights, made locally: the input that ``slicing`` slices.
+"""Dense models with random weights, made locally: the input that ``slicing`` slices.
 
-``make_dense_llama`` writes a directory that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load
-under transformers 4.41 (SliceGPT's pin) and 5.x alike, without any download:
+One model family per official SliceGPT adapter: Llama (``LlamaForCausalLM``), OPT
+(``OPTForCausalLM``), Phi-2 (``PhiForCausalLM``) and Phi-3 (``Phi3ForCausalLM``).
+``make_dense_model(out_dir, family, ...)`` writes a directory that ``AutoModelForCausalLM`` /
+``AutoTokenizer`` load under transformers 4.41 (SliceGPT's pin) and 5.x alike, without any
+download:
 
-- ``config.json`` / ``generation_config.json`` for a ``LlamaForCausalLM``, in the classic
-  (4.x) dialect both versions read (``rope_theta``, ``rope_scaling``, ``torch_dtype``);
-- ``model.safetensors`` with random weights: linear and embedding weights ~ N(0, 0.02), RMSNorm
-  weights ``1 + noise * N(0, 1)`` (not 1, so SliceGPT's norm fusion has work to do). The tensor
-  names and shapes are taken from the installed transformers' ``LlamaForCausalLM`` (built on the
-  meta device), and each tensor is drawn directly in the target dtype and streamed to the file
-  one at a time, so a 1B-parameter fp16 model never exists in memory, let alone in fp32;
+- ``config.json`` / ``generation_config.json`` in the classic (4.x) dialect both versions read
+  (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor`` and ``torch_dtype`` at the top
+  level), one builder per family (``llama_config_dict``, ``opt_config_dict``, ...);
+- ``model.safetensors`` with random weights: linear and embedding weights ~ N(0, 0.02), norm
+  weights ``1 + noise * N(0, 1)`` and biases (OPT's and Phi-2's linears and LayerNorms)
+  ``bias_noise * N(0, 1)``, not 1 and 0, so SliceGPT's norm fusion has work to do and a wrong
+  fusion shows. The tensor names and shapes are taken from the installed transformers' model
+  class (built on the meta device), and each tensor is drawn directly in the target dtype and
+  streamed to the file one at a time, so a 1B-parameter fp16 model never exists in memory,
+  let alone in fp32;
 - a byte-level BPE tokenizer trained in-process (``tokenizers``) on ``embedded_text()``, a few
   KB of English kept in ``sample_text``, wrapped as a ``PreTrainedTokenizerFast`` (bos ``<s>``, eos
   ``</s>``, unk ``<unk>``) and saved with ``save_pretrained``; the saved files are then put in
   the form tokenizers 0.19 / transformers 4.41 also read (merges as ``"a b"`` strings,
   ``tokenizer_class`` ``PreTrainedTokenizerFast``).
 
-``PRESETS`` names the shapes used by the demo, tests and benchmarks ("tiny" is the shape of
-the official fixture, "small" ~10M parameters, "1b" TinyLlama-like ~1.1B);
-``make_dense_preset`` builds one of them.
+``PRESETS_BY_FAMILY`` names the shapes used by the demo, tests and benchmarks: "tiny" is the
+shape of the family's official fixture (``shared/fixtures/slicegpt-<family>-tiny``), "small"
+~10M parameters, and for Llama "1b", TinyLlama-like ~1.1B. ``PRESETS`` are Llama's.
+``make_dense_preset`` builds one of them; ``make_dense_llama`` is the Llama maker with its
+arguments spelled out.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +88,72 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+PRESETS_BY_FAMILY: dict[str, dict[str, dict[str, Any]]] = {
+    "llama": PRESETS,
+    "opt": {
+        # slicegpt-opt-tiny's shape (tied embeddings, ffn 384): ~0.34M parameters.
+        "tiny": dict(
+            hidden_size=96,
+            intermediate_size=384,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=900,
+            max_position_embeddings=256,
+        ),
+        # ~8.5M parameters.
+        "small": dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_layers=8,
+            num_heads=8,
+            vocab_size=8000,
+            max_position_embeddings=512,
+        ),
+    },
+    "phi2": {
+        # slicegpt-phi2-tiny's shape (5 heads of 32, half of each rotating): ~0.91M parameters.
+        "tiny": dict(
+            hidden_size=160,
+            intermediate_size=640,
+            num_layers=2,
+            num_heads=5,
+            vocab_size=900,
+            max_position_embeddings=256,
+            partial_rotary_factor=0.5,
+        ),
+        # ~10.4M parameters.
+        "small": dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_layers=8,
+            num_heads=8,
+            vocab_size=8000,
+            max_position_embeddings=512,
+            partial_rotary_factor=0.5,
+        ),
+    },
+    "phi3": {
+        # slicegpt-phi3-tiny's shape (fused qkv_proj and gate_up_proj): ~0.40M parameters.
+        "tiny": dict(
+            hidden_size=96,
+            intermediate_size=256,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=900,
+            max_position_embeddings=256,
+        ),
+        # ~10.4M parameters.
+        "small": dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_layers=8,
+            num_heads=8,
+            vocab_size=8000,
+            max_position_embeddings=512,
+        ),
+    },
+}
+
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -104,6 +178,46 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_heads(hidden_size: int, num_heads: int, num_kv_heads: int) -> None:
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must divide into num_heads ({num_heads}) heads, "
+            f"and num_heads into num_kv_heads ({num_kv_heads}) groups"
+        )
+
+
+def _common_config_fields(
+    architecture: str,
+    model_type: str,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    dtype: torch.dtype,
+    tie_word_embeddings: bool,
+) -> dict[str, Any]:
+    """The ``config.json`` fields every family writes alike."""
+    import transformers
+
+    return {
+        "architectures": [architecture],
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "hidden_size": hidden_size,
+        "max_position_embeddings": max_position_embeddings,
+        "model_type": model_type,
+        "num_attention_heads": num_heads,
+        "num_hidden_layers": num_layers,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": dtype_name(dtype),
+        "transformers_version": transformers.__version__,
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+
+
 def llama_config_dict(
     *,
     hidden_size: int,
@@ -115,60 +229,201 @@ def llama_config_dict(
     rope_theta: float,
     max_position_embeddings: int,
     dtype: torch.dtype,
-    tie_word_embeddings: bool,
-    rms_norm_eps: float,
-    initializer_range: float,
+    tie_word_embeddings: bool = False,
+    rms_norm_eps: float = 1e-5,
+    initializer_range: float = 0.02,
 ) -> dict[str, Any]:
     """A LlamaConfig as a ``config.json`` dict in the 4.x dialect, which 5.x also reads.
 
     (A 5.x ``save_pretrained`` would write ``rope_parameters`` and ``dtype``, which 4.41 ignores:
     it would silently fall back to rope_theta 10000.)
     """
-    import transformers
-
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"hidden_size ({hidden_size}) must divide into num_heads ({num_heads}) heads, "
-            f"and num_heads into num_kv_heads ({num_kv_heads}) groups"
-        )
+    _check_heads(hidden_size, num_heads, num_kv_heads)
     return {
-        "architectures": ["LlamaForCausalLM"],
+        **_common_config_fields(
+            "LlamaForCausalLM",
+            "llama",
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            dtype=dtype,
+            tie_word_embeddings=tie_word_embeddings,
+        ),
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
         "hidden_act": "silu",
-        "hidden_size": hidden_size,
         "initializer_range": initializer_range,
         "intermediate_size": intermediate_size,
-        "max_position_embeddings": max_position_embeddings,
         "mlp_bias": False,
-        "model_type": "llama",
-        "num_attention_heads": num_heads,
-        "num_hidden_layers": num_layers,
         "num_key_value_heads": num_kv_heads,
         "pretraining_tp": 1,
         "rms_norm_eps": rms_norm_eps,
         "rope_scaling": None,
         "rope_theta": float(rope_theta),
-        "tie_word_embeddings": tie_word_embeddings,
-        "torch_dtype": dtype_name(dtype),
-        "transformers_version": transformers.__version__,
-        "use_cache": True,
-        "vocab_size": vocab_size,
     }
 
 
-def generation_config_dict() -> dict[str, Any]:
-    """What ``GenerationConfig.from_model_config`` gives for the config above."""
+def opt_config_dict(
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    dtype: torch.dtype,
+    tie_word_embeddings: bool = True,
+    initializer_range: float = 0.02,
+) -> dict[str, Any]:
+    """An OPTConfig (pre-LayerNorm, as OPT-125m and 1.3b up: the layout SliceGPT slices) as a
+    ``config.json`` dict; ``intermediate_size`` is written as OPT's ``ffn_dim``. The pad token
+    is the bos token, as in the official fixture (OPT pads with id 1)."""
+    _check_heads(hidden_size, num_heads, num_heads)
+    return {
+        **_common_config_fields(
+            "OPTForCausalLM",
+            "opt",
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            dtype=dtype,
+            tie_word_embeddings=tie_word_embeddings,
+        ),
+        "_remove_final_layer_norm": False,
+        "activation_function": "relu",
+        "attention_dropout": 0.0,
+        "do_layer_norm_before": True,
+        "dropout": 0.0,
+        "enable_bias": True,
+        "ffn_dim": intermediate_size,
+        "init_std": initializer_range,
+        "layer_norm_elementwise_affine": True,
+        "layerdrop": 0.0,
+        "pad_token_id": BOS_ID,
+        "word_embed_proj_dim": hidden_size,
+    }
+
+
+def phi2_config_dict(
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    dtype: torch.dtype,
+    partial_rotary_factor: float = 0.4,
+    rope_theta: float = 10000.0,
+    layer_norm_eps: float = 1e-5,
+    tie_word_embeddings: bool = False,
+    initializer_range: float = 0.02,
+) -> dict[str, Any]:
+    """A PhiConfig (Phi-2: parallel attention and MLP after one LayerNorm, biases everywhere,
+    partial RoPE; ``partial_rotary_factor`` 0.4 as microsoft/phi-2) as a ``config.json`` dict."""
+    _check_heads(hidden_size, num_heads, num_heads)
+    return {
+        **_common_config_fields(
+            "PhiForCausalLM",
+            "phi",
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            dtype=dtype,
+            tie_word_embeddings=tie_word_embeddings,
+        ),
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "hidden_act": "gelu_new",
+        "initializer_range": initializer_range,
+        "intermediate_size": intermediate_size,
+        "layer_norm_eps": layer_norm_eps,
+        "num_key_value_heads": num_heads,
+        "partial_rotary_factor": partial_rotary_factor,
+        "qk_layernorm": False,
+        "resid_pdrop": 0.0,
+        "rope_scaling": None,
+        "rope_theta": float(rope_theta),
+    }
+
+
+def phi3_config_dict(
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    dtype: torch.dtype,
+    num_kv_heads: int | None = None,
+    rope_theta: float = 10000.0,
+    sliding_window: int | None = None,
+    rms_norm_eps: float = 1e-5,
+    tie_word_embeddings: bool = False,
+    initializer_range: float = 0.02,
+) -> dict[str, Any]:
+    """A Phi3Config (Phi-3-mini-4k: fused ``qkv_proj`` and ``gate_up_proj``, RMSNorm, no biases,
+    plain RoPE) as a ``config.json`` dict. ``sliding_window`` defaults to one less than the
+    context (Phi-3-mini-4k: 2047 of 4096); the pad token is the eos token, as in the fixture."""
+    num_kv_heads = num_kv_heads or num_heads
+    _check_heads(hidden_size, num_heads, num_kv_heads)
+    return {
+        **_common_config_fields(
+            "Phi3ForCausalLM",
+            "phi3",
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            dtype=dtype,
+            tie_word_embeddings=tie_word_embeddings,
+        ),
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": initializer_range,
+        "intermediate_size": intermediate_size,
+        "num_key_value_heads": num_kv_heads,
+        "original_max_position_embeddings": max_position_embeddings,
+        "pad_token_id": EOS_ID,
+        "resid_pdrop": 0.0,
+        "rms_norm_eps": rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": float(rope_theta),
+        "sliding_window": sliding_window or max_position_embeddings - 1,
+    }
+
+
+# The config builder of each family (keys as in ``families``).
+CONFIG_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "llama": llama_config_dict,
+    "opt": opt_config_dict,
+    "phi2": phi2_config_dict,
+    "phi3": phi3_config_dict,
+}
+
+
+def generation_config_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """What ``GenerationConfig.from_model_config`` gives for ``config``."""
     import transformers
 
-    return {
+    fields = {
         "_from_model_config": True,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": config["eos_token_id"],
         "transformers_version": transformers.__version__,
     }
+    if config.get("pad_token_id") is not None:
+        fields["pad_token_id"] = config["pad_token_id"]
+    return fields
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -182,17 +437,19 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def llama_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """State-dict names and shapes of the installed transformers' ``LlamaForCausalLM`` for ``config``,
-    in its order (built on the meta device: no memory, no init). Tied heads are left out, as
-    ``save_pretrained`` leaves them out."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def dense_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """State-dict names and shapes of the installed transformers' model class (``architectures``)
+    for ``config``, in its order (built on the meta device: no memory, no init). Tied heads are
+    left out, as ``save_pretrained`` leaves them out."""
+    import transformers
 
-    settings = {key: value for key, value in config.items() if key not in ("architectures", "transformers_version")}
+    skipped = ("architectures", "transformers_version", "model_type")
+    settings = {key: value for key, value in config.items() if key not in skipped}
+    model_config = transformers.AutoConfig.for_model(config["model_type"], **settings)
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**settings))
+        model = getattr(transformers, config["architectures"][0])(model_config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    if config["tie_word_embeddings"]:
+    if model_config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
 
@@ -205,12 +462,15 @@ def random_tensor(
     *,
     initializer_range: float,
     norm_weight_noise: float,
+    bias_noise: float,
 ) -> torch.Tensor:
-    """One random weight, drawn directly in ``dtype``: RMSNorm weights ``1 + noise * N(0, 1)``,
-    everything else ``N(0, initializer_range)`` (transformers' Llama init)."""
+    """One random weight, drawn directly in ``dtype``: norm weights ``1 + noise * N(0, 1)``, biases
+    ``bias_noise * N(0, 1)``, everything else ``N(0, initializer_range)`` (transformers' init)."""
     if name.endswith("norm.weight"):
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return (1.0 + norm_weight_noise * noise).to(dtype)
+    if name.endswith(".bias"):
+        return (bias_noise * torch.randn(shape, generator=generator, dtype=torch.float32)).to(dtype)
     return torch.empty(shape, dtype=dtype).normal_(0.0, initializer_range, generator=generator)
 
 
@@ -322,6 +582,57 @@ def make_tokenizer_files_portable(out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def make_dense_model(
+    out_dir: str | os.PathLike[str],
+    family: str = "llama",
+    *,
+    dtype: str | torch.dtype = "float16",
+    seed: int = 0,
+    norm_weight_noise: float = 0.1,
+    bias_noise: float = 0.1,
+    initializer_range: float = 0.02,
+    **shape: Any,
+) -> Path:
+    """Write a random-weight dense model of ``family`` ("llama", "opt", "phi2", "phi3") and a
+    trained byte-level BPE tokenizer to ``out_dir``.
+
+    ``shape`` are the family's config builder's arguments (``CONFIG_BUILDERS[family]``; see
+    ``PRESETS_BY_FAMILY`` for complete sets). Deterministic for a given ``seed`` (and torch
+    version). The norm epsilons default to 1e-5, the epsilon SliceGPT's fused norm uses, so
+    that slicing at sparsity 0 can reproduce the dense model exactly. ``out_dir`` is created if
+    needed; files of the same names in it are replaced (weights and configs each atomically).
+    Returns ``out_dir``.
+    """
+    builder = CONFIG_BUILDERS.get(family)
+    if builder is None:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(CONFIG_BUILDERS)}")
+    out = Path(out_dir).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    weight_dtype = resolve_dtype(dtype)
+    config = builder(dtype=weight_dtype, initializer_range=initializer_range, **shape)
+    shapes = dense_tensor_shapes(config)
+    generator = torch.Generator().manual_seed(seed)
+    noises = dict(initializer_range=initializer_range, norm_weight_noise=norm_weight_noise, bias_noise=bias_noise)
+    tensors = ((name, random_tensor(name, size, weight_dtype, generator, **noises)) for name, size in shapes.items())
+    written = write_safetensors_streaming(out / "model.safetensors", shapes, weight_dtype, tensors)
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", generation_config_dict(config))
+
+    tokenizer = train_byte_level_bpe(embedded_text(), config["vocab_size"])
+    save_tokenizer(tokenizer, out)
+    logger.info(
+        "wrote a dense %s (%d layers, hidden %d, %s, %.1f M parameters, %d-token tokenizer) to %s",
+        config["architectures"][0],
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["torch_dtype"],
+        written / weight_dtype.itemsize / 1e6,
+        tokenizer.get_vocab_size(),
+        out,
+    )
+    return out
+
+
 def make_dense_llama(
     out_dir: str | os.PathLike[str],
     *,
@@ -342,15 +653,17 @@ def make_dense_llama(
 ) -> Path:
     """Write a random-weight ``LlamaForCausalLM`` and a trained byte-level BPE tokenizer to ``out_dir``.
 
-    Deterministic for a given ``seed`` (and torch version). ``rms_norm_eps`` defaults to 1e-5,
-    the epsilon SliceGPT's fused norm uses (the fixture's model has 1e-6), so that slicing at
-    sparsity 0 can reproduce the dense model exactly. ``out_dir`` is created if needed; files of
-    the same names in it are replaced (weights and configs each atomically). Returns ``out_dir``.
+    ``make_dense_model(out_dir, "llama", ...)`` with Llama's arguments spelled out.
+    ``rms_norm_eps`` defaults to 1e-5, the epsilon SliceGPT's fused norm uses (the fixture's
+    model has 1e-6), so that slicing at sparsity 0 can reproduce the dense model exactly.
     """
-    out = Path(out_dir).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    weight_dtype = resolve_dtype(dtype)
-    config = llama_config_dict(
+    return make_dense_model(
+        out_dir,
+        "llama",
+        dtype=dtype,
+        seed=seed,
+        norm_weight_noise=norm_weight_noise,
+        initializer_range=initializer_range,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_layers=num_layers,
@@ -359,47 +672,17 @@ def make_dense_llama(
         vocab_size=vocab_size,
         rope_theta=rope_theta,
         max_position_embeddings=max_position_embeddings,
-        dtype=weight_dtype,
         tie_word_embeddings=tie_word_embeddings,
         rms_norm_eps=rms_norm_eps,
-        initializer_range=initializer_range,
     )
-    shapes = llama_tensor_shapes(config)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = (
-        (
-            name,
-            random_tensor(
-                name,
-                shape,
-                weight_dtype,
-                generator,
-                initializer_range=initializer_range,
-                norm_weight_noise=norm_weight_noise,
-            ),
-        )
-        for name, shape in shapes.items()
-    )
-    size = write_safetensors_streaming(out / "model.safetensors", shapes, weight_dtype, tensors)
-    write_json(out / "config.json", config)
-    write_json(out / "generation_config.json", generation_config_dict())
-
-    tokenizer = train_byte_level_bpe(embedded_text(), vocab_size)
-    save_tokenizer(tokenizer, out)
-    logger.info(
-        "wrote a dense Llama (%d layers, hidden %d, %s, %.1f M parameters, %d-token tokenizer) to %s",
-        num_layers,
-        hidden_size,
-        config["torch_dtype"],
-        size / weight_dtype.itemsize / 1e6,
-        tokenizer.get_vocab_size(),
-        out,
-    )
-    return out
 
 
-def make_dense_preset(out_dir: str | os.PathLike[str], preset: str, **overrides: Any) -> Path:
-    """``make_dense_llama`` with the shape of ``PRESETS[preset]`` ("tiny", "small", "1b")."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return make_dense_llama(out_dir, **{**PRESETS[preset], **overrides})
+def make_dense_preset(out_dir: str | os.PathLike[str], preset: str, family: str = "llama", **overrides: Any) -> Path:
+    """``make_dense_model`` with the shape of ``PRESETS_BY_FAMILY[family][preset]``: "tiny" or "small"
+    (Llama also "1b"); ``overrides`` change any of its arguments."""
+    presets = PRESETS_BY_FAMILY.get(family)
+    if presets is None:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(PRESETS_BY_FAMILY)}")
+    if preset not in presets:
+        raise ValueError(f"unknown {family} preset {preset!r}; choose one of {', '.join(presets)}")
+    return make_dense_model(out_dir, family, **{**presets[preset], **overrides})

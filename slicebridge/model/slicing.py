@@ -1,50 +1,71 @@
-"""SliceGPT's rotate-and-slice for a dense Llama, written for slicebridge (no slicegpt import).
+"""SliceGPT's rotate-and-slice, written for slicebridge (no slicegpt import), for every family it slices.
 
-``slice_llama(dense_dir, out_dir, sparsity=...)`` writes exactly what the official
+``slice_model(dense_dir, out_dir, sparsity=...)`` writes exactly what the official
 ``experiments/run_slicegpt.py --model-path dense_dir --save-dir out_dir`` writes for a local
-Llama (microsoft/TransformerCompression, sequential blocks, ``ConstSlicingScheduler``):
+model of a family the official slicegpt slices (microsoft/TransformerCompression,
+``ConstSlicingScheduler``): Llama-2/3, OPT, Phi-2 or Phi-3 (``families``). ``slice_llama`` is
+its Llama case.
 
 - ``{basename(model_name)}_{sparsity}.pt``: the sliced state dict, official key names and order
-  (per layer ``mlp_shortcut_Q``, ``attn_shortcut_Q``, q/k/v/o, gate/up/down; no norm weights),
-  in the dense model's dtype;
+  (per layer the shortcut matrices, then the linears in the order the official model holds
+  them; no norm weights), in the dense model's dtype;
 - ``{basename(model_name)}_{sparsity}.json``: the ``SlicingConfig``;
 - the dense model's ``*.json`` files (config, generation config, tokenizer), ``*token*.model``
   and ``merges.txt``, copied as run_slicegpt does for a local model.
 
+This module holds what does not depend on the family: reading the dense model, norm fusion,
+PCA, rotating and slicing a residual block, the embeddings and the head, the calibration data
+and the save directory. What a family adds (its norms' names, the official order of a sliced
+layer's tensors, and its blocks' arithmetic for the calibration forward pass) is a
+``FamilySlicer`` in ``slicing_<family>.py``; the linears' names come from ``families``.
+
 The maths, with row vectors (``y = x @ W.T``) and ``Q[:, :d]`` the first ``d`` principal axes:
 
-1. Fusion. Every RMSNorm weight is multiplied into the columns of the linear layers that read
-   its output (q/k/v, gate/up, and ``lm_head`` for the final norm); the norms become SliceGPT's
-   weightless ``RMSN``: ``x / sqrt(sum(x**2) / hidden + 1e-5)``, the mean over the ORIGINAL
-   width and eps 1e-5 whatever the model's ``rms_norm_eps``. A tied head is untied first.
-   The official fusion also subtracts each embedding row's mean (``fuse_modules``), which a
-   Llama's RMSNorm does not undo, so the official result is not the dense model's function even
-   at sparsity 0. ``center_embeddings=True`` does it as the official does; the default (False)
-   keeps the rotation exact, so that at sparsity 0 the sliced model computes the dense one.
-2. Rotation and slicing, one layer at a time, with calibration activations (float32 forward,
-   covariance and eigendecomposition in float64, eigenvectors by decreasing eigenvalue,
-   1 % mean-diagonal damping as the official ``pca_calc``):
-   - ``Q0`` = PCA of the embeddings' output; ``embed <- (embed @ Q0)[:, :d]``.
-   - layer i, with ``Q_in`` the basis of its input stream: ``q/k/v <- W @ Q_in[:, :d]``; the
-     attention half runs on the sliced input (its residual goes through ``Q_in[:, :d].T``) and
-     ``Q_mid`` = PCA of the stream entering the MLP norm; ``o_proj <- Q_mid[:, :d].T @ W``,
-     ``attn_shortcut_Q = Q_in[:, :d].T @ Q_mid[:, :d]``; ``gate/up <- W @ Q_mid[:, :d]``. The MLP
-     half then runs on the sliced stream and ``Q_out`` = PCA of the layer's output;
-     ``down_proj <- Q_out[:, :d_out].T @ W``, ``mlp_shortcut_Q = Q_mid[:, :d].T @ Q_out[:, :d_out]``,
-     and ``Q_out`` is the next layer's ``Q_in``.
-   - ``lm_head <- W @ Q_last``. Unless ``do_slice_head`` the head and the last layer's MLP
-     output keep the full width (run_slicegpt never slices the head).
+1. Fusion. Every norm's weight is multiplied into the columns of the linear layers that read
+   its output (attention and MLP inputs; ``lm_head`` for the final norm), and a LayerNorm's bias
+   ``beta`` into their biases (``b + W @ beta``; a linear without a bias gains one, as OPT's
+   ``lm_head`` does). The norms become SliceGPT's weightless ``RMSN``:
+   ``x / sqrt(sum(x**2) / hidden + 1e-5)``, the mean over the ORIGINAL width and eps 1e-5
+   whatever the model's epsilon. A tied head is untied first.
+   - LayerNorm families (OPT, Phi-2): RMSN is LayerNorm on a stream of zero mean, so the mean
+     is taken out where the stream is written: every embedding row is centred, and the linears
+     that write the stream (attention and MLP outputs) lose their mean over output rows, weight
+     and bias (the official ``bake_mean_into_linear``). The stream stays centred, and this is
+     exact: LayerNorm removed the mean anyway.
+   - RMSNorm families (Llama, Phi-3): the official fusion centres the embeddings too, which an
+     RMSNorm does not undo, so the official result is not the dense model's function even at
+     sparsity 0. ``center_embeddings=True`` does it as the official does; the default (False)
+     keeps the rotation exact.
+2. Rotation and slicing, one residual block at a time, with calibration activations (float32
+   forward, covariance and eigendecomposition in float64, eigenvectors by decreasing
+   eigenvalue, 1 % mean-diagonal damping as the official ``pca_calc``):
+   - ``Q0`` = PCA of the stream entering layer 0 (token embeddings, plus OPT's learned
+     positions); every embedding matrix ``E <- (E @ Q0)[:, :d]``.
+   - a block ``x -> x @ shortcut + writers(f(readers(rmsn(x))))`` whose input stream has the
+     basis ``Q_in``: ``readers <- W @ Q_in[:, :d_in]``; the block runs on the sliced stream (its
+     residual through ``Q_in[:, :d_in].T``) with the dense writers, ``Q_out`` = PCA of its output,
+     ``writers <- Q_out[:, :d_out].T @ W`` (biases ``Q_out[:, :d_out].T @ b``), the shortcut is
+     ``Q_in[:, :d_in].T @ Q_out[:, :d_out]``, and ``Q_out`` is the next block's ``Q_in``.
+   - A sequential layer (Llama, OPT, Phi-3) is two blocks: attention (``attn_shortcut_Q``; its
+     ``Q_out`` is the PCA of the stream entering the MLP's norm), then MLP (``mlp_shortcut_Q``;
+     the PCA of the layer's output). A parallel layer (Phi-2: attention and MLP read one
+     normalised stream and both write the layer's output) is one block: the attention's and
+     the MLP's input linears read, ``dense`` and ``fc2`` write, one ``attn_shortcut_Q``, and
+     ``Q_out`` is the PCA of the layer's output (what the official parallel path measures).
+   - ``lm_head <- W @ Q_last``. Unless ``do_slice_head`` the head and the last layer's output
+     keep the full width (run_slicegpt never slices the head).
    ``d = int((1 - sparsity) * hidden)`` rounded down to a multiple of ``round_interval``.
    ``final_orientation="random"`` (the default, as run_slicegpt's ``--final-orientation``; the
-   official fixture was made so) turns the kept block of every basis by a seeded random rotation;
-   ``"pca"`` keeps the principal axes in order. The model computes the same function either way.
+   official fixtures were made so) turns the kept block of every basis by a seeded random
+   rotation; ``"pca"`` keeps the principal axes in order. The model computes the same function
+   either way.
 
 Precision: rotations run in float64 for 32-bit outputs and in float32 for 16-bit outputs (whose
 rounding dominates), then each tensor is cast once. When the calibration has fewer tokens than
 the hidden size the covariance is rank-deficient; its eigenbasis is then taken from the small
 Gram matrix and completed with an orthonormal complement (same eigenpairs, much faster than a
-full ``eigh``). At sparsity 0 (without ``center_embeddings``) and for a model whose
-``rms_norm_eps`` is 1e-5 the result computes exactly the dense model's function.
+full ``eigh``). At sparsity 0 (without ``center_embeddings``) and for a model whose norm
+epsilon is 1e-5 the result computes exactly the dense model's function.
 
 Memory: the dense weights are read tensor by tensor from safetensors; only one layer's weights
 (in float32/float64), the calibration activations and the sliced output are held at a time.
@@ -52,26 +73,29 @@ Memory: the dense weights are read tensor by tensor from safetensors; only one l
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from slicebridge.dtypes import dtype_name
 
 from .atomic import atomic_file
 from .checkpoint import SlicedWidths, sliced_width
-from .configuration_sliced_llama import SLICEGPT_FUSED_NORM_EPS, SlicedLlamaConfig
+from .configuration_sliced import SLICEGPT_FUSED_NORM_EPS
 from .dense import embedded_text, resolve_dtype
-from .modeling_sliced_llama import SlicedLlamaRotaryEmbedding
-from .sliced_decoder import apply_rotary_pos_emb, repeat_kv
+from .families import SUPPORTED, Family, family_of_config, official_model_name
+from .sliced_decoder import apply_rotary_pos_emb, attend, causal_attention_mask, split_heads
 
 logger = logging.getLogger(__name__)
 
@@ -85,48 +109,164 @@ ORIENTATIONS = ("pca", "random")
 
 
 # --------------------------------------------------------------------------------------------
+# Weights as the slicing handles them
+# --------------------------------------------------------------------------------------------
+
+
+def as_computed(stored: torch.Tensor) -> torch.Tensor:
+    """A stored (model-dtype) tensor as the calibration forward uses it (float32)."""
+    return stored.to(torch.float32)
+
+
+@dataclass
+class Linear:
+    """A linear layer's weight ``[out, in]`` and bias ``[out]`` (None: it has none)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The layer applied to float32 ``inputs``, its tensors as the calibration forward uses them."""
+        return F.linear(inputs, as_computed(self.weight), None if self.bias is None else as_computed(self.bias))
+
+    def rows(self, start: int, stop: int) -> Linear:
+        """Output rows ``start:stop`` (a chunk of a vocab-sized matrix)."""
+        return Linear(self.weight[start:stop], None if self.bias is None else self.bias[start:stop])
+
+
+@dataclass
+class Norm:
+    """A norm's weight and (LayerNorm) bias, to be fused into the linears that read its output."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class Rotator:
+    """Applies fusions and rotations in ``compute_dtype`` and casts results to ``out_dtype``."""
+
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+
+    def store(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as it is saved: ``out_dtype``, contiguous, owning its storage."""
+        return tensor.to(dtype=self.out_dtype, memory_format=torch.contiguous_format, copy=True)
+
+    def _computed(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(self.compute_dtype)
+
+    def reading(self, linear: Linear, norm: Norm | None, basis: torch.Tensor) -> Linear:
+        """A layer reading the rotated stream: ``(W * norm.weight) @ basis`` (columns scaled by the
+        norm), bias ``b + W @ norm.bias`` (the norm's bias through the unscaled weight)."""
+        weight, bias = self._computed(linear.weight), self._computed(linear.bias)
+        if norm is not None and norm.bias is not None:
+            shift = weight @ self._computed(norm.bias)
+            bias = shift if bias is None else bias + shift
+        if norm is not None:
+            weight = weight * self._computed(norm.weight)
+        return Linear(self.store(weight @ self._computed(basis)), None if bias is None else self.store(bias))
+
+    def writing(self, linear: Linear, basis: torch.Tensor) -> Linear:
+        """A layer writing into the rotated stream: ``basis.T @ W`` and ``basis.T @ b``."""
+        basis = self._computed(basis)
+        bias = None if linear.bias is None else self.store(basis.T @ self._computed(linear.bias))
+        return Linear(self.store(basis.T @ self._computed(linear.weight)), bias)
+
+    def centred(self, linear: Linear) -> Linear:
+        """The layer minus its mean over output rows (weight and bias), so that what it writes has
+        zero mean: the official ``bake_mean_into_linear``."""
+        weight, bias = self._computed(linear.weight), self._computed(linear.bias)
+        return Linear(weight - weight.mean(dim=0, keepdim=True), None if bias is None else bias - bias.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# What each family adds (subclassed in slicing_<family>.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CausalSelfAttention:
+    """Causal self-attention over calibration sequences, from projected queries, keys and values
+    ([batch, seq, heads * head_dim]): RoPE first when ``rotary`` is given (a portable model's
+    rotary module, ``(like, position_ids) -> (cos, sin)``), a window when ``sliding_window`` is."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary: nn.Module | None = None
+    sliding_window: int | None = None
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        seq_len = query.shape[1]
+        query = split_heads(query, self.num_heads, self.head_dim)
+        key = split_heads(key, self.num_kv_heads, self.head_dim)
+        value = split_heads(value, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), torch.arange(seq_len).unsqueeze(0))
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        mask = causal_attention_mask(None, 0, seq_len, query.device, self.sliding_window)
+        return attend(query, key, value, mask, self.head_dim**-0.5)
+
+
+class FamilySlicer(ABC):
+    """One family's part of the slicing: its norms, the official order of a sliced layer's
+    tensors, and its blocks' arithmetic for the calibration forward pass.
+
+    Norm names are relative to a layer (``input_layernorm``), the final norm's absolute; the
+    linears' names are ``family``'s. ``layer_order`` lists a sliced layer's shortcuts and
+    linears (each linear's weight, then its bias if it has one) as the official model holds
+    them. A subclass's ``__init__`` refuses (``ValueError``) a variant of the family that the
+    official slicegpt cannot slice, and sets ``norm_eps``, the epsilon of the dense model's norms.
+    """
+
+    family: ClassVar[Family]
+    first_norm: ClassVar[str]
+    second_norm: ClassVar[str | None]  # None with parallel blocks: one norm feeds attention and MLP
+    final_norm: ClassVar[str]
+    layer_order: ClassVar[tuple[str, ...]]
+    # LayerNorm (with a bias): the embeddings are always centred and the writers' mean is baked in.
+    layer_norm: ClassVar[bool] = False
+    # What a config that does not say ``tie_word_embeddings`` means for this family.
+    tied_by_default: ClassVar[bool] = False
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.norm_eps = SLICEGPT_FUSED_NORM_EPS
+
+    def default_model_name(self, directory_name: str) -> str:
+        """The model name run_slicegpt would be given for a local model in ``directory_name``
+        (one the official adapter accepts)."""
+        return official_model_name(self.family, self.config, directory_name)
+
+    def layer_input(self, embeddings: list[torch.Tensor], token_ids: torch.Tensor) -> torch.Tensor:
+        """The stream entering layer 0 for ``token_ids`` [samples, seq_len], from the fused
+        embedding matrices (in ``family.embeddings``' order)."""
+        return embeddings[0][token_ids]
+
+    @abstractmethod
+    def attention(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
+        """The attention's output for the normalised stream ``normed`` (float32), through
+        ``readers`` (``family.attention_inputs``) and ``writer`` (``family.attention_output``)."""
+
+    @abstractmethod
+    def mlp(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
+        """The MLP's output for ``normed``, through ``readers`` (``family.mlp_inputs``) and ``writer``."""
+
+
+def family_slicer(family: Family) -> type[FamilySlicer]:
+    """The ``FamilySlicer`` subclass of ``family`` (``slicing_<key>.SLICER``)."""
+    return importlib.import_module(f"{__package__}.slicing_{family.key}").SLICER
+
+
+# --------------------------------------------------------------------------------------------
 # The dense model on disk
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LlamaShape:
-    """The hyper-parameters of the dense Llama that the slicing needs."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    rms_norm_eps: float
-    hidden_act: str
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> LlamaShape:
-        model_type = config.get("model_type")
-        if model_type != "llama":
-            raise ValueError(f"slice_llama slices Llama models (model_type 'llama'), not {model_type!r}")
-        if config.get("attention_bias") or config.get("mlp_bias"):
-            raise ValueError("slice_llama supports Llamas without biases (attention_bias/mlp_bias false) only")
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        return cls(
-            hidden_size=hidden,
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            vocab_size=int(config["vocab_size"]),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            hidden_act=str(config.get("hidden_act", "silu")),
-        )
-
-
 class DenseCheckpoint:
-    """Reads a dense Hugging Face Llama directory (``config.json`` + safetensors) tensor by tensor."""
+    """Reads a dense Hugging Face model directory (``config.json`` + safetensors) tensor by tensor,
+    and knows its family (``family``) and how to slice it (``slicer``)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory).expanduser().absolute()
@@ -134,7 +274,17 @@ class DenseCheckpoint:
         if not config_path.is_file():
             raise FileNotFoundError(f"{self.directory} holds no config.json; pass a Hugging Face model directory")
         self.config: dict[str, Any] = json.loads(config_path.read_text())
-        self.shape = LlamaShape.from_config(self.config)
+        family = family_of_config(self.config)
+        if family is None:
+            raise ValueError(
+                f"{self.directory} holds a {self.config.get('model_type')!r} model; SliceGPT slices {SUPPORTED}"
+            )
+        self.family = family
+        self.slicer = family_slicer(family)(self.config)
+        self.hidden_size = int(self.config["hidden_size"])
+        self.num_layers = int(self.config["num_hidden_layers"])
+        self.vocab_size = int(self.config["vocab_size"])
+        self.tied_head = bool(self.config.get("tie_word_embeddings", self.slicer.tied_by_default))
         self.tensor_files = self._tensor_files()
 
     def _tensor_files(self) -> dict[str, Path]:
@@ -157,18 +307,29 @@ class DenseCheckpoint:
         """Load one tensor (optionally cast)."""
         from safetensors import safe_open
 
-        if name == "lm_head.weight" and name not in self.tensor_files and self.shape.tie_word_embeddings:
-            name = "model.embed_tokens.weight"  # a tied head is the embedding matrix
+        if name == "lm_head.weight" and name not in self.tensor_files and self.tied_head:
+            name = self.family.token_embedding  # a tied head is the embedding matrix
         if name not in self.tensor_files:
             raise KeyError(f"{self.directory} has no tensor {name}")
         with safe_open(str(self.tensor_files[name]), framework="pt") as handle:
             tensor = handle.get_tensor(name)
         return tensor if dtype is None else tensor.to(dtype)
 
+    def _bias(self, name: str) -> torch.Tensor | None:
+        return self.tensor(f"{name}.bias") if f"{name}.bias" in self.tensor_files else None
+
+    def linear(self, name: str) -> Linear:
+        """The linear layer ``name`` (``model.layers.0.self_attn.q_proj``), its bias if it has one."""
+        return Linear(self.tensor(f"{name}.weight"), self._bias(name))
+
+    def norm(self, name: str) -> Norm:
+        """The norm ``name``'s weight, and its bias if it has one (LayerNorm)."""
+        return Norm(self.tensor(f"{name}.weight"), self._bias(name))
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the weights are stored in (read off the final norm's weight, a small tensor)."""
-        return self.tensor("model.norm.weight").dtype
+        return self.tensor(f"{self.slicer.final_norm}.weight").dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +341,21 @@ def sliced_file_stem(model_name: str, sparsity: float) -> str:
     """``meta-llama/Meta-Llama-3-8B``, 0.25 -> ``Meta-Llama-3-8B_0.25`` (run_slicegpt's naming;
     the sparsity is printed as the float argparse would have parsed)."""
     return f"{Path(model_name).name}_{float(sparsity)}"
+
+
+def constant_widths(dense: DenseCheckpoint, sparsity: float, round_interval: int, do_slice_head: bool) -> SlicedWidths:
+    """The widths of run_slicegpt's constant-sparsity run."""
+    hidden = dense.hidden_size
+    width = sliced_width(hidden, sparsity, round_interval)
+    if width < 1:
+        raise ValueError(
+            f"sparsity {sparsity} with round_interval {round_interval} leaves no width of hidden size {hidden}"
+        )
+    head = width if do_slice_head else hidden
+    family = dense.family
+    return SlicedWidths.constant(
+        dense.num_layers, width, head, parallel_blocks=family.parallel_blocks, embedding_count=len(family.embeddings)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +410,7 @@ def random_orientation(basis: torch.Tensor, kept: int, generator: torch.Generato
 
 
 # --------------------------------------------------------------------------------------------
-# The forward pass of one layer on calibration activations (float32)
+# Rotating and slicing one residual block
 # --------------------------------------------------------------------------------------------
 
 
@@ -244,104 +420,16 @@ def fused_rms_norm(hidden_states: torch.Tensor, hidden_size: int) -> torch.Tenso
     return hidden_states * torch.rsqrt(mean_square + SLICEGPT_FUSED_NORM_EPS)
 
 
-@dataclass
-class CalibrationContext:
-    """What every layer's forward pass shares: the model's shape and the RoPE tables."""
-
-    shape: LlamaShape
-    cos: torch.Tensor
-    sin: torch.Tensor
-    activation: Callable[[torch.Tensor], torch.Tensor]
-
-    @classmethod
-    def build(cls, config: dict[str, Any], shape: LlamaShape, seq_len: int) -> CalibrationContext:
-        from transformers.activations import ACT2FN
-
-        rotary = SlicedLlamaRotaryEmbedding(SlicedLlamaConfig.from_base_and_slicing(config, {}))
-        probe = torch.zeros(1, dtype=torch.float32)
-        cos, sin = rotary(probe, torch.arange(seq_len).unsqueeze(0))
-        return cls(shape=shape, cos=cos, sin=sin, activation=ACT2FN[shape.hidden_act])
-
-
-def attention_output(
-    normed: torch.Tensor,
-    q_proj: torch.Tensor,
-    k_proj: torch.Tensor,
-    v_proj: torch.Tensor,
-    o_proj: torch.Tensor,
-    context: CalibrationContext,
-) -> torch.Tensor:
-    """Causal grouped-query self-attention of ``normed`` [batch, seq, width] through the given weights."""
-    shape = context.shape
-    batch, seq_len, _ = normed.shape
-
-    def heads(weight: torch.Tensor, count: int) -> torch.Tensor:
-        return F.linear(normed, weight).view(batch, seq_len, count, shape.head_dim).transpose(1, 2)
-
-    query, key = apply_rotary_pos_emb(
-        heads(q_proj, shape.num_heads), heads(k_proj, shape.num_kv_heads), context.cos, context.sin
-    )
-    value = heads(v_proj, shape.num_kv_heads)
-    groups = shape.num_heads // shape.num_kv_heads
-    attended = F.scaled_dot_product_attention(
-        query, repeat_kv(key, groups), repeat_kv(value, groups), is_causal=True, scale=shape.head_dim**-0.5
-    )
-    return F.linear(attended.transpose(1, 2).reshape(batch, seq_len, -1), o_proj)
-
-
-def mlp_output(
-    normed: torch.Tensor,
-    gate_proj: torch.Tensor,
-    up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    context: CalibrationContext,
-) -> torch.Tensor:
-    """The gated MLP: ``down(act(gate(x)) * up(x))``."""
-    return F.linear(context.activation(F.linear(normed, gate_proj)) * F.linear(normed, up_proj), down_proj)
-
-
-# --------------------------------------------------------------------------------------------
-# Rotating one layer
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rotator:
-    """Applies rotations in ``compute_dtype`` and casts results to ``out_dtype``."""
-
-    compute_dtype: torch.dtype
-    out_dtype: torch.dtype
-
-    def store(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor as it is saved: ``out_dtype``, contiguous, owning its storage."""
-        return tensor.to(dtype=self.out_dtype, memory_format=torch.contiguous_format, copy=True)
-
-    def reading(self, weight: torch.Tensor, norm_weight: torch.Tensor | None, basis: torch.Tensor) -> torch.Tensor:
-        """A layer reading the rotated stream: ``(W * norm_weight) @ basis`` (columns scaled by the norm)."""
-        weight = weight.to(self.compute_dtype)
-        if norm_weight is not None:
-            weight = weight * norm_weight.to(self.compute_dtype)
-        return self.store(weight @ basis.to(self.compute_dtype))
-
-    def writing(self, weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        """A layer writing into the rotated stream: ``basis.T @ W``."""
-        return self.store(basis.to(self.compute_dtype).T @ weight.to(self.compute_dtype))
-
-
-def as_computed(stored: torch.Tensor) -> torch.Tensor:
-    """A stored (model-dtype) tensor as the calibration forward uses it (float32)."""
-    return stored.to(torch.float32)
-
-
-BlockFunction = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor], torch.Tensor]
+# (normalised stream, rotated readers, dense writers) -> the block's update of the stream
+BlockFunction = Callable[[torch.Tensor, list[Linear], list[Linear]], torch.Tensor]
 
 
 @dataclass
 class BlockResult:
-    """One residual block (attention or MLP) rotated and sliced, and its effect on the calibration stream."""
+    """One residual block rotated and sliced, and its effect on the calibration stream."""
 
-    readers: list[torch.Tensor]  # the input projections, reading the rotated, sliced stream
-    writer: torch.Tensor  # the output projection, writing into the next rotated, sliced stream
+    readers: list[Linear]  # the input linears, reading the rotated, sliced stream
+    writers: list[Linear]  # the output linears, writing into the next rotated, sliced stream
     shortcut: torch.Tensor  # the residual's change of basis, [d_in, d_out]
     output: torch.Tensor  # the stream after the block (float32, dense basis)
     output_basis: torch.Tensor  # its principal basis (float64)
@@ -351,74 +439,103 @@ def rotate_block(
     stream: torch.Tensor,
     basis: torch.Tensor,
     widths: tuple[int, int],
-    norm_weight: torch.Tensor,
-    readers: list[torch.Tensor],
-    writer: torch.Tensor,
+    norm: Norm | None,
+    readers: list[Linear],
+    writers: list[Linear],
     block: BlockFunction,
     rotator: Rotator,
     orient: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> BlockResult:
-    """SliceGPT's step for one block ``x -> x + writer(block(readers(norm(x))))``.
+    """SliceGPT's step for one block ``x -> x + block(readers(norm(x)), writers)``.
 
     ``stream`` is the block's calibration input in the dense basis and ``basis`` its principal
-    basis; ``widths`` = (d_in, d_out). The readers get the norm weight fused in and read
-    ``basis[:, :d_in]``; the block runs on the sliced stream with the dense writer (its residual
-    through ``basis[:, :d_in].T``), the output's principal basis is computed, and the writer and
+    basis; ``widths`` = (d_in, d_out). The readers get the norm fused in and read
+    ``basis[:, :d_in]``; the block runs on the sliced stream with the dense writers (its residual
+    through ``basis[:, :d_in].T``), the output's principal basis is computed, and the writers and
     the shortcut are rotated into its first ``d_out`` axes.
     """
     d_in, d_out = widths
     kept_input = basis[:, :d_in]
-    rotated_readers = [rotator.reading(weight, norm_weight, kept_input) for weight in readers]
+    rotated_readers = [rotator.reading(linear, norm, kept_input) for linear in readers]
     sliced = stream @ kept_input.to(torch.float32)
-    update = block(
-        fused_rms_norm(sliced, basis.shape[0]), [as_computed(w) for w in rotated_readers], as_computed(writer)
-    )
+    update = block(fused_rms_norm(sliced, basis.shape[0]), rotated_readers, writers)
     output = sliced @ as_computed(rotator.store(kept_input.T)) + update
     output_basis = orient(principal_basis(output), d_out)
     kept_output = output_basis[:, :d_out]
     return BlockResult(
         readers=rotated_readers,
-        writer=rotator.writing(writer, kept_output),
+        writers=[rotator.writing(linear, kept_output) for linear in writers],
         shortcut=rotator.store(kept_input.T @ kept_output),
         output=output,
         output_basis=output_basis,
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Rotating and slicing one decoder layer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseLayer:
+    """A dense decoder layer's norms and linears, as the slicing reads them (the writers already
+    centred in a LayerNorm family)."""
+
+    first_norm: Norm
+    second_norm: Norm | None
+    attention_inputs: list[Linear]
+    attention_output: Linear
+    mlp_inputs: list[Linear]
+    mlp_output: Linear
+
+    @classmethod
+    def read(cls, dense: DenseCheckpoint, idx: int, rotator: Rotator) -> DenseLayer:
+        family, slicer, prefix = dense.family, dense.slicer, dense.family.layer(idx)
+
+        def writer(name: str) -> Linear:
+            linear = dense.linear(prefix + name)
+            return rotator.centred(linear) if slicer.layer_norm else linear
+
+        return cls(
+            first_norm=dense.norm(prefix + slicer.first_norm),
+            second_norm=dense.norm(prefix + slicer.second_norm) if slicer.second_norm else None,
+            attention_inputs=[dense.linear(prefix + name) for name in family.attention_inputs],
+            attention_output=writer(family.attention_output),
+            mlp_inputs=[dense.linear(prefix + name) for name in family.mlp_inputs],
+            mlp_output=writer(family.mlp_output),
+        )
+
+
 @dataclass
 class SlicedLayer:
-    """A decoder layer's sliced tensors (official order) and its output on the calibration data."""
+    """A decoder layer's sliced tensors (relative names) and its output on the calibration data."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, Linear | torch.Tensor]
     output: torch.Tensor  # float32, dense basis
     output_basis: torch.Tensor  # its principal basis (float64): the next layer's input basis
 
 
-def slice_layer(
+def slice_sequential_layer(
     idx: int,
-    dense: DenseCheckpoint,
-    layer_input: torch.Tensor,
-    input_basis: torch.Tensor,
+    layer: DenseLayer,
+    slicer: FamilySlicer,
+    stream: torch.Tensor,
+    basis: torch.Tensor,
     widths: SlicedWidths,
     rotator: Rotator,
-    context: CalibrationContext,
     orient: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> SlicedLayer:
     """Fuse, rotate and slice decoder layer ``idx`` (attention block, then MLP block) given its
     calibration input (dense basis) and that stream's principal basis."""
-    prefix = f"model.layers.{idx}."
-
-    def weight(name: str) -> torch.Tensor:
-        return dense.tensor(prefix + name)
-
+    family = slicer.family
     attention = rotate_block(
-        layer_input,
-        input_basis,
+        stream,
+        basis,
         (widths.attention_input[idx], widths.attention_output[idx]),
-        weight("input_layernorm.weight"),
-        [weight(f"self_attn.{name}_proj.weight") for name in ("q", "k", "v")],
-        weight("self_attn.o_proj.weight"),
-        lambda normed, readers, writer: attention_output(normed, *readers, writer, context),
+        layer.first_norm,
+        layer.attention_inputs,
+        [layer.attention_output],
+        lambda normed, readers, writers: slicer.attention(normed, readers, writers[0]),
         rotator,
         orient,
     )
@@ -426,30 +543,72 @@ def slice_layer(
         attention.output,
         attention.output_basis,
         (widths.mlp_input[idx], widths.mlp_output[idx]),
-        weight("post_attention_layernorm.weight"),
-        [weight("mlp.gate_proj.weight"), weight("mlp.up_proj.weight")],
-        weight("mlp.down_proj.weight"),
-        lambda normed, readers, writer: mlp_output(normed, *readers, writer, context),
+        layer.second_norm,
+        layer.mlp_inputs,
+        [layer.mlp_output],
+        lambda normed, readers, writers: slicer.mlp(normed, readers, writers[0]),
         rotator,
         orient,
     )
-    q_proj, k_proj, v_proj = attention.readers
-    gate_proj, up_proj = mlp.readers
-    return SlicedLayer(
-        tensors={
-            prefix + "mlp_shortcut_Q": mlp.shortcut,
-            prefix + "attn_shortcut_Q": attention.shortcut,
-            prefix + "self_attn.q_proj.weight": q_proj,
-            prefix + "self_attn.k_proj.weight": k_proj,
-            prefix + "self_attn.v_proj.weight": v_proj,
-            prefix + "self_attn.o_proj.weight": attention.writer,
-            prefix + "mlp.gate_proj.weight": gate_proj,
-            prefix + "mlp.up_proj.weight": up_proj,
-            prefix + "mlp.down_proj.weight": mlp.writer,
-        },
-        output=mlp.output,
-        output_basis=mlp.output_basis,
+    tensors: dict[str, Linear | torch.Tensor] = {"attn_shortcut_Q": attention.shortcut, "mlp_shortcut_Q": mlp.shortcut}
+    tensors.update(zip(family.attention_inputs, attention.readers, strict=True))
+    tensors[family.attention_output] = attention.writers[0]
+    tensors.update(zip(family.mlp_inputs, mlp.readers, strict=True))
+    tensors[family.mlp_output] = mlp.writers[0]
+    return SlicedLayer(tensors=tensors, output=mlp.output, output_basis=mlp.output_basis)
+
+
+def slice_parallel_layer(
+    idx: int,
+    layer: DenseLayer,
+    slicer: FamilySlicer,
+    stream: torch.Tensor,
+    basis: torch.Tensor,
+    widths: SlicedWidths,
+    rotator: Rotator,
+    orient: Callable[[torch.Tensor, int], torch.Tensor],
+) -> SlicedLayer:
+    """Fuse, rotate and slice parallel decoder layer ``idx``: one block whose readers are the
+    attention's and the MLP's inputs and whose writers are both outputs (one shortcut)."""
+    family = slicer.family
+    split = len(layer.attention_inputs)
+
+    def parallel(normed: torch.Tensor, readers: list[Linear], writers: list[Linear]) -> torch.Tensor:
+        attention_output = slicer.attention(normed, readers[:split], writers[0])
+        return attention_output + slicer.mlp(normed, readers[split:], writers[1])
+
+    block = rotate_block(
+        stream,
+        basis,
+        (widths.attention_input[idx], widths.mlp_output[idx]),
+        layer.first_norm,
+        layer.attention_inputs + layer.mlp_inputs,
+        [layer.attention_output, layer.mlp_output],
+        parallel,
+        rotator,
+        orient,
     )
+    tensors: dict[str, Linear | torch.Tensor] = {"attn_shortcut_Q": block.shortcut}
+    tensors.update(zip(family.attention_inputs + family.mlp_inputs, block.readers, strict=True))
+    tensors.update(zip((family.attention_output, family.mlp_output), block.writers, strict=True))
+    return SlicedLayer(tensors=tensors, output=block.output, output_basis=block.output_basis)
+
+
+def state_entries(
+    prefix: str, tensors: Mapping[str, Linear | torch.Tensor], order: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` as state-dict entries in ``order``: ``prefix + name`` for a tensor, and
+    ``.weight`` then ``.bias`` (if any) for a linear."""
+    entries: dict[str, torch.Tensor] = {}
+    for name in order:
+        item = tensors[name]
+        if isinstance(item, Linear):
+            entries[f"{prefix}{name}.weight"] = item.weight
+            if item.bias is not None:
+                entries[f"{prefix}{name}.bias"] = item.bias
+        else:
+            entries[prefix + name] = item
+    return entries
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,21 +616,22 @@ def slice_layer(
 # --------------------------------------------------------------------------------------------
 
 
-def fused_embeddings(dense: DenseCheckpoint, center: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The embedding matrix (in ``dtype``) after SliceGPT's fusion step (row means removed if ``center``)."""
-    embeddings = dense.tensor("model.embed_tokens.weight", dtype)
-    return embeddings - embeddings.mean(dim=-1, keepdim=True) if center else embeddings
+def fused_embeddings(dense: DenseCheckpoint, center: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The embedding matrices (in ``dtype``, ``family.embeddings``' order) after SliceGPT's fusion
+    step (row means removed if ``center``)."""
+    matrices = [dense.tensor(name, dtype) for name in dense.family.embeddings]
+    return [matrix - matrix.mean(dim=-1, keepdim=True) for matrix in matrices] if center else matrices
 
 
-def rotate_vocab_matrix(
-    matrix: torch.Tensor, basis: torch.Tensor, rotator: Rotator, column_scale: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``(matrix * column_scale) @ basis`` for a vocab x hidden matrix, in row chunks."""
-    rows = [
-        rotator.reading(matrix[start : start + VOCAB_CHUNK_ROWS], column_scale, basis)
-        for start in range(0, matrix.shape[0], VOCAB_CHUNK_ROWS)
+def rotate_vocab_matrix(matrix: Linear, basis: torch.Tensor, rotator: Rotator, norm: Norm | None = None) -> Linear:
+    """A vocab x hidden matrix (an embedding, or the head with the final ``norm`` fused in) read
+    through ``basis``, in row chunks."""
+    chunks = [
+        rotator.reading(matrix.rows(start, start + VOCAB_CHUNK_ROWS), norm, basis)
+        for start in range(0, matrix.weight.shape[0], VOCAB_CHUNK_ROWS)
     ]
-    return torch.cat(rows).contiguous()
+    bias = None if chunks[0].bias is None else torch.cat([chunk.bias for chunk in chunks])
+    return Linear(torch.cat([chunk.weight for chunk in chunks]).contiguous(), bias)
 
 
 def calibration_token_ids(
@@ -483,7 +643,7 @@ def calibration_token_ids(
 ) -> torch.Tensor:
     """[num_samples, seq_len] token ids: the given ones, else windows of ``embedded_text()``
     through the model's ``tokenizer.json``, else uniformly random ids."""
-    vocab = dense.shape.vocab_size
+    vocab = dense.vocab_size
     if calibration_ids is not None:
         ids = torch.as_tensor(calibration_ids, dtype=torch.long)
         if ids.dim() == 1:
@@ -516,8 +676,55 @@ def _embedded_text_ids(dense: DenseCheckpoint) -> torch.Tensor | None:
     except Exception as exc:  # noqa: BLE001 - any unreadable tokenizer means: fall back to random ids
         logger.warning("cannot use %s (%s): calibrating on random token ids", tokenizer_path, exc)
         return None
-    ids = [token for token in ids if token < dense.shape.vocab_size]
+    ids = [token for token in ids if token < dense.vocab_size]
     return torch.tensor(ids, dtype=torch.long) if ids else None
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model
+# --------------------------------------------------------------------------------------------
+
+
+def _report(progress: ProgressCallback | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def rotate_and_slice(
+    dense: DenseCheckpoint,
+    token_ids: torch.Tensor,
+    widths: SlicedWidths,
+    rotator: Rotator,
+    orient: Callable[[torch.Tensor, int], torch.Tensor],
+    center_embeddings: bool,
+    progress: ProgressCallback | None,
+) -> dict[str, torch.Tensor]:
+    """The sliced state dict (official names and order) of ``dense``, calibrated on ``token_ids``."""
+    family, slicer = dense.family, dense.slicer
+    total_steps = dense.num_layers + 2
+    embeddings = fused_embeddings(dense, center_embeddings or slicer.layer_norm, rotator.compute_dtype)
+    stream = slicer.layer_input(embeddings, token_ids).to(torch.float32)
+    basis = orient(principal_basis(stream), widths.embedding)
+    tensors = {
+        name: rotate_vocab_matrix(Linear(matrix), basis[:, : widths.embedding], rotator).weight
+        for name, matrix in zip(family.embeddings, embeddings, strict=True)
+    }
+    del embeddings
+    _report(progress, "embeddings", 1, total_steps)
+
+    slice_layer = slice_parallel_layer if family.parallel_blocks else slice_sequential_layer
+    for idx in range(dense.num_layers):
+        layer = DenseLayer.read(dense, idx, rotator)
+        result = slice_layer(idx, layer, slicer, stream, basis, widths, rotator, orient)
+        tensors.update(state_entries(family.layer(idx), result.tensors, slicer.layer_order))
+        stream, basis = result.output, result.output_basis
+        logger.debug("layer %d/%d rotated and sliced", idx + 1, dense.num_layers)
+        _report(progress, "layers", idx + 2, total_steps)
+
+    final_norm = dense.norm(slicer.final_norm)
+    head = rotate_vocab_matrix(dense.linear("lm_head"), basis[:, : widths.lm_head], rotator, final_norm)
+    tensors.update(state_entries("", {"lm_head": head}, ("lm_head",)))
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,32 +745,119 @@ def copy_base_files(dense_dir: Path, out_dir: Path) -> list[str]:
     return [source.name for source in sources]
 
 
-def save_sliced(
-    out_dir: Path,
-    stem: str,
-    tensors: dict[str, torch.Tensor],
-    widths: SlicedWidths,
-    hidden_size: int,
-    do_slice_head: bool,
-) -> None:
+def save_sliced(out_dir: Path, stem: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
     """Write ``{stem}.pt`` (torch.save of the state dict) and ``{stem}.json`` (the SlicingConfig)."""
     with atomic_file(out_dir / f"{stem}.pt", overwrite=True) as tmp:
         torch.save(tensors, tmp)
     with atomic_file(out_dir / f"{stem}.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(widths.as_slicing_config(hidden_size, do_slice_head=do_slice_head)))
+        tmp.write_text(json.dumps(config))
 
 
 # --------------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 # --------------------------------------------------------------------------------------------
 
 
-def _report(progress: ProgressCallback | None, stage: str, done: int, total: int) -> None:
-    if progress is not None:
-        progress(stage, done, total)
+def _check_options(sparsity: float, round_interval: int, final_orientation: str) -> None:
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1) (run_slicegpt's range), got {sparsity}")
+    if round_interval < 1:
+        raise ValueError(f"round_interval must be a positive integer, got {round_interval}")
+    if final_orientation not in ORIENTATIONS:
+        raise ValueError(f"final_orientation must be one of {ORIENTATIONS}, got {final_orientation!r}")
+
+
+def _log_plan(dense: DenseCheckpoint, widths: SlicedWidths, out_dtype: torch.dtype, token_ids: torch.Tensor) -> None:
+    hidden = dense.hidden_size
+    if dense.slicer.norm_eps != SLICEGPT_FUSED_NORM_EPS:
+        logger.warning(
+            "the dense model's norm epsilon is %g; SliceGPT's fused norm uses %g, so even at sparsity 0 "
+            "the sliced model differs slightly from the dense one",
+            dense.slicer.norm_eps,
+            SLICEGPT_FUSED_NORM_EPS,
+        )
+    if token_ids.numel() < hidden:
+        logger.warning(
+            "%d calibration tokens for hidden size %d: the covariances are rank-deficient, so the kept "
+            "directions beyond their rank are arbitrary",
+            token_ids.numel(),
+            hidden,
+        )
+    logger.info(
+        "slicing %s (%s, %d layers, hidden %d -> %d, %s) with %d x %d calibration tokens",
+        dense.directory,
+        dense.family.title,
+        dense.num_layers,
+        hidden,
+        widths.embedding,
+        dtype_name(out_dtype),
+        token_ids.shape[0],
+        token_ids.shape[1],
+    )
 
 
 @torch.no_grad()
+def slice_model(
+    dense_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    sparsity: float,
+    round_interval: int = 8,
+    model_name: str | None = None,
+    calibration_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    num_calibration_samples: int = 8,
+    calibration_seq_len: int = 64,
+    seed: int = 0,
+    dtype: str | torch.dtype | None = None,
+    progress: ProgressCallback | None = None,
+    center_embeddings: bool = False,
+    final_orientation: str = "random",
+    do_slice_head: bool = False,
+    family: str | None = None,
+) -> Path:
+    """Rotate and slice the dense model in ``dense_dir`` (Llama, OPT, Phi-2 or Phi-3, by its
+    ``config.json``) as SliceGPT does; write run_slicegpt's save-directory layout into ``out_dir``
+    (created if needed) and return ``out_dir``.
+
+    The checkpoint is ``out_dir / f"{sliced_file_stem(model_name, sparsity)}.pt"`` (plus ``.json``).
+    ``model_name`` defaults to a name the family's official adapter accepts, made from the name of
+    ``dense_dir`` (``meta-llama/Meta-Llama-3-<dir>``, ``facebook/opt-<dir>``, ``microsoft/phi-2``,
+    ``microsoft/Phi-3-mini-4k-instruct``). Calibration: ``calibration_ids`` [samples, seq_len] if
+    given, else ``num_calibration_samples`` windows of ``calibration_seq_len`` tokens of
+    ``embedded_text()`` (random ids if the model has no ``tokenizer.json``), chosen with ``seed``.
+    ``dtype`` casts the output (default: the dense weights' dtype). ``progress(stage, done, total)``
+    is called as work advances. ``center_embeddings`` matters for the RMSNorm families only (the
+    LayerNorm families are always centred, which is exact). ``family`` ("llama", ...), if given,
+    is the family the dense model must be. See the module docstring for the maths and the options.
+    """
+    _check_options(sparsity, round_interval, final_orientation)
+    dense = DenseCheckpoint(dense_dir)
+    if family is not None and dense.family.key != family:
+        raise ValueError(f"{dense.directory} holds a {dense.family.title} model, not a {family} one")
+    out = Path(out_dir).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    model_name = model_name or dense.slicer.default_model_name(dense.directory.name)
+    out_dtype = resolve_dtype(dtype) if dtype is not None else dense.dtype
+    rotator = Rotator(compute_dtype=torch.float64 if out_dtype.itemsize >= 4 else torch.float32, out_dtype=out_dtype)
+    widths = constant_widths(dense, sparsity, round_interval, do_slice_head)
+
+    generator = torch.Generator().manual_seed(seed)
+    token_ids = calibration_token_ids(dense, calibration_ids, num_calibration_samples, calibration_seq_len, generator)
+    _log_plan(dense, widths, out_dtype, token_ids)
+
+    def orient(basis: torch.Tensor, kept: int) -> torch.Tensor:
+        return random_orientation(basis, kept, generator) if final_orientation == "random" else basis
+
+    tensors = rotate_and_slice(dense, token_ids, widths, rotator, orient, center_embeddings, progress)
+    stem = sliced_file_stem(model_name, sparsity)
+    save_sliced(out, stem, tensors, widths.as_slicing_config(dense.hidden_size, do_slice_head=do_slice_head))
+    copied = copy_base_files(dense.directory, out)
+    total_steps = dense.num_layers + 2
+    _report(progress, "saved", total_steps, total_steps)
+    logger.info("wrote %s.pt / %s.json (+ %s) to %s", stem, stem, ", ".join(copied) or "no base files", out)
+    return out
+
+
 def slice_llama(
     dense_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -581,97 +875,22 @@ def slice_llama(
     final_orientation: str = "random",
     do_slice_head: bool = False,
 ) -> Path:
-    """Rotate and slice the dense Llama in ``dense_dir`` as SliceGPT does; write run_slicegpt's
-    save-directory layout into ``out_dir`` (created if needed) and return ``out_dir``.
-
-    The checkpoint is ``out_dir / f"{sliced_file_stem(model_name, sparsity)}.pt"`` (plus ``.json``).
-    ``model_name`` defaults to ``meta-llama/Meta-Llama-3-<name of dense_dir>`` (the official loader
-    wants a Llama-2 / Meta-Llama-3 name). Calibration: ``calibration_ids`` [samples, seq_len] if
-    given, else ``num_calibration_samples`` windows of ``calibration_seq_len`` tokens of
-    ``embedded_text()`` (random ids if the model has no ``tokenizer.json``), chosen with ``seed``.
-    ``dtype`` casts the output (default: the dense weights' dtype). ``progress(stage, done, total)``
-    is called as work advances. See the module docstring for the maths and the options.
-    """
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1) (run_slicegpt's range), got {sparsity}")
-    if round_interval < 1:
-        raise ValueError(f"round_interval must be a positive integer, got {round_interval}")
-    if final_orientation not in ORIENTATIONS:
-        raise ValueError(f"final_orientation must be one of {ORIENTATIONS}, got {final_orientation!r}")
-
-    dense = DenseCheckpoint(dense_dir)
-    shape = dense.shape
-    out = Path(out_dir).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    model_name = model_name or f"meta-llama/Meta-Llama-3-{dense.directory.name}"
-    out_dtype = resolve_dtype(dtype) if dtype is not None else dense.dtype
-    rotator = Rotator(compute_dtype=torch.float64 if out_dtype.itemsize >= 4 else torch.float32, out_dtype=out_dtype)
-
-    width = sliced_width(shape.hidden_size, sparsity, round_interval)
-    if width < 1:
-        raise ValueError(
-            f"sparsity {sparsity} with round_interval {round_interval} leaves no width "
-            f"of hidden size {shape.hidden_size}"
-        )
-    widths = SlicedWidths.constant(shape.num_layers, width, head=width if do_slice_head else shape.hidden_size)
-    if shape.rms_norm_eps != SLICEGPT_FUSED_NORM_EPS:
-        logger.warning(
-            "the dense model's rms_norm_eps is %g; SliceGPT's fused norm uses %g, so even at sparsity 0 "
-            "the sliced model differs slightly from the dense one",
-            shape.rms_norm_eps,
-            SLICEGPT_FUSED_NORM_EPS,
-        )
-
-    generator = torch.Generator().manual_seed(seed)
-    token_ids = calibration_token_ids(dense, calibration_ids, num_calibration_samples, calibration_seq_len, generator)
-    if token_ids.numel() < shape.hidden_size:
-        logger.warning(
-            "%d calibration tokens for hidden size %d: the covariances are rank-deficient, so the kept "
-            "directions beyond their rank are arbitrary",
-            token_ids.numel(),
-            shape.hidden_size,
-        )
-    logger.info(
-        "slicing %s (%d layers, hidden %d -> %d, %s) with %d x %d calibration tokens",
-        dense.directory,
-        shape.num_layers,
-        shape.hidden_size,
-        width,
-        dtype_name(out_dtype),
-        token_ids.shape[0],
-        token_ids.shape[1],
+    """``slice_model`` for a dense Llama (any other family is refused). ``model_name`` defaults to
+    ``meta-llama/Meta-Llama-3-<name of dense_dir>``."""
+    return slice_model(
+        dense_dir,
+        out_dir,
+        sparsity=sparsity,
+        round_interval=round_interval,
+        model_name=model_name,
+        calibration_ids=calibration_ids,
+        num_calibration_samples=num_calibration_samples,
+        calibration_seq_len=calibration_seq_len,
+        seed=seed,
+        dtype=dtype,
+        progress=progress,
+        center_embeddings=center_embeddings,
+        final_orientation=final_orientation,
+        do_slice_head=do_slice_head,
+        family="llama",
     )
-
-    def orient(basis: torch.Tensor, kept: int) -> torch.Tensor:
-        return random_orientation(basis, kept, generator) if final_orientation == "random" else basis
-
-    context = CalibrationContext.build(dense.config, shape, token_ids.shape[1])
-    total_steps = shape.num_layers + 2
-
-    embeddings = fused_embeddings(dense, center_embeddings, rotator.compute_dtype)
-    stream = embeddings[token_ids].to(torch.float32)
-    basis = orient(principal_basis(stream), widths.embedding)
-    tensors: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": rotate_vocab_matrix(embeddings, basis[:, : widths.embedding], rotator)
-    }
-    del embeddings
-    _report(progress, "embeddings", 1, total_steps)
-
-    for idx in range(shape.num_layers):
-        result = slice_layer(idx, dense, stream, basis, widths, rotator, context, orient)
-        tensors.update(result.tensors)
-        stream, basis = result.output, result.output_basis
-        logger.debug("layer %d/%d rotated and sliced", idx + 1, shape.num_layers)
-        _report(progress, "layers", idx + 2, total_steps)
-
-    final_norm = dense.tensor("model.norm.weight")
-    head = dense.tensor("lm_head.weight")
-    tensors["lm_head.weight"] = rotate_vocab_matrix(head, basis[:, : widths.lm_head], rotator, column_scale=final_norm)
-    del head
-
-    stem = sliced_file_stem(model_name, sparsity)
-    save_sliced(out, stem, tensors, widths, shape.hidden_size, do_slice_head)
-    copied = copy_base_files(dense.directory, out)
-    _report(progress, "saved", total_steps, total_steps)
-    logger.info("wrote %s.pt / %s.json (+ %s) to %s", stem, stem, ", ".join(copied) or "no base files", out)
-    return out
