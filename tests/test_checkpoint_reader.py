@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.paths import FIXTURE
+from helpers.paths import FIXTURE, SHARED_FIXTURES
 
 from slicebridge.model import checkpoint as checkpoint_module
 from slicebridge.model import errors
@@ -328,6 +328,7 @@ def test_slicing_json_from_another_run(tmp_path):
         ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "MistralForCausalLM"),
         ({"architectures": ["MistralForCausalLM"]}, "MistralForCausalLM"),
         ({"architectures": None, "model_type": "gpt2"}, "gpt2"),
+        ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "Qwen2ForCausalLM"),
     ],
 )
 def test_unsupported_architecture(tmp_path, changes, named):
@@ -353,3 +354,50 @@ def test_errors_share_a_base_class():
         "UnsupportedArchitecture",
     ):
         assert issubclass(getattr(errors, name), errors.CheckpointError)
+
+
+# --------------------------------------------------------------------------------------------
+# Families
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.key)
+def test_every_family_is_read_with_its_widths_and_counts(family):
+    fixture = SHARED_FIXTURES / f"slicegpt-{family.key}-tiny"
+    facts = json.loads((fixture / "fixture.json").read_text())
+    checkpoint = read_checkpoint(fixture / "sliced")
+    assert checkpoint.family is family and checkpoint.sparsity == facts["sparsity"]
+    assert checkpoint.widths.constant_width() == facts.get("sliced_dim", 96)
+    assert checkpoint.round_interval == 8 and checkpoint.parameter_count == sum(
+        tensor.numel() for tensor in checkpoint.load_tensors().values()
+    )
+    recorded = json.loads(checkpoint.slicing_config_path.read_text())
+    assert checkpoint.widths.as_slicing_config(checkpoint.hidden_size) == recorded
+
+
+def test_tensors_of_another_family_than_the_config_says(tmp_path):
+    opt = SHARED_FIXTURES / "slicegpt-opt-tiny" / "sliced" / "opt-tiny_0.2.pt"
+    pt = _copy(opt, tmp_path / "run", "model_0.2.pt")
+    with pytest.raises(errors.NotASliceGPTCheckpoint, match="laid out as a sliced OPT's"):
+        read_checkpoint(pt, base_dir=FIXTURE / "base")
+
+
+@pytest.mark.parametrize(
+    ("key", "changes", "said"),
+    [
+        ("opt", {"do_layer_norm_before": False}, "OPT-350m-style"),
+        ("opt", {"word_embed_proj_dim": 48}, "OPT-350m-style"),
+        ("phi2", {"qk_layernorm": True}, "qk_layernorm"),
+        ("phi3", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling"),
+    ],
+)
+def test_a_layout_the_official_code_cannot_slice_is_refused_in_a_sentence(tmp_path, key, changes, said):
+    sliced = SHARED_FIXTURES / f"slicegpt-{key}-tiny" / "sliced"
+    run = tmp_path / "run"
+    shutil.copytree(sliced, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, **changes}))
+    checkpoint = read_checkpoint(run)  # described as it is (info works) ...
+    with pytest.raises(errors.BaseConfigMismatch, match=said) as raised:
+        checkpoint.sliced_config()  # ... but not rebuilt
+    assert str(run / "config.json") in str(raised.value) and "\n" not in str(raised.value)

@@ -201,3 +201,34 @@ def test_a_seed_bin_upgrades_in_the_slicegpt_env_to_the_official_logits(bridges,
     with torch.no_grad():
         metrics = logit_metrics(model(reference["probe_ids"]).logits, reference["logits_fp32"])
     assert metrics["nmse"] <= NMSE_LIMIT and metrics["top1"] == 1.0, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Names: the official adapters match on model names, users' directories have any name
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "stem", "expected"),
+    [
+        ("llama", "my-model", "meta-llama/Meta-Llama-3-my-model"),
+        ("opt", "my-model", "facebook/opt-my-model"),
+        ("opt", "opt-1.3b-local", "facebook/opt-1.3b-local"),
+        ("phi2", "my-model", "microsoft/phi-2"),
+        ("phi3", "my-model", "microsoft/Phi-3-mini-4k-instruct"),
+    ],
+)
+def test_a_checkpoint_named_anyhow_loads_officially_under_a_name_its_adapter_accepts(
+    bridges, tmp_path, key, stem, expected
+):
+    sliced = fixture_of(key) / "sliced"
+    renamed = tmp_path / "run"
+    renamed.mkdir()
+    official_stem, _, sparsity = next(sliced.glob("*.pt")).stem.rpartition("_")
+    for path in sliced.iterdir():  # the .pt and its SlicingConfig .json renamed, the base files as they are
+        name = f"{stem}_{sparsity}{path.suffix}" if path.stem == f"{official_stem}_{sparsity}" else path.name
+        (renamed / name).write_bytes(path.read_bytes())
+    result = bridges["official"].convert(renamed, tmp_path / "model.bin", loader="official")
+    assert (result.loader, result.family, result.official_name) == ("official", key, expected)
+    verdict = bridges["official"].verify(result.output, renamed)
+    assert verdict.passed and verdict.reference_side["official_name"] == expected, verdict.table()

@@ -95,9 +95,12 @@ class SlicedWidths:
     mlp_output: tuple[int, ...]
     lm_head: int
     parallel_blocks: bool = False
+    embedding_count: int = 1  # embedding tables sliced to ``embedding`` (OPT: tokens and positions)
 
     @classmethod
-    def constant(cls, num_layers: int, width: int, head: int, parallel_blocks: bool = False) -> SlicedWidths:
+    def constant(
+        cls, num_layers: int, width: int, head: int, parallel_blocks: bool = False, embedding_count: int = 1
+    ) -> SlicedWidths:
         """A constant-sparsity run's widths: every stream ``width`` wide, except the head's input
         (and so the last layer's MLP output), which is ``head`` wide."""
         per_layer = (width,) * num_layers
@@ -109,6 +112,7 @@ class SlicedWidths:
             mlp_output=per_layer[:-1] + (head,),
             lm_head=head,
             parallel_blocks=parallel_blocks,
+            embedding_count=embedding_count,
         )
 
     @classmethod
@@ -152,7 +156,7 @@ class SlicedWidths:
             "layers_num": self.num_layers,
             "do_slice_head": self.lm_head != hidden_size if do_slice_head is None else do_slice_head,
             "parallel_blocks": self.parallel_blocks,
-            "embedding_dimensions": {"0": self.embedding},
+            "embedding_dimensions": {str(idx): self.embedding for idx in range(self.embedding_count)},
             "attention_input_dimensions": by_layer(self.attention_input),
             "attention_output_dimensions": {} if self.parallel_blocks else by_layer(self.attention_output),
             "mlp_input_dimensions": {} if self.parallel_blocks else by_layer(self.mlp_input),
@@ -226,16 +230,20 @@ class SliceGPTCheckpoint:
         return _unwrap_state_dict(load_checkpoint_file(self.checkpoint_path), self.checkpoint_path)
 
     def sliced_config(self) -> SlicedConfig:
-        """The family's sliced config for this checkpoint (imports transformers)."""
+        """The family's sliced config for this checkpoint (imports transformers). A base config whose
+        layout the family's model cannot rebuild (as OPT-350m's) raises ``BaseConfigMismatch``."""
         from . import portable
 
-        return portable.sliced_config(
-            self.family,
-            self.base_config,
-            self.widths.as_slicing_config(self.hidden_size),
-            sparsity=self.sparsity,
-            round_interval=self.round_interval,
-        )
+        try:
+            return portable.sliced_config(
+                self.family,
+                self.base_config,
+                self.widths.as_slicing_config(self.hidden_size),
+                sparsity=self.sparsity,
+                round_interval=self.round_interval,
+            )
+        except ValueError as exc:
+            raise BaseConfigMismatch(f"{self.base_dir / 'config.json'}: {exc}") from None
 
     def build_model(self, dtype: torch.dtype | None = None) -> SlicedForCausalLM:
         """The portable model with this checkpoint's weights (imports transformers)."""
@@ -632,6 +640,7 @@ def widths_from_tensors(tensors: Mapping[str, torch.Tensor], num_layers: int, fa
         mlp_output=rows(family.mlp_output),
         lm_head=tensors["lm_head.weight"].shape[1],
         parallel_blocks=family.parallel_blocks,
+        embedding_count=len(family.embeddings),
     )
 
 
@@ -661,6 +670,7 @@ def widths_from_slicing_config(
         mlp_output=per_layer("mlp_output_dimensions"),
         lm_head=int(head) if head is not None else hidden_size,
         parallel_blocks=parallel_blocks,
+        embedding_count=max(len(embedding_dims), 1),
     )
 
 
