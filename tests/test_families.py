@@ -232,3 +232,25 @@ def test_a_checkpoint_named_anyhow_loads_officially_under_a_name_its_adapter_acc
     assert (result.loader, result.family, result.official_name) == ("official", key, expected)
     verdict = bridges["official"].verify(result.output, renamed)
     assert verdict.passed and verdict.reference_side["official_name"] == expected, verdict.table()
+
+
+# --------------------------------------------------------------------------------------------
+# Our own maker's output, every family, through the server
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_our_makers_checkpoint_of_each_family_round_trips(bridges, key, tmp_path):
+    from slicebridge.model.dense import make_dense_preset
+    from slicebridge.model.slicing import slice_model
+
+    dense = make_dense_preset(tmp_path / "dense", "tiny", family=key)
+    sliced = slice_model(dense, tmp_path / "sliced", sparsity=0.25)
+    for loader, bridge in bridges.items():
+        converted = bridge.convert(sliced, tmp_path / f"{loader}.bin", loader=loader)
+        exported = bridge.export(sliced, tmp_path / f"{loader}-hf", loader=loader)
+        assert converted.family == exported.family == key and converted.loader == loader
+        for artifact in (converted.output, exported.output):
+            verdict = bridge.verify(artifact, sliced)
+            assert verdict.passed and verdict.family == key, verdict.table()
+            assert verdict.inputs[0]["nmse"] <= 1e-6, verdict.table()  # fp16 artifact vs fp16 reference

@@ -1,10 +1,12 @@
 """``slicebridge demo`` (``make demo``): the main job, end to end, on a small embedded model.
 
-1. Build a small dense Llama with random weights and a tokenizer trained on embedded text.
-2. Slice it with our SliceGPT implementation at two sparsities (the run_slicegpt layout).
-3. Through ONE warm server in the slicegpt env: convert both to ``.bin``, export both as
-   Hugging Face directories, verify all four artifacts in this env, print ``info``.
-4. Show what this env and the server run on, and a summary table.
+1. Build a small dense model of every family SliceGPT slices (Llama, OPT, Phi-2, Phi-3) with
+   random weights and a tokenizer trained on embedded text.
+2. Slice each with our SliceGPT implementation (the run_slicegpt layout): the Llama at two
+   sparsities, the others at one.
+3. Through ONE warm server in the slicegpt env: convert each to ``.bin``, export each as a
+   Hugging Face directory, verify every artifact in this env, print ``info``.
+4. Show what this env and the server run on, and a summary table (one row per checkpoint).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 from slicebridge.client.bridge import Bridge
 from slicebridge.client.progress import ProgressPrinter
 
-SPARSITIES = (0.25, 0.5)
+# Which families the demo slices, at which sparsities.
+RUNS = (("llama", (0.25, 0.5)), ("opt", (0.25,)), ("phi2", (0.25,)), ("phi3", (0.25,)))
 
 
 def _say(text: str = "") -> None:
@@ -28,22 +31,10 @@ def run_demo(env: str, workdir: str | None = None, preset: str = "small") -> int
     import torch
     import transformers
 
-    from slicebridge.model.dense import make_dense_preset
-    from slicebridge.model.slicing import slice_llama
-
     started = time.perf_counter()
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="slicebridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    _say(f"== 1. a dense Llama ({preset} preset, random weights) in {root / 'dense'}")
-    dense = make_dense_preset(root / "dense", preset)
-    _say(f"== 2. slicing it at sparsity {', '.join(map(str, SPARSITIES))} with our SliceGPT")
-    checkpoints = []
-    for sparsity in SPARSITIES:
-        out = slice_llama(
-            dense, root / f"sliced-{sparsity}", sparsity=sparsity, model_name="meta-llama/Meta-Llama-3-demo"
-        )
-        checkpoints.append(out)
-        _say(f"   {out}")
+    checkpoints = _make_checkpoints(root, preset)
 
     _say("== 3. one warm server in the slicegpt env")
     with Bridge(env=env) as bridge:
@@ -58,8 +49,8 @@ def run_demo(env: str, workdir: str | None = None, preset: str = "small") -> int
             f"transformers {transformers.__version__}"
         )
         rows = []
-        for checkpoint in checkpoints:
-            name = checkpoint.name
+        for family, checkpoint in checkpoints:
+            name = f"{family}-{checkpoint.name.removeprefix('sliced-')}"
             progress = ProgressPrinter(name)
             t0 = time.perf_counter()
             converted = bridge.convert(checkpoint, root / f"{name}.bin", overwrite=True, on_event=progress)
@@ -71,24 +62,45 @@ def run_demo(env: str, workdir: str | None = None, preset: str = "small") -> int
             }
             progress.close()
             rows.append((name, converted, exported, seconds, checks))
+            _say(f"   {name}: {converted.family}, {converted.output}, {exported.output}")
         _say()
-        _say("== 4. info of the first .bin (read in this env, no server needed)")
-        _say(bridge.info(rows[0][1].output).table())
+        _say("== 4. info of the OPT .bin (read in this env, no server needed)")
+        _say(bridge.info(next(row[1].output for row in rows if row[1].family == "opt")).table())
         _say()
         _say("== verification of the first export in this env")
         _say(rows[0][4]["export"].table())
 
     _say()
     _say(
-        f"{'checkpoint':24s}{'actual ratio':>13s}{'convert+export s':>18s}{'cached':>8s}"
+        f"{'checkpoint':16s}{'family':>7s}{'actual ratio':>13s}{'convert+export s':>18s}{'cached':>8s}"
         f"{'verify .bin':>13s}{'verify export':>15s}"
     )
     for name, converted, exported, seconds, checks in rows:
         verdict = {k: ("PASS" if r.passed else "FAIL") + f" {r.inputs[0]['nmse']:.1e}" for k, r in checks.items()}
         _say(
-            f"{name:24s}{converted.actual_ratio:13.4f}{seconds:18.2f}{str(exported.cache_hit):>8s}"
+            f"{name:16s}{converted.family:>7s}{converted.actual_ratio:13.4f}{seconds:18.2f}{str(exported.cache_hit):>8s}"
             f"{verdict['bin']:>13s}{verdict['export']:>15s}"
         )
     passed = all(r.passed for *_, checks in rows for r in checks.values())
     _say(f"\nartifacts in {root}; demo {'passed' if passed else 'FAILED'} in {time.perf_counter() - started:.1f}s")
     return 0 if passed else 1
+
+
+def _make_checkpoints(root: Path, preset: str) -> list[tuple[str, Path]]:
+    """Steps 1 and 2: a dense model of every family, sliced; (family, run_slicegpt save dir) pairs.
+
+    ``preset`` sizes every family's model; a size a family does not have (``1b``, Llama only)
+    gives it the ``small`` one.
+    """
+    from slicebridge.model.dense import PRESETS_BY_FAMILY, make_dense_preset
+    from slicebridge.model.slicing import slice_model
+
+    _say(f"== 1. a dense model of every family (random weights) in {root}, 2. sliced with our SliceGPT")
+    checkpoints = []
+    for family, sparsities in RUNS:
+        size = preset if preset in PRESETS_BY_FAMILY[family] else "small"
+        dense = make_dense_preset(root / f"dense-{family}", size, family=family)
+        for sparsity in sparsities:
+            checkpoints.append((family, slice_model(dense, root / family / f"sliced-{sparsity}", sparsity=sparsity)))
+        _say(f"   {family:6s} {size} preset, sliced at sparsity {', '.join(map(str, sparsities))}")
+    return checkpoints

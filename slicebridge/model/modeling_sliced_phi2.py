@@ -29,38 +29,13 @@ from .sliced_decoder import (
     SlicedDecoderModel,
     SlicedForCausalLM,
     SlicedRMSNorm,
+    SlicedRotaryEmbedding,
     apply_rotary_pos_emb,
     attend,
-    rope_inverse_frequencies,
-    rotary_cos_sin,
     shortcut,
     split_heads,
     tied_weights_keys,
 )
-
-
-class SlicedPhi2RotaryEmbedding(nn.Module):
-    """Computes partial-RoPE cos/sin (``rotary_dim`` wide) for given positions; holds no buffers
-    (so meta-device construction and every transformers version's loading path need no care)."""
-
-    def __init__(self, config: SlicedPhi2Config) -> None:
-        super().__init__()
-        self.config = config
-        self.is_dynamic = (config.rotary_scaling or {}).get("rope_type") == "dynamic"
-
-    @torch.no_grad()
-    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.config
-        seq_len = int(position_ids.max()) + 1 if self.is_dynamic else None
-        inv_freq = rope_inverse_frequencies(
-            config.rotary_dim,
-            config.rope_theta,
-            config.rotary_scaling,
-            config.max_position_embeddings,
-            hidden_states.device,
-            seq_len,
-        )
-        return rotary_cos_sin(inv_freq, position_ids, hidden_states)
 
 
 class SlicedPhi2MLP(nn.Module):
@@ -149,7 +124,7 @@ class SlicedPhi2Model(SlicedDecoderModel):
         self.post_init()
 
     def make_rotary(self, config: SlicedPhi2Config) -> nn.Module:
-        return SlicedPhi2RotaryEmbedding(config)
+        return SlicedRotaryEmbedding(config, config.rotary_dim)
 
 
 class SlicedPhi2ForCausalLM(SlicedForCausalLM):

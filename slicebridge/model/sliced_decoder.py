@@ -172,6 +172,36 @@ def rope_inverse_frequencies(
     return inv_freq
 
 
+class SlicedRotaryEmbedding(nn.Module):
+    """RoPE cos/sin over a head's first ``dim`` channels (all of them, or Phi-2's partial share) for
+    given positions, with the config's ``rope_theta`` and ``rotary_scaling`` (default, linear,
+    dynamic, llama3). Holds no buffers, so meta-device construction and every transformers
+    version's loading path need no special care."""
+
+    def __init__(self, config: SlicedConfig, dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dim = dim
+        self.is_dynamic = (config.rotary_scaling or {}).get("rope_type") == "dynamic"
+
+    @torch.no_grad()
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        seq_len = int(position_ids.max()) + 1 if self.is_dynamic else None
+        inv_freq = rope_inverse_frequencies(
+            self.dim,
+            config.rope_theta,
+            config.rotary_scaling,
+            config.max_position_embeddings,
+            hidden_states.device,
+            seq_len,
+        )
+        return rotary_cos_sin(inv_freq, position_ids, hidden_states)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
 def rotary_cos_sin(
     inv_freq: torch.Tensor, position_ids: torch.Tensor, like: torch.Tensor, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

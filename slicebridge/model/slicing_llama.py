@@ -4,7 +4,7 @@ with RoPE, and the gated MLP, as transformers 4.41's ``LlamaDecoderLayer`` compu
     h = h + o_proj(attention(q/k/v_proj(rmsnorm(h))))                       # RoPE on q and k
     h = h + down_proj(silu(gate_proj(rmsnorm(h))) * up_proj(rmsnorm(h)))
 
-The RoPE tables come from the portable model's ``SlicedLlamaRotaryEmbedding`` (default, linear,
+The RoPE tables come from the portable model's ``sliced_decoder.SlicedRotaryEmbedding`` (default, linear,
 dynamic and llama3 scaling). Llamas with biases (``attention_bias`` / ``mlp_bias``) are refused:
 the official adapter's fusion never meets them.
 """
@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 
 from .configuration_sliced_llama import SlicedLlamaConfig
 from .families import BY_KEY
-from .modeling_sliced_llama import SlicedLlamaRotaryEmbedding
+from .sliced_decoder import SlicedRotaryEmbedding
 from .slicing import CausalSelfAttention, FamilySlicer, Linear
 
 
@@ -49,7 +49,10 @@ class LlamaSlicer(FamilySlicer):
         sliced = SlicedLlamaConfig.from_base_and_slicing(config, {})
         self.norm_eps = float(config.get("rms_norm_eps", 1e-6))
         self.attend = CausalSelfAttention(
-            sliced.num_attention_heads, sliced.num_key_value_heads, sliced.head_dim, SlicedLlamaRotaryEmbedding(sliced)
+            sliced.num_attention_heads,
+            sliced.num_key_value_heads,
+            sliced.head_dim,
+            SlicedRotaryEmbedding(sliced, sliced.head_dim),
         )
         self.activation = ACT2FN[sliced.hidden_act]
 

@@ -8,7 +8,7 @@ One LayerNorm per layer feeds both halves, so a layer is one residual block with
 (``attn_shortcut_Q``); every linear, ``lm_head`` included, has a bias. A LayerNorm family: the
 official fusion centres the embeddings and bakes the mean into ``dense`` and ``fc2``. The RoPE
 tables (the first ``partial_rotary_factor`` of each head rotates) come from the portable
-model's ``SlicedPhi2RotaryEmbedding``; its config refuses what the official adapter cannot
+model's ``sliced_decoder.SlicedRotaryEmbedding``; its config refuses what the official adapter cannot
 slice (``qk_layernorm``).
 """
 
@@ -22,7 +22,7 @@ from transformers.activations import ACT2FN
 
 from .configuration_sliced_phi2 import SlicedPhi2Config
 from .families import BY_KEY
-from .modeling_sliced_phi2 import SlicedPhi2RotaryEmbedding
+from .sliced_decoder import SlicedRotaryEmbedding
 from .slicing import CausalSelfAttention, FamilySlicer, Linear
 
 
@@ -49,7 +49,10 @@ class Phi2Slicer(FamilySlicer):
         sliced = SlicedPhi2Config.from_base_and_slicing(config, {"parallel_blocks": True})
         self.norm_eps = float(sliced.layer_norm_eps)
         self.attend = CausalSelfAttention(
-            sliced.num_attention_heads, sliced.num_key_value_heads, sliced.head_dim, SlicedPhi2RotaryEmbedding(sliced)
+            sliced.num_attention_heads,
+            sliced.num_key_value_heads,
+            sliced.head_dim,
+            SlicedRotaryEmbedding(sliced, sliced.rotary_dim),
         )
         self.activation = ACT2FN[sliced.hidden_act]
 
