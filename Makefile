@@ -2,6 +2,7 @@
 #   make test    build both envs, run the test suite
 #   make demo    build both envs, run the main job on a small embedded model
 #   make bench   build both envs, run the benchmarks into bench/results/
+#   make families  the family matrix (family x operation x loader, NMSE vs the official logits)
 #   make convert SLICEGPT_MODEL=... [BASE_MODEL=...] [OUTPUT=...] [ENV=slicegpt]
 #   make convert SWEEP=dir [OUTPUT_DIR=...] [ENV=slicegpt]
 #                convert through a detached warm server that later make calls reuse
@@ -19,7 +20,7 @@ SB       := $(BASE)/bin/slicebridge
 
 export SLICEBRIDGE_TEST_SLICEGPT_ENV := $(abspath $(SLICEGPT))
 
-.PHONY: envs test demo bench convert stop clean-envs
+.PHONY: envs test demo bench families convert stop clean-envs
 
 envs: $(BASE)/.ready $(SLICEGPT)/.ready
 
@@ -47,6 +48,9 @@ demo: envs
 
 bench: envs
 	$(BASE)/bin/python bench/run.py --env $(SLICEGPT)
+
+families: envs
+	$(BASE)/bin/python bench/family_matrix.py --env $(SLICEGPT)
 
 convert: envs
 	@if [ -z "$(SLICEGPT_MODEL)$(SWEEP)" ]; then \
