@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 from helpers.paths import HELPERS, REPO, SHARED_FIXTURES, slicegpt_env_path
+from helpers.run import run_cli
 
 import slicebridge
 from slicebridge import Bridge
@@ -254,3 +255,11 @@ def test_our_makers_checkpoint_of_each_family_round_trips(bridges, key, tmp_path
             verdict = bridge.verify(artifact, sliced)
             assert verdict.passed and verdict.family == key, verdict.table()
             assert verdict.inputs[0]["nmse"] <= 1e-6, verdict.table()  # fp16 artifact vs fp16 reference
+
+
+def test_one_batch_converts_and_verifies_every_family(slicegpt_env, tmp_path):
+    runs = [str(fixture_of(key) / "sliced") for key in KEYS]
+    done = run_cli("convert", *runs, "--output-dir", str(tmp_path), "--verify", "--json", "--env", str(slicegpt_env))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert [(row["family"], row["verify"], row["ok"]) for row in rows] == [(key, "pass", True) for key in KEYS]

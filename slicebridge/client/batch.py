@@ -30,6 +30,7 @@ class BatchRow:
     checkpoint: str
     output: str
     seconds: float = 0.0
+    family: str = ""
     actual_ratio: float | None = None
     loader: str = ""
     cache_hit: bool | None = None
@@ -145,7 +146,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def summary_table(rows: list[BatchRow]) -> str:
-    header = ("checkpoint", "output", "seconds", "actual ratio", "loader", "verify", "result")
+    header = ("checkpoint", "output", "seconds", "family", "actual ratio", "loader", "verify", "result")
     table = [header]
     for row in rows:
         table.append(
@@ -153,6 +154,7 @@ def summary_table(rows: list[BatchRow]) -> str:
                 Path(row.checkpoint).name,
                 _short(row.output),
                 f"{row.seconds:.2f}",
+                row.family or "-",
                 f"{row.actual_ratio:.4f}" if row.actual_ratio is not None else "-",
                 row.loader + (" (cached)" if row.cache_hit else "") if row.loader else "-",
                 row.verify,

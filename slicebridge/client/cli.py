@@ -290,6 +290,7 @@ def cmd_job(args) -> int:
                 actual_ratio=result.actual_ratio,
                 loader=result.loader,
                 cache_hit=result.cache_hit,
+                family=result.family,
             )
             if args.verify:
                 report = bridge.verify(
