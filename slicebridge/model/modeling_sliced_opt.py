@@ -1,7 +1,8 @@
 """A SliceGPT-sliced OPT as a plain transformers causal LM (``model_type = "sliced_opt"``).
 
-Read ``sliced_decoder`` first for what SliceGPT leaves of any decoder. A sliced OPT block
-(pre-LayerNorm OPT: 125m, 1.3b and up):
+Read ``sliced_decoder`` first for what SliceGPT leaves of any decoder, and for the blocks and
+portability this module shares with the other families. A sliced OPT block (pre-LayerNorm OPT:
+125m, 1.3b and up):
 
     h = h @ attn_shortcut_Q + out_proj(attention(q/k/v_proj(rmsn(h))))
     h = h @ mlp_shortcut_Q + fc2(relu(fc1(rmsn(h))))
@@ -16,10 +17,6 @@ non-padding tokens of the attention mask; there is no rotary embedding.
 The layout matches the official checkpoint's names: ``model.decoder.embed_tokens``,
 ``model.decoder.embed_positions``, ``model.decoder.layers.N.{self_attn.*_proj, fc1, fc2,
 attn_shortcut_Q, mlp_shortcut_Q}`` and ``lm_head.{weight,bias}``.
-
-Portable by design: imports only torch, transformers and its siblings ``sliced_decoder`` and
-``configuration_sliced*``, and is copied verbatim into exported model directories as remote
-code; runs under transformers 4.41 (SliceGPT's pin) and 5.x.
 """
 
 from __future__ import annotations
@@ -29,18 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_sliced_opt import SlicedOPTConfig
 from .sliced_decoder import (
+    SlicedAttention,
+    SlicedDecoderLayer,
     SlicedDecoderModel,
     SlicedForCausalLM,
     SlicedPreTrainedModel,
-    SlicedRMSNorm,
-    attend,
-    shortcut,
-    split_heads,
     tied_weights_keys,
 )
 
@@ -59,84 +53,46 @@ def opt_positions(
     return (mask.cumsum(-1) * mask - 1)[:, -seq_len:]
 
 
-class SlicedOPTAttention(nn.Module):
-    """Multi-head self-attention with sliced input and output widths (q/k/v carry the fused norm's bias)."""
+class SlicedOPTAttention(SlicedAttention):
+    """OPT's attention: ``q/k/v_proj`` carry the fused norm's bias, ``out_proj`` a bias only when ``enable_bias``.
+
+    OPT scales ``q_proj``'s output by ``head_dim ** -0.5``; SDPA's ``scale=`` is the same product.
+    """
+
+    output_projection = "out_proj"
 
     def __init__(self, config: SlicedOPTConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5  # OPT scales q_proj's output; SDPA's scale= is the same product
-        in_width = config.attention_input_dimensions[layer_idx]
-        out_width = config.attention_output_dimensions[layer_idx]
-        self.k_proj = nn.Linear(in_width, config.hidden_size, bias=True)
-        self.v_proj = nn.Linear(in_width, config.hidden_size, bias=True)
-        self.q_proj = nn.Linear(in_width, config.hidden_size, bias=True)
-        self.out_proj = nn.Linear(config.hidden_size, out_width, bias=config.enable_bias)
-
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Returns the attention output and this layer's full (cached + new) keys and values."""
-        query = split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
-        key = split_heads(self.k_proj(hidden_states), self.num_heads, self.head_dim)
-        value = split_heads(self.v_proj(hidden_states), self.num_heads, self.head_dim)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        return self.out_proj(attend(query, key, value, attention_mask, self.scaling)), (key, value)
+        super().__init__(config, layer_idx, input_bias=True, output_bias=config.enable_bias)
 
 
-class SlicedOPTDecoderLayer(nn.Module):
+class SlicedOPTDecoderLayer(SlicedDecoderLayer):
     """An OPT block whose residual connections go through the shortcut matrices.
 
     The MLP is inline, as in OPT (``fc1`` / ``fc2`` are the layer's own modules); ``fc1``
-    carries the fused norm's bias, ``fc2`` a bias only when ``enable_bias``.
+    carries the fused norm's bias, ``fc2`` a bias only when ``enable_bias``. The two weightless
+    norms take the shared layer's names (``input_layernorm``, ``post_attention_layernorm``), not
+    OPT's: they hold no tensor, so no checkpoint names them.
     """
 
-    def __init__(self, config: SlicedOPTConfig, layer_idx: int) -> None:
-        super().__init__()
-        attention_in = config.attention_input_dimensions[layer_idx]
-        attention_out = config.attention_output_dimensions[layer_idx]
-        mlp_in, mlp_out = config.mlp_input_dimensions[layer_idx], config.mlp_output_dimensions[layer_idx]
-        self.self_attn_layer_norm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
-        self.self_attn = SlicedOPTAttention(config, layer_idx)
-        self.attn_shortcut_Q = shortcut(attention_in, attention_out)
-        self.final_layer_norm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
-        self.fc1 = nn.Linear(mlp_in, config.ffn_dim, bias=True)
+    attention_class = SlicedOPTAttention
+
+    def add_mlp(self, config: SlicedOPTConfig, layer_idx: int) -> None:
+        self.fc1 = nn.Linear(config.mlp_input_dimensions[layer_idx], config.ffn_dim, bias=True)
         self.activation_fn = ACT2FN[config.activation_function]
-        self.fc2 = nn.Linear(config.ffn_dim, mlp_out, bias=config.enable_bias)
-        self.mlp_shortcut_Q = shortcut(mlp_in, mlp_out)
+        self.fc2 = nn.Linear(config.ffn_dim, config.mlp_output_dimensions[layer_idx], bias=config.enable_bias)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotary: None,
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``rotary`` is always None (OPT's positions were added to the embeddings)."""
-        attn_output, key_values = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask, cache)
-        hidden_states = torch.matmul(hidden_states, self.attn_shortcut_Q) + attn_output
-
-        mlp_output = self.fc2(self.activation_fn(self.fc1(self.final_layer_norm(hidden_states))))
-        hidden_states = torch.matmul(hidden_states, self.mlp_shortcut_Q) + mlp_output
-        return hidden_states, key_values
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
 class SlicedOPTDecoder(SlicedDecoderModel):
     """Token and learned position embeddings, decoder layers and the final (weightless) norm."""
 
     config_class = SlicedOPTConfig
-    _no_split_modules = ["SlicedOPTDecoderLayer"]
     layer_class = SlicedOPTDecoderLayer
 
-    def __init__(self, config: SlicedOPTConfig) -> None:
-        super().__init__(config)
-        self.embed_positions = nn.Embedding(
-            config.max_position_embeddings + OPT_POSITION_OFFSET, config.embedding_dimension
-        )
-        self.post_init()
+    def make_position_embeddings(self, config: SlicedOPTConfig) -> nn.Embedding:
+        return nn.Embedding(config.max_position_embeddings + OPT_POSITION_OFFSET, config.embedding_dimension)
 
     def add_positions(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, past_len: int
@@ -154,7 +110,6 @@ class SlicedOPTModel(SlicedPreTrainedModel):
     """OPT's wrapper around the decoder (so the tensor names start ``model.decoder.``); no LM head."""
 
     config_class = SlicedOPTConfig
-    _no_split_modules = ["SlicedOPTDecoderLayer"]
 
     def __init__(self, config: SlicedOPTConfig) -> None:
         super().__init__(config)
@@ -179,7 +134,6 @@ class SlicedOPTForCausalLM(SlicedForCausalLM):
     """The sliced OPT with its LM head (into which SliceGPT fused the final LayerNorm: weight and bias)."""
 
     config_class = SlicedOPTConfig
-    _no_split_modules = ["SlicedOPTDecoderLayer"]
     _tied_weights_keys = tied_weights_keys("model.decoder.embed_tokens.weight")
     model_class = SlicedOPTModel
 

@@ -1,7 +1,8 @@
 """A SliceGPT-sliced Phi-2 as a plain transformers causal LM (``model_type = "sliced_phi2"``).
 
-Read ``sliced_decoder`` first for what SliceGPT leaves of any decoder. Phi-2 runs attention and
-MLP in parallel on one normalised stream, so a sliced Phi-2 block has one norm and one shortcut:
+Read ``sliced_decoder`` first for what SliceGPT leaves of any decoder, and for the blocks and
+portability this module shares with the other families. Phi-2 runs attention and MLP in
+parallel on one normalised stream, so a sliced Phi-2 block has one norm and one shortcut:
 
     x = rmsn(h)
     h = dense(attention(q/k/v_proj(x))) + fc2(gelu_new(fc1(x))) + h @ attn_shortcut_Q
@@ -11,10 +12,6 @@ and key head rotate; default, linear and dynamic scaling, as transformers 4.41's
 grouped-query attention. Every linear has a bias. The LayerNorm weights and biases are fused
 into q/k/v and fc1, the mean subtraction is baked into the embeddings, ``dense`` and ``fc2``,
 and the final LayerNorm is fused into ``lm_head``, which therefore has a bias.
-
-Portable by design: imports only torch, transformers and its siblings ``sliced_decoder`` and
-``configuration_sliced*``, and is copied verbatim into exported model directories as remote
-code; runs under transformers 4.41 (SliceGPT's pin) and 5.x.
 """
 
 from __future__ import annotations
@@ -26,15 +23,14 @@ from transformers.cache_utils import Cache
 
 from .configuration_sliced_phi2 import SlicedPhi2Config
 from .sliced_decoder import (
+    CosSin,
+    KeyValues,
+    SlicedAttention,
     SlicedDecoderModel,
     SlicedForCausalLM,
     SlicedRMSNorm,
     SlicedRotaryEmbedding,
-    apply_rotary_pos_emb,
-    attend,
     shortcut,
-    split_heads,
-    tied_weights_keys,
 )
 
 
@@ -51,38 +47,13 @@ class SlicedPhi2MLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
-class SlicedPhi2Attention(nn.Module):
-    """Multi-head / grouped-query self-attention with partial RoPE and sliced input and output widths."""
+class SlicedPhi2Attention(SlicedAttention):
+    """Phi's attention: ``q/k/v_proj`` and ``dense``, all with biases; RoPE on the first ``rotary_dim`` channels."""
+
+    output_projection = "dense"
 
     def __init__(self, config: SlicedPhi2Config, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
-        in_width = config.attention_input_dimensions[layer_idx]
-        out_width = config.attention_output_dimensions[layer_idx]
-        self.q_proj = nn.Linear(in_width, self.num_heads * self.head_dim)
-        self.k_proj = nn.Linear(in_width, self.num_key_value_heads * self.head_dim)
-        self.v_proj = nn.Linear(in_width, self.num_key_value_heads * self.head_dim)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, out_width)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Returns the attention output and this layer's full (cached + new) keys and values."""
-        query = split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
-        key = split_heads(self.k_proj(hidden_states), self.num_key_value_heads, self.head_dim)
-        value = split_heads(self.v_proj(hidden_states), self.num_key_value_heads, self.head_dim)
-        query, key = apply_rotary_pos_emb(query, key, *rotary)  # cos/sin are rotary_dim wide: partial RoPE
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        return self.dense(attend(query, key, value, attention_mask, self.scaling)), (key, value)
+        super().__init__(config, layer_idx, input_bias=True, output_bias=True)
 
 
 class SlicedPhi2DecoderLayer(nn.Module):
@@ -98,12 +69,8 @@ class SlicedPhi2DecoderLayer(nn.Module):
         )
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        self, hidden_states: torch.Tensor, rotary: CosSin, attention_mask: torch.Tensor | None, cache: Cache | None
+    ) -> tuple[torch.Tensor, KeyValues]:
         normed = self.input_layernorm(hidden_states)
         attn_output, key_values = self.self_attn(normed, rotary, attention_mask, cache)
         mlp_output = self.mlp(normed)
@@ -116,12 +83,7 @@ class SlicedPhi2Model(SlicedDecoderModel):
     """Embeddings, decoder layers and the final (weightless) norm, Phi's ``final_layernorm``; no LM head."""
 
     config_class = SlicedPhi2Config
-    _no_split_modules = ["SlicedPhi2DecoderLayer"]
     layer_class = SlicedPhi2DecoderLayer
-
-    def __init__(self, config: SlicedPhi2Config) -> None:
-        super().__init__(config)
-        self.post_init()
 
     def make_rotary(self, config: SlicedPhi2Config) -> nn.Module:
         return SlicedRotaryEmbedding(config, config.rotary_dim)
@@ -131,6 +93,4 @@ class SlicedPhi2ForCausalLM(SlicedForCausalLM):
     """The sliced Phi-2 with its LM head (into which SliceGPT fused the final LayerNorm: it has a bias)."""
 
     config_class = SlicedPhi2Config
-    _no_split_modules = ["SlicedPhi2DecoderLayer"]
-    _tied_weights_keys = tied_weights_keys("model.embed_tokens.weight")
     model_class = SlicedPhi2Model

@@ -1,6 +1,7 @@
 """A SliceGPT-sliced Phi-3 as a plain transformers causal LM (``model_type = "sliced_phi3"``).
 
-Read ``sliced_decoder`` first for what SliceGPT leaves of any decoder. A sliced Phi-3 block:
+Read ``sliced_decoder`` first for what SliceGPT leaves of any decoder, and for the blocks and
+portability this module shares with the other families. A sliced Phi-3 block:
 
     h = h @ attn_shortcut_Q + o_proj(attention(qkv_proj(rmsn(h))))      # RoPE on q and k
     h = h @ mlp_shortcut_Q + down_proj(up * silu(gate))                 # gate, up = gate_up_proj(rmsn(h))
@@ -21,10 +22,6 @@ What transformers 4.41's Phi-3 (the one SliceGPT runs) computes, and this module
   position past ``original_max_position_embeddings``; cos and sin are multiplied by an
   attention factor that grows with ``max_position_embeddings / original_max_position_embeddings``.
   As in 4.41 the choice is made per forward pass, from the largest position in it.
-
-Portable by design: imports only torch, transformers and its siblings ``sliced_decoder`` and
-``configuration_sliced*``, and is copied verbatim into exported model directories as remote
-code; runs under transformers 4.41 (SliceGPT's pin) and 5.x.
 """
 
 from __future__ import annotations
@@ -36,19 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
 
 from .configuration_sliced_phi3 import SlicedPhi3Config
 from .sliced_decoder import (
+    CosSin,
+    SlicedAttention,
+    SlicedDecoderLayer,
     SlicedDecoderModel,
     SlicedForCausalLM,
-    SlicedRMSNorm,
-    apply_rotary_pos_emb,
-    attend,
     rotary_cos_sin,
-    shortcut,
-    split_heads,
-    tied_weights_keys,
 )
 
 
@@ -99,7 +92,7 @@ class SlicedPhi3RotaryEmbedding(nn.Module):
         return 1.0 / wavelengths
 
     @torch.no_grad()
-    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> CosSin:
         inv_freq = self.inverse_frequencies(int(position_ids.max()) + 1, hidden_states.device)
         return rotary_cos_sin(inv_freq, position_ids, hidden_states, scale=self.attention_factor)
 
@@ -119,79 +112,32 @@ class SlicedPhi3MLP(nn.Module):
         return self.down_proj(up * self.activation_fn(gate))
 
 
-class SlicedPhi3Attention(nn.Module):
-    """Multi-head / grouped-query self-attention with a fused ``qkv_proj`` and sliced input and output widths."""
+class SlicedPhi3Attention(SlicedAttention):
+    """Phi-3's attention: one fused ``qkv_proj`` (query rows, then key rows, then value rows) and ``o_proj``,
+    without biases."""
 
     def __init__(self, config: SlicedPhi3Config, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
-        self.split_sizes = [self.num_heads * self.head_dim, *2 * [self.num_key_value_heads * self.head_dim]]
-        in_width = config.attention_input_dimensions[layer_idx]
-        out_width = config.attention_output_dimensions[layer_idx]
-        self.qkv_proj = nn.Linear(in_width, sum(self.split_sizes), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, out_width, bias=False)
+        super().__init__(config, layer_idx, input_bias=False, output_bias=False)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Returns the attention output and this layer's (cached + new) keys and values."""
-        query, key, value = self.qkv_proj(hidden_states).split(self.split_sizes, dim=-1)
-        query = split_heads(query, self.num_heads, self.head_dim)
-        key = split_heads(key, self.num_key_value_heads, self.head_dim)
-        value = split_heads(value, self.num_key_value_heads, self.head_dim)
-        query, key = apply_rotary_pos_emb(query, key, *rotary)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        return self.o_proj(attend(query, key, value, attention_mask, self.scaling)), (key, value)
+    def make_input_projections(self, in_width: int, bias: bool) -> None:
+        self.qkv_proj = nn.Linear(in_width, sum(self.split_sizes), bias=bias)
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.qkv_proj(hidden_states).split(self.split_sizes, dim=-1)
 
 
-class SlicedPhi3DecoderLayer(nn.Module):
+class SlicedPhi3DecoderLayer(SlicedDecoderLayer):
     """A Phi-3 block whose residual connections go through the shortcut matrices."""
 
-    def __init__(self, config: SlicedPhi3Config, layer_idx: int) -> None:
-        super().__init__()
-        self.input_layernorm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
-        self.self_attn = SlicedPhi3Attention(config, layer_idx)
-        self.attn_shortcut_Q = shortcut(
-            config.attention_input_dimensions[layer_idx], config.attention_output_dimensions[layer_idx]
-        )
-        self.post_attention_layernorm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
-        self.mlp = SlicedPhi3MLP(config, layer_idx)
-        self.mlp_shortcut_Q = shortcut(config.mlp_input_dimensions[layer_idx], config.mlp_output_dimensions[layer_idx])
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        attn_output, key_values = self.self_attn(self.input_layernorm(hidden_states), rotary, attention_mask, cache)
-        hidden_states = torch.matmul(hidden_states, self.attn_shortcut_Q) + attn_output
-
-        mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
-        hidden_states = torch.matmul(hidden_states, self.mlp_shortcut_Q) + mlp_output
-        return hidden_states, key_values
+    attention_class = SlicedPhi3Attention
+    mlp_class = SlicedPhi3MLP
 
 
 class SlicedPhi3Model(SlicedDecoderModel):
     """Embeddings, decoder layers and the final (weightless) norm; no LM head."""
 
     config_class = SlicedPhi3Config
-    _no_split_modules = ["SlicedPhi3DecoderLayer"]
     layer_class = SlicedPhi3DecoderLayer
-
-    def __init__(self, config: SlicedPhi3Config) -> None:
-        super().__init__(config)
-        self.post_init()
 
     def make_rotary(self, config: SlicedPhi3Config) -> nn.Module:
         return SlicedPhi3RotaryEmbedding(config)
@@ -201,6 +147,4 @@ class SlicedPhi3ForCausalLM(SlicedForCausalLM):
     """The sliced Phi-3 with its LM head (into which SliceGPT fused the final norm's weight)."""
 
     config_class = SlicedPhi3Config
-    _no_split_modules = ["SlicedPhi3DecoderLayer"]
-    _tied_weights_keys = tied_weights_keys("model.embed_tokens.weight")
     model_class = SlicedPhi3Model

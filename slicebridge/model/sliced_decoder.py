@@ -12,15 +12,18 @@ What SliceGPT leaves of a decoder-only model, in every family it slices:
 - The final norm is fused into ``lm_head`` in the same way (a bias appears when it had one).
 
 This module holds what does not depend on the family: the norm, rotary position helpers, the
-masks and positions, attention over a cache, the decoder stack's forward pass, the causal-LM
+masks and positions, attention over a cache, the blocks most families share (self-attention with
+q/k/v projections, the two-shortcut decoder layer), the decoder stack's forward pass, the causal-LM
 head with generation support, and building a model from a state dict without random init.
-The family modules (``modeling_sliced_<family>.py``) define only their blocks.
+The family modules (``modeling_sliced_<family>.py``) define only what is theirs: their MLPs, the
+names and biases of their projections, their position embeddings and any block of another shape.
 
-Portable by design: it imports only torch, transformers and the stdlib, is copied verbatim into
-exported model directories as remote code, and runs under transformers 4.41 (SliceGPT's pin)
-and 5.x. It uses only transformers' stable surface: ``PreTrainedModel``, ``GenerationMixin``,
-``DynamicCache.update/get_seq_length`` and the output dataclasses; the differences between the
-two versions are handled in the "Version compatibility" section.
+Portable by design, and so are the family modules: they import only torch, transformers, the
+stdlib and each other (relatively), are copied verbatim into exported model directories as remote
+code, and run under transformers 4.41 (SliceGPT's pin) and 5.x. They use only transformers'
+stable surface: ``PreTrainedModel``, ``GenerationMixin``, ``DynamicCache.update/get_seq_length``
+and the output dataclasses; the differences between the two versions are handled in the
+"Version compatibility" section.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ except ImportError:  # transformers 4.x
 
 logger = logging.get_logger(__name__)
 
+# One layer's keys and values ([batch, kv_heads, seq, head_dim] each), and the rotary cos and sin
+# ([batch, seq, rotary_dim] each) that the model computes once per forward pass for all its layers.
+KeyValues = tuple[torch.Tensor, torch.Tensor]
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
 
 # --------------------------------------------------------------------------------------------
 # Version compatibility
@@ -71,7 +79,7 @@ def tied_weights_keys(embedding: str) -> Any:
     return {"lm_head.weight": embedding} if _TIED_KEYS_AS_MAPPING else ["lm_head.weight"]
 
 
-LegacyCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+LegacyCache = tuple[KeyValues, ...]
 
 
 def cache_seq_length(cache: Cache | LegacyCache | None) -> int:
@@ -185,7 +193,7 @@ class SlicedRotaryEmbedding(nn.Module):
         self.is_dynamic = (config.rotary_scaling or {}).get("rope_type") == "dynamic"
 
     @torch.no_grad()
-    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> CosSin:
         config = self.config
         seq_len = int(position_ids.max()) + 1 if self.is_dynamic else None
         inv_freq = rope_inverse_frequencies(
@@ -204,7 +212,7 @@ class SlicedRotaryEmbedding(nn.Module):
 
 def rotary_cos_sin(
     inv_freq: torch.Tensor, position_ids: torch.Tensor, like: torch.Tensor, scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> CosSin:
     """cos/sin ([batch, seq, 2 * len(inv_freq)]) of the rotation at ``position_ids``, in ``like``'s
     dtype, computed in float32 (``scale`` multiplies both, as scaled Phi-3 variants do)."""
     device_type = like.device.type if like.device.type != "mps" else "cpu"
@@ -342,6 +350,123 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
 
 # --------------------------------------------------------------------------------------------
+# Blocks shared by the families
+# --------------------------------------------------------------------------------------------
+
+
+def shortcut(rows: int, columns: int) -> nn.Parameter:
+    """A shortcut matrix's parameter (uninitialised; ``_init_weights`` or a checkpoint fills it)."""
+    return nn.Parameter(torch.empty(rows, columns))
+
+
+class SlicedAttention(nn.Module):
+    """Multi-head / grouped-query self-attention reading and writing a layer's sliced widths.
+
+    ``q_proj``, ``k_proj`` and ``v_proj`` read ``attention_input_dimensions[i]``; the output
+    projection, named by the family's ``output_projection`` (``o_proj``, OPT's ``out_proj``,
+    Phi's ``dense``), writes ``attention_output_dimensions[i]``. The family's subclass says which
+    of them have biases. A family with one fused ``qkv_proj`` overrides ``make_input_projections``
+    and ``project``. q and k are rotated when the model gives cos/sin (``rotary`` is None in a
+    family with learned positions); cos/sin narrower than a head rotate only its first channels.
+    """
+
+    output_projection = "o_proj"
+
+    def __init__(self, config: SlicedConfig, layer_idx: int, *, input_bias: bool, output_bias: bool) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        # Read as transformers does: OPT's config has neither (no grouped-query attention, head_dim = hidden / heads).
+        self.num_key_value_heads = getattr(config, "num_key_value_heads", self.num_heads)
+        self.head_dim = getattr(config, "head_dim", config.hidden_size // self.num_heads)
+        self.scaling = self.head_dim**-0.5
+        query_width, key_value_width = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        self.split_sizes = [query_width, key_value_width, key_value_width]
+        self.make_input_projections(config.attention_input_dimensions[layer_idx], input_bias)
+        out_width = config.attention_output_dimensions[layer_idx]
+        self.add_module(self.output_projection, nn.Linear(query_width, out_width, bias=output_bias))
+
+    def make_input_projections(self, in_width: int, bias: bool) -> None:
+        """``q_proj``, ``k_proj`` and ``v_proj``, reading the normalised stream."""
+        query_width, key_width, value_width = self.split_sizes
+        self.q_proj = nn.Linear(in_width, query_width, bias=bias)
+        self.k_proj = nn.Linear(in_width, key_width, bias=bias)
+        self.v_proj = nn.Linear(in_width, value_width, bias=bias)
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values, [batch, seq, heads * head_dim] each."""
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: CosSin | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, KeyValues]:
+        """Returns the attention output and this layer's full (cached + new) keys and values."""
+        query, key, value = self.project(hidden_states)
+        query = split_heads(query, self.num_heads, self.head_dim)
+        key = split_heads(key, self.num_key_value_heads, self.head_dim)
+        value = split_heads(value, self.num_key_value_heads, self.head_dim)
+        if rotary is not None:
+            query, key = apply_rotary_pos_emb(query, key, *rotary)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        output_projection = getattr(self, self.output_projection)
+        return output_projection(attend(query, key, value, attention_mask, self.scaling)), (key, value)
+
+
+class SlicedDecoderLayer(nn.Module):
+    """A pre-norm block whose two residual connections go through the shortcut matrices::
+
+        h = h @ attn_shortcut_Q + self_attn(input_layernorm(h))
+        h = h @ mlp_shortcut_Q + mlp(post_attention_layernorm(h))
+
+    A family's subclass sets ``attention_class`` and ``mlp_class`` (each built as
+    ``cls(config, layer_idx)``); one whose MLP's linears belong to the layer itself (OPT's
+    ``fc1`` / ``fc2``) overrides ``add_mlp`` and ``feed_forward`` instead. The norms are weightless,
+    so their names are in no checkpoint.
+    """
+
+    attention_class: type[nn.Module]
+    mlp_class: type[nn.Module]
+
+    def __init__(self, config: SlicedConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
+        self.self_attn = self.attention_class(config, layer_idx)
+        self.attn_shortcut_Q = shortcut(
+            config.attention_input_dimensions[layer_idx], config.attention_output_dimensions[layer_idx]
+        )
+        self.post_attention_layernorm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
+        self.add_mlp(config, layer_idx)
+        self.mlp_shortcut_Q = shortcut(config.mlp_input_dimensions[layer_idx], config.mlp_output_dimensions[layer_idx])
+
+    def add_mlp(self, config: SlicedConfig, layer_idx: int) -> None:
+        """Add the MLP's modules (``self.mlp``)."""
+        self.mlp = self.mlp_class(config, layer_idx)
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for the normalised stream."""
+        return self.mlp(hidden_states)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: CosSin | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, KeyValues]:
+        attn_output, key_values = self.self_attn(self.input_layernorm(hidden_states), rotary, attention_mask, cache)
+        hidden_states = torch.matmul(hidden_states, self.attn_shortcut_Q) + attn_output
+
+        mlp_output = self.feed_forward(self.post_attention_layernorm(hidden_states))
+        hidden_states = torch.matmul(hidden_states, self.mlp_shortcut_Q) + mlp_output
+        return hidden_states, key_values
+
+
+# --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
 
@@ -353,6 +478,8 @@ class SlicedPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # Not None, so that transformers 4.41 looks for the decoder's instance-level list (its layer class).
+    _no_split_modules: list[str] = []
     _supports_sdpa = True
     _supports_cache_class = True
 
@@ -368,23 +495,19 @@ class SlicedPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             weight_init.normal_(module.weight, mean=0.0, std=std)
         for name in ("attn_shortcut_Q", "mlp_shortcut_Q"):
-            shortcut = getattr(module, name, None)
-            if isinstance(shortcut, nn.Parameter):
-                weight_init.eye_(shortcut)
-
-
-def shortcut(rows: int, columns: int) -> nn.Parameter:
-    """A shortcut matrix's parameter (uninitialised; ``_init_weights`` or a checkpoint fills it)."""
-    return nn.Parameter(torch.empty(rows, columns))
+            matrix = getattr(module, name, None)
+            if isinstance(matrix, nn.Parameter):
+                weight_init.eye_(matrix)
 
 
 class SlicedDecoderModel(SlicedPreTrainedModel):
     """The decoder stack: embeddings, the sliced layers and the final (weightless) norm; no head.
 
     A family's subclass sets ``layer_class`` (a block called as
-    ``layer(hidden_states, rotary, attention_mask, cache) -> (hidden_states, (keys, values))``),
-    overrides ``make_rotary`` (rotary embeddings) and ``add_positions`` (learned position
-    embeddings) where it has them, and calls ``self.post_init()`` once its modules exist.
+    ``layer(hidden_states, rotary, attention_mask, cache) -> (hidden_states, (keys, values))``,
+    which is also the module a device map must not split) and overrides ``make_rotary`` (rotary
+    embeddings) or ``make_position_embeddings`` and ``add_positions`` (learned position
+    embeddings), whichever it has.
     """
 
     layer_class: type[nn.Module]
@@ -394,16 +517,25 @@ class SlicedDecoderModel(SlicedPreTrainedModel):
         width_errors = config.residual_width_errors()
         if width_errors:
             raise ValueError("inconsistent sliced widths: " + "; ".join(width_errors))
+        self._no_split_modules = [self.layer_class.__name__]
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_dimension)
+        self.embed_positions = self.make_position_embeddings(config)
         self.layers = nn.ModuleList([self.layer_class(config, idx) for idx in range(config.num_hidden_layers)])
         self.norm = SlicedRMSNorm(config.hidden_size, config.fused_norm_eps)
         self.rotary_emb = self.make_rotary(config)
+        self.post_init()
+
+    def make_position_embeddings(self, config: SlicedConfig) -> nn.Module | None:
+        """The learned position embeddings ``add_positions`` adds, or None for a family without them."""
+        return None
 
     def make_rotary(self, config: SlicedConfig) -> nn.Module | None:
         """The module giving (cos, sin) for positions, or None for a family without rotary embeddings."""
         return None
 
-    def add_positions(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, past_len: int):
+    def add_positions(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, past_len: int
+    ) -> torch.Tensor:
         """Add learned position embeddings to the token embeddings (a family that has them overrides this)."""
         return hidden_states
 
@@ -458,7 +590,7 @@ class SlicedDecoderModel(SlicedPreTrainedModel):
             rotary = self.rotary_emb(hidden_states, position_ids)
 
         all_hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
-        legacy_layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        legacy_layers: list[KeyValues] = []
         for layer in self.layers:
             if all_hidden_states is not None:
                 all_hidden_states += (hidden_states,)
@@ -480,11 +612,13 @@ class SlicedDecoderModel(SlicedPreTrainedModel):
 class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
     """A sliced decoder with its LM head (into which SliceGPT fused the final norm).
 
-    A family's subclass sets ``model_class`` (its decoder, stored as ``self.model``). The head
-    has a bias when ``config.lm_head_bias`` says so (the fused LayerNorm of OPT and Phi-2).
+    A family's subclass sets ``model_class`` (its decoder, stored as ``self.model``) and, when
+    the token embeddings are not ``model.embed_tokens``, ``_tied_weights_keys``. The head has a
+    bias when ``config.lm_head_bias`` says so (the fused LayerNorm of OPT and Phi-2).
     """
 
     model_class: type[nn.Module]
+    _tied_weights_keys = tied_weights_keys("model.embed_tokens.weight")
 
     def __init__(self, config: SlicedConfig) -> None:
         super().__init__(config)
