@@ -39,10 +39,9 @@ from slicebridge.model.slicing import (
     fused_embeddings,
     fused_rms_norm,
     rotate_vocab_matrix,
+    slice_layer,
     slice_llama,
     slice_model,
-    slice_parallel_layer,
-    slice_sequential_layer,
 )
 
 FAMILIES = ("opt", "phi2", "phi3")
@@ -252,7 +251,6 @@ def test_calibration_forward_is_the_dense_model(dense, probes, family):
     rotator = Rotator(compute_dtype=torch.float64, out_dtype=torch.float32)
     identity = torch.eye(hidden, dtype=torch.float64)
     widths = SlicedWidths.constant(num_layers, hidden, hidden, parallel_blocks=checkpoint.family.parallel_blocks)
-    slice_layer = slice_parallel_layer if checkpoint.family.parallel_blocks else slice_sequential_layer
 
     ids = probes["text"]
     expected = load_dense(directory)(input_ids=ids, output_hidden_states=True)
@@ -263,7 +261,7 @@ def test_calibration_forward_is_the_dense_model(dense, probes, family):
         wanted = wanted - wanted.mean(dim=-1, keepdim=True) if slicer.layer_norm else wanted
         assert nmse(stream, wanted) <= EXACT_NMSE, f"stream entering layer {idx}"
         layer = DenseLayer.read(checkpoint, idx, rotator)
-        stream = slice_layer(idx, layer, slicer, stream, identity, widths, rotator, lambda basis, kept: identity).output
+        stream = slice_layer(idx, layer, stream, identity, widths, rotator, lambda basis, kept: identity).output
     head = rotate_vocab_matrix(checkpoint.linear("lm_head"), identity, rotator, checkpoint.norm(slicer.final_norm))
     assert nmse(head(fused_rms_norm(stream, hidden)), expected.logits) <= EXACT_NMSE
 

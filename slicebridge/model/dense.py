@@ -8,7 +8,8 @@ download:
 
 - ``config.json`` / ``generation_config.json`` in the classic (4.x) dialect both versions read
   (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor`` and ``torch_dtype`` at the top
-  level), one builder per family (``llama_config_dict``, ``opt_config_dict``, ...);
+  level), built by ``dense_config_dict``: the fields every family shares, the architecture and
+  model type from ``families``, then the family's own (``CONFIG_FIELDS``);
 - ``model.safetensors`` with random weights: linear and embedding weights ~ N(0, 0.02), norm
   weights ``1 + noise * N(0, 1)`` and biases (OPT's and Phi-2's linears and LayerNorms)
   ``bias_noise * N(0, 1)``, not 1 and 0, so SliceGPT's norm fusion has work to do and a wrong
@@ -25,8 +26,8 @@ download:
 ``PRESETS_BY_FAMILY`` names the shapes used by the demo, tests and benchmarks: "tiny" is the
 shape of the family's official fixture (``shared/fixtures/slicegpt-<family>-tiny``), "small"
 ~10M parameters, and for Llama "1b", TinyLlama-like ~1.1B. ``PRESETS`` are Llama's.
-``make_dense_preset`` builds one of them; ``make_dense_llama`` is the Llama maker with its
-arguments spelled out.
+``make_dense_preset`` builds one of them; ``make_dense_llama`` is Llama's "tiny" with any
+argument overridden.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 from slicebridge.dtypes import dtype_name
 
 from .atomic import atomic_file
+from .families import BY_KEY
 from .sample_text import embedded_text
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,11 @@ logger = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 # Token ids of the special tokens: the trainer puts them first, in this order (Llama's ids).
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+# The shape every family's "small" preset has but for its MLP width (~10M parameters).
+_SMALL = dict(hidden_size=256, num_layers=8, num_heads=8, vocab_size=8000, max_position_embeddings=512)
+# What the official OPT, Phi-2 and Phi-3 fixtures' shapes share (slicegpt-<family>-tiny).
+_FIXTURE_TINY = dict(num_layers=2, vocab_size=900, max_position_embeddings=256)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The official fixture's shape (slicegpt-llama-tiny): ~0.98M parameters.
@@ -65,16 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=256,
     ),
     # ~9.9M parameters.
-    "small": dict(
-        hidden_size=256,
-        intermediate_size=688,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        vocab_size=8000,
-        rope_theta=500000.0,
-        max_position_embeddings=512,
-    ),
+    "small": dict(_SMALL, intermediate_size=688, num_kv_heads=4, rope_theta=500000.0),
     # TinyLlama-1.1B's shape: ~1.1B parameters (2.2 GB in fp16).
     "1b": dict(
         hidden_size=2048,
@@ -92,65 +90,21 @@ PRESETS_BY_FAMILY: dict[str, dict[str, dict[str, Any]]] = {
     "llama": PRESETS,
     "opt": {
         # slicegpt-opt-tiny's shape (tied embeddings, ffn 384): ~0.34M parameters.
-        "tiny": dict(
-            hidden_size=96,
-            intermediate_size=384,
-            num_layers=2,
-            num_heads=4,
-            vocab_size=900,
-            max_position_embeddings=256,
-        ),
+        "tiny": dict(_FIXTURE_TINY, hidden_size=96, intermediate_size=384, num_heads=4),
         # ~8.5M parameters.
-        "small": dict(
-            hidden_size=256,
-            intermediate_size=1024,
-            num_layers=8,
-            num_heads=8,
-            vocab_size=8000,
-            max_position_embeddings=512,
-        ),
+        "small": dict(_SMALL, intermediate_size=1024),
     },
     "phi2": {
         # slicegpt-phi2-tiny's shape (5 heads of 32, half of each rotating): ~0.91M parameters.
-        "tiny": dict(
-            hidden_size=160,
-            intermediate_size=640,
-            num_layers=2,
-            num_heads=5,
-            vocab_size=900,
-            max_position_embeddings=256,
-            partial_rotary_factor=0.5,
-        ),
+        "tiny": dict(_FIXTURE_TINY, hidden_size=160, intermediate_size=640, num_heads=5, partial_rotary_factor=0.5),
         # ~10.4M parameters.
-        "small": dict(
-            hidden_size=256,
-            intermediate_size=1024,
-            num_layers=8,
-            num_heads=8,
-            vocab_size=8000,
-            max_position_embeddings=512,
-            partial_rotary_factor=0.5,
-        ),
+        "small": dict(_SMALL, intermediate_size=1024, partial_rotary_factor=0.5),
     },
     "phi3": {
         # slicegpt-phi3-tiny's shape (fused qkv_proj and gate_up_proj): ~0.40M parameters.
-        "tiny": dict(
-            hidden_size=96,
-            intermediate_size=256,
-            num_layers=2,
-            num_heads=4,
-            vocab_size=900,
-            max_position_embeddings=256,
-        ),
+        "tiny": dict(_FIXTURE_TINY, hidden_size=96, intermediate_size=256, num_heads=4),
         # ~10.4M parameters.
-        "small": dict(
-            hidden_size=256,
-            intermediate_size=688,
-            num_layers=8,
-            num_heads=8,
-            vocab_size=8000,
-            max_position_embeddings=512,
-        ),
+        "small": dict(_SMALL, intermediate_size=688),
     },
 }
 
@@ -186,73 +140,19 @@ def _check_heads(hidden_size: int, num_heads: int, num_kv_heads: int) -> None:
         )
 
 
-def _common_config_fields(
-    architecture: str,
-    model_type: str,
+def _llama_fields(
+    config: dict[str, Any],
     *,
-    hidden_size: int,
-    num_layers: int,
-    num_heads: int,
-    vocab_size: int,
-    max_position_embeddings: int,
-    dtype: torch.dtype,
-    tie_word_embeddings: bool,
-) -> dict[str, Any]:
-    """The ``config.json`` fields every family writes alike."""
-    import transformers
-
-    return {
-        "architectures": [architecture],
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "hidden_size": hidden_size,
-        "max_position_embeddings": max_position_embeddings,
-        "model_type": model_type,
-        "num_attention_heads": num_heads,
-        "num_hidden_layers": num_layers,
-        "tie_word_embeddings": tie_word_embeddings,
-        "torch_dtype": dtype_name(dtype),
-        "transformers_version": transformers.__version__,
-        "use_cache": True,
-        "vocab_size": vocab_size,
-    }
-
-
-def llama_config_dict(
-    *,
-    hidden_size: int,
     intermediate_size: int,
-    num_layers: int,
-    num_heads: int,
+    initializer_range: float,
     num_kv_heads: int,
-    vocab_size: int,
     rope_theta: float,
-    max_position_embeddings: int,
-    dtype: torch.dtype,
-    tie_word_embeddings: bool = False,
     rms_norm_eps: float = 1e-5,
-    initializer_range: float = 0.02,
 ) -> dict[str, Any]:
-    """A LlamaConfig as a ``config.json`` dict in the 4.x dialect, which 5.x also reads.
-
-    (A 5.x ``save_pretrained`` would write ``rope_parameters`` and ``dtype``, which 4.41 ignores:
-    it would silently fall back to rope_theta 10000.)
-    """
-    _check_heads(hidden_size, num_heads, num_kv_heads)
+    """LlamaConfig's own fields. ``rope_theta`` stands at the top level: a 5.x ``save_pretrained``
+    would write ``rope_parameters``, which 4.41 ignores (it would silently fall back to 10000)."""
     return {
-        **_common_config_fields(
-            "LlamaForCausalLM",
-            "llama",
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_position_embeddings,
-            dtype=dtype,
-            tie_word_embeddings=tie_word_embeddings,
-        ),
         "attention_bias": False,
-        "attention_dropout": 0.0,
         "hidden_act": "silu",
         "initializer_range": initializer_range,
         "intermediate_size": intermediate_size,
@@ -265,37 +165,13 @@ def llama_config_dict(
     }
 
 
-def opt_config_dict(
-    *,
-    hidden_size: int,
-    intermediate_size: int,
-    num_layers: int,
-    num_heads: int,
-    vocab_size: int,
-    max_position_embeddings: int,
-    dtype: torch.dtype,
-    tie_word_embeddings: bool = True,
-    initializer_range: float = 0.02,
-) -> dict[str, Any]:
-    """An OPTConfig (pre-LayerNorm, as OPT-125m and 1.3b up: the layout SliceGPT slices) as a
-    ``config.json`` dict; ``intermediate_size`` is written as OPT's ``ffn_dim``. The pad token
-    is the bos token, as in the official fixture (OPT pads with id 1)."""
-    _check_heads(hidden_size, num_heads, num_heads)
+def _opt_fields(config: dict[str, Any], *, intermediate_size: int, initializer_range: float) -> dict[str, Any]:
+    """OPTConfig's own fields, pre-LayerNorm (as OPT-125m and 1.3b up: the layout SliceGPT
+    slices); ``intermediate_size`` is written as OPT's ``ffn_dim``. The pad token is the bos
+    token, as in the official fixture (OPT pads with id 1)."""
     return {
-        **_common_config_fields(
-            "OPTForCausalLM",
-            "opt",
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_position_embeddings,
-            dtype=dtype,
-            tie_word_embeddings=tie_word_embeddings,
-        ),
         "_remove_final_layer_norm": False,
         "activation_function": "relu",
-        "attention_dropout": 0.0,
         "do_layer_norm_before": True,
         "dropout": 0.0,
         "enable_bias": True,
@@ -304,47 +180,28 @@ def opt_config_dict(
         "layer_norm_elementwise_affine": True,
         "layerdrop": 0.0,
         "pad_token_id": BOS_ID,
-        "word_embed_proj_dim": hidden_size,
+        "word_embed_proj_dim": config["hidden_size"],
     }
 
 
-def phi2_config_dict(
+def _phi2_fields(
+    config: dict[str, Any],
     *,
-    hidden_size: int,
     intermediate_size: int,
-    num_layers: int,
-    num_heads: int,
-    vocab_size: int,
-    max_position_embeddings: int,
-    dtype: torch.dtype,
+    initializer_range: float,
     partial_rotary_factor: float = 0.4,
     rope_theta: float = 10000.0,
     layer_norm_eps: float = 1e-5,
-    tie_word_embeddings: bool = False,
-    initializer_range: float = 0.02,
 ) -> dict[str, Any]:
-    """A PhiConfig (Phi-2: parallel attention and MLP after one LayerNorm, biases everywhere,
-    partial RoPE; ``partial_rotary_factor`` 0.4 as microsoft/phi-2) as a ``config.json`` dict."""
-    _check_heads(hidden_size, num_heads, num_heads)
+    """PhiConfig's own fields (Phi-2: parallel attention and MLP after one LayerNorm, biases
+    everywhere, partial RoPE; ``partial_rotary_factor`` 0.4 as microsoft/phi-2)."""
     return {
-        **_common_config_fields(
-            "PhiForCausalLM",
-            "phi",
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_position_embeddings,
-            dtype=dtype,
-            tie_word_embeddings=tie_word_embeddings,
-        ),
-        "attention_dropout": 0.0,
         "embd_pdrop": 0.0,
         "hidden_act": "gelu_new",
         "initializer_range": initializer_range,
         "intermediate_size": intermediate_size,
         "layer_norm_eps": layer_norm_eps,
-        "num_key_value_heads": num_heads,
+        "num_key_value_heads": config["num_attention_heads"],
         "partial_rotary_factor": partial_rotary_factor,
         "qk_layernorm": False,
         "resid_pdrop": 0.0,
@@ -353,45 +210,26 @@ def phi2_config_dict(
     }
 
 
-def phi3_config_dict(
+def _phi3_fields(
+    config: dict[str, Any],
     *,
-    hidden_size: int,
     intermediate_size: int,
-    num_layers: int,
-    num_heads: int,
-    vocab_size: int,
-    max_position_embeddings: int,
-    dtype: torch.dtype,
+    initializer_range: float,
     num_kv_heads: int | None = None,
     rope_theta: float = 10000.0,
     sliding_window: int | None = None,
     rms_norm_eps: float = 1e-5,
-    tie_word_embeddings: bool = False,
-    initializer_range: float = 0.02,
 ) -> dict[str, Any]:
-    """A Phi3Config (Phi-3-mini-4k: fused ``qkv_proj`` and ``gate_up_proj``, RMSNorm, no biases,
-    plain RoPE) as a ``config.json`` dict. ``sliding_window`` defaults to one less than the
-    context (Phi-3-mini-4k: 2047 of 4096); the pad token is the eos token, as in the fixture."""
-    num_kv_heads = num_kv_heads or num_heads
-    _check_heads(hidden_size, num_heads, num_kv_heads)
+    """Phi3Config's own fields (Phi-3-mini-4k: fused ``qkv_proj`` and ``gate_up_proj``, RMSNorm, no
+    biases, plain RoPE). ``sliding_window`` defaults to one less than the context
+    (Phi-3-mini-4k: 2047 of 4096); the pad token is the eos token, as in the fixture."""
+    max_position_embeddings = config["max_position_embeddings"]
     return {
-        **_common_config_fields(
-            "Phi3ForCausalLM",
-            "phi3",
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_position_embeddings,
-            dtype=dtype,
-            tie_word_embeddings=tie_word_embeddings,
-        ),
-        "attention_dropout": 0.0,
         "embd_pdrop": 0.0,
         "hidden_act": "silu",
         "initializer_range": initializer_range,
         "intermediate_size": intermediate_size,
-        "num_key_value_heads": num_kv_heads,
+        "num_key_value_heads": num_kv_heads or config["num_attention_heads"],
         "original_max_position_embeddings": max_position_embeddings,
         "pad_token_id": EOS_ID,
         "resid_pdrop": 0.0,
@@ -402,13 +240,63 @@ def phi3_config_dict(
     }
 
 
-# The config builder of each family (keys as in ``families``).
-CONFIG_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "llama": llama_config_dict,
-    "opt": opt_config_dict,
-    "phi2": phi2_config_dict,
-    "phi3": phi3_config_dict,
+# Each family's own config fields (keys as in ``families``), and the families whose transformers
+# config ties the head to the token embeddings when it does not say (what the maker writes and
+# what ``slicing`` reads a config without ``tie_word_embeddings`` as).
+CONFIG_FIELDS: dict[str, Callable[..., dict[str, Any]]] = {
+    "llama": _llama_fields,
+    "opt": _opt_fields,
+    "phi2": _phi2_fields,
+    "phi3": _phi3_fields,
 }
+TIED_BY_DEFAULT = frozenset({"opt"})
+
+
+def dense_config_dict(
+    family: str,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    dtype: torch.dtype,
+    tie_word_embeddings: bool | None = None,
+    **family_options: Any,
+) -> dict[str, Any]:
+    """A dense ``config.json`` dict of ``family`` in the classic (4.x) dialect, which 5.x also reads.
+
+    The fields every family writes alike come from these arguments (the architecture and model
+    type from ``families``); the family's own from ``CONFIG_FIELDS[family]``, which takes
+    ``family_options``: ``intermediate_size`` and ``initializer_range`` always, then the
+    family's (``num_kv_heads``, ``rope_theta``, norm epsilons ...). ``tie_word_embeddings``
+    defaults to what the family's transformers config does (only OPT ties).
+    """
+    own_fields = CONFIG_FIELDS.get(family)
+    if own_fields is None:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(CONFIG_FIELDS)}")
+    import transformers
+
+    row = BY_KEY[family]
+    config: dict[str, Any] = {
+        "architectures": [row.architectures[0]],
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "hidden_size": hidden_size,
+        "max_position_embeddings": max_position_embeddings,
+        "model_type": row.model_types[0],
+        "num_attention_heads": num_heads,
+        "num_hidden_layers": num_layers,
+        "tie_word_embeddings": family in TIED_BY_DEFAULT if tie_word_embeddings is None else tie_word_embeddings,
+        "torch_dtype": dtype_name(dtype),
+        "transformers_version": transformers.__version__,
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+    config.update(own_fields(config, **family_options))
+    _check_heads(hidden_size, num_heads, config.get("num_key_value_heads", num_heads))
+    return config
 
 
 def generation_config_dict(config: dict[str, Any]) -> dict[str, Any]:
@@ -596,20 +484,16 @@ def make_dense_model(
     """Write a random-weight dense model of ``family`` ("llama", "opt", "phi2", "phi3") and a
     trained byte-level BPE tokenizer to ``out_dir``.
 
-    ``shape`` are the family's config builder's arguments (``CONFIG_BUILDERS[family]``; see
-    ``PRESETS_BY_FAMILY`` for complete sets). Deterministic for a given ``seed`` (and torch
-    version). The norm epsilons default to 1e-5, the epsilon SliceGPT's fused norm uses, so
-    that slicing at sparsity 0 can reproduce the dense model exactly. ``out_dir`` is created if
-    needed; files of the same names in it are replaced (weights and configs each atomically).
-    Returns ``out_dir``.
+    ``shape`` are ``dense_config_dict``'s arguments (see ``PRESETS_BY_FAMILY`` for complete sets).
+    Deterministic for a given ``seed`` (and torch version). The norm epsilons default to 1e-5,
+    the epsilon SliceGPT's fused norm uses, so that slicing at sparsity 0 can reproduce the
+    dense model exactly. ``out_dir`` is created if needed; files of the same names in it are
+    replaced (weights and configs each atomically). Returns ``out_dir``.
     """
-    builder = CONFIG_BUILDERS.get(family)
-    if builder is None:
-        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(CONFIG_BUILDERS)}")
+    weight_dtype = resolve_dtype(dtype)
+    config = dense_config_dict(family, dtype=weight_dtype, initializer_range=initializer_range, **shape)
     out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
-    weight_dtype = resolve_dtype(dtype)
-    config = builder(dtype=weight_dtype, initializer_range=initializer_range, **shape)
     shapes = dense_tensor_shapes(config)
     generator = torch.Generator().manual_seed(seed)
     noises = dict(initializer_range=initializer_range, norm_weight_noise=norm_weight_noise, bias_noise=bias_noise)
@@ -633,50 +517,6 @@ def make_dense_model(
     return out
 
 
-def make_dense_llama(
-    out_dir: str | os.PathLike[str],
-    *,
-    hidden_size: int = 128,
-    intermediate_size: int = 344,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    vocab_size: int = 1000,
-    rope_theta: float = 500000.0,
-    max_position_embeddings: int = 256,
-    dtype: str | torch.dtype = "float16",
-    seed: int = 0,
-    tie_word_embeddings: bool = False,
-    norm_weight_noise: float = 0.1,
-    rms_norm_eps: float = 1e-5,
-    initializer_range: float = 0.02,
-) -> Path:
-    """Write a random-weight ``LlamaForCausalLM`` and a trained byte-level BPE tokenizer to ``out_dir``.
-
-    ``make_dense_model(out_dir, "llama", ...)`` with Llama's arguments spelled out.
-    ``rms_norm_eps`` defaults to 1e-5, the epsilon SliceGPT's fused norm uses (the fixture's
-    model has 1e-6), so that slicing at sparsity 0 can reproduce the dense model exactly.
-    """
-    return make_dense_model(
-        out_dir,
-        "llama",
-        dtype=dtype,
-        seed=seed,
-        norm_weight_noise=norm_weight_noise,
-        initializer_range=initializer_range,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        vocab_size=vocab_size,
-        rope_theta=rope_theta,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        rms_norm_eps=rms_norm_eps,
-    )
-
-
 def make_dense_preset(out_dir: str | os.PathLike[str], preset: str, family: str = "llama", **overrides: Any) -> Path:
     """``make_dense_model`` with the shape of ``PRESETS_BY_FAMILY[family][preset]``: "tiny" or "small"
     (Llama also "1b"); ``overrides`` change any of its arguments."""
@@ -686,3 +526,10 @@ def make_dense_preset(out_dir: str | os.PathLike[str], preset: str, family: str 
     if preset not in presets:
         raise ValueError(f"unknown {family} preset {preset!r}; choose one of {', '.join(presets)}")
     return make_dense_model(out_dir, family, **{**presets[preset], **overrides})
+
+
+def make_dense_llama(out_dir: str | os.PathLike[str], **overrides: Any) -> Path:
+    """A random-weight ``LlamaForCausalLM`` of the Llama fixture's shape but for ``overrides``
+    (``make_dense_preset(out_dir, "tiny", "llama", ...)``); unlike the fixture's model (1e-6),
+    its ``rms_norm_eps`` is 1e-5 unless overridden."""
+    return make_dense_preset(out_dir, "tiny", "llama", **overrides)

@@ -78,7 +78,6 @@ import json
 import logging
 import os
 import shutil
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +91,8 @@ from slicebridge.dtypes import dtype_name
 
 from .atomic import atomic_file
 from .checkpoint import SlicedWidths, sliced_width
-from .configuration_sliced import SLICEGPT_FUSED_NORM_EPS
-from .dense import embedded_text, resolve_dtype
+from .configuration_sliced import SLICEGPT_FUSED_NORM_EPS, SlicedConfig
+from .dense import TIED_BY_DEFAULT, embedded_text, resolve_dtype
 from .families import SUPPORTED, Family, family_of_config, official_model_name
 from .sliced_decoder import apply_rotary_pos_emb, attend, causal_attention_mask, split_heads
 
@@ -197,6 +196,13 @@ class CausalSelfAttention:
     rotary: nn.Module | None = None
     sliding_window: int | None = None
 
+    @classmethod
+    def of_config(
+        cls, sliced: SlicedConfig, rotary: nn.Module | None = None, sliding_window: int | None = None
+    ) -> CausalSelfAttention:
+        """The attention a family's sliced config describes (its heads, key/value heads and head size)."""
+        return cls(sliced.num_attention_heads, sliced.num_key_value_heads, sliced.head_dim, rotary, sliding_window)
+
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         seq_len = query.shape[1]
         query = split_heads(query, self.num_heads, self.head_dim)
@@ -209,30 +215,44 @@ class CausalSelfAttention:
         return attend(query, key, value, mask, self.head_dim**-0.5)
 
 
-class FamilySlicer(ABC):
+class FamilySlicer:
     """One family's part of the slicing: its norms, the official order of a sliced layer's
     tensors, and its blocks' arithmetic for the calibration forward pass.
 
     Norm names are relative to a layer (``input_layernorm``), the final norm's absolute; the
-    linears' names are ``family``'s. ``layer_order`` lists a sliced layer's shortcuts and
-    linears (each linear's weight, then its bias if it has one) as the official model holds
-    them. A subclass's ``__init__`` refuses (``ValueError``) a variant of the family that the
-    official slicegpt cannot slice, and sets ``norm_eps``, the epsilon of the dense model's norms.
+    defaults are transformers' usual names (Llama's, Phi-3's). The linears' names are
+    ``family``'s. A subclass's ``__init__`` refuses (``ValueError``) a variant of the family that
+    the official slicegpt cannot slice, and sets ``norm_eps`` (the epsilon of the dense model's
+    norms), ``attend`` (its attention over projected queries, keys and values) and
+    ``activation`` (its MLP's), which the default ``attention`` and ``mlp`` use.
     """
 
     family: ClassVar[Family]
-    first_norm: ClassVar[str]
-    second_norm: ClassVar[str | None]  # None with parallel blocks: one norm feeds attention and MLP
-    final_norm: ClassVar[str]
-    layer_order: ClassVar[tuple[str, ...]]
+    first_norm: ClassVar[str] = "input_layernorm"
+    # None with parallel blocks: one norm feeds attention and MLP.
+    second_norm: ClassVar[str | None] = "post_attention_layernorm"
+    final_norm: ClassVar[str] = "model.norm"
+    # The linears of a sliced layer as the official model holds them, where that is not the
+    # family's order (attention inputs, attention output, MLP inputs, MLP output).
+    official_linear_order: ClassVar[tuple[str, ...] | None] = None
     # LayerNorm (with a bias): the embeddings are always centred and the writers' mean is baked in.
     layer_norm: ClassVar[bool] = False
-    # What a config that does not say ``tie_word_embeddings`` means for this family.
-    tied_by_default: ClassVar[bool] = False
+
+    attend: CausalSelfAttention
+    activation: Callable[[torch.Tensor], torch.Tensor]
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config
         self.norm_eps = SLICEGPT_FUSED_NORM_EPS
+
+    @property
+    def layer_order(self) -> tuple[str, ...]:
+        """A sliced layer's shortcuts and linears in the order the official model holds them
+        (each linear stands for its weight, then its bias if it has one): the shortcuts, the
+        MLP's first, then the linears."""
+        family = self.family
+        linears = (*family.attention_inputs, family.attention_output, *family.mlp_inputs, family.mlp_output)
+        return (*reversed(family.shortcuts), *(self.official_linear_order or linears))
 
     def default_model_name(self, directory_name: str) -> str:
         """The model name run_slicegpt would be given for a local model in ``directory_name``
@@ -244,14 +264,18 @@ class FamilySlicer(ABC):
         embedding matrices (in ``family.embeddings``' order)."""
         return embeddings[0][token_ids]
 
-    @abstractmethod
     def attention(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
         """The attention's output for the normalised stream ``normed`` (float32), through
-        ``readers`` (``family.attention_inputs``) and ``writer`` (``family.attention_output``)."""
+        ``readers`` (``family.attention_inputs``) and ``writer`` (``family.attention_output``).
+        Here: separate query, key and value projections."""
+        q_proj, k_proj, v_proj = readers
+        return writer(self.attend(q_proj(normed), k_proj(normed), v_proj(normed)))
 
-    @abstractmethod
     def mlp(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
-        """The MLP's output for ``normed``, through ``readers`` (``family.mlp_inputs``) and ``writer``."""
+        """The MLP's output for ``normed``, through ``readers`` (``family.mlp_inputs``) and
+        ``writer``. Here: one input linear, the activation, the output linear."""
+        (fc1,) = readers
+        return writer(self.activation(fc1(normed)))
 
 
 def family_slicer(family: Family) -> type[FamilySlicer]:
@@ -284,7 +308,7 @@ class DenseCheckpoint:
         self.hidden_size = int(self.config["hidden_size"])
         self.num_layers = int(self.config["num_hidden_layers"])
         self.vocab_size = int(self.config["vocab_size"])
-        self.tied_head = bool(self.config.get("tie_word_embeddings", self.slicer.tied_by_default))
+        self.tied_head = bool(self.config.get("tie_word_embeddings", family.key in TIED_BY_DEFAULT))
         self.tensor_files = self._tensor_files()
 
     def _tensor_files(self) -> dict[str, Path]:
@@ -420,16 +444,38 @@ def fused_rms_norm(hidden_states: torch.Tensor, hidden_size: int) -> torch.Tenso
     return hidden_states * torch.rsqrt(mean_square + SLICEGPT_FUSED_NORM_EPS)
 
 
-# (normalised stream, rotated readers, dense writers) -> the block's update of the stream
-BlockFunction = Callable[[torch.Tensor, list[Linear], list[Linear]], torch.Tensor]
+# (normalised stream, rotated input linears, dense output linear) -> the branch's output
+BranchFunction = Callable[[torch.Tensor, list[Linear], Linear], torch.Tensor]
+
+
+@dataclass
+class Branch:
+    """A layer's attention or MLP as the slicing sees it: the norm before it, its input linears
+    and its output linear (by relative name), and its arithmetic (``FamilySlicer.attention`` /
+    ``FamilySlicer.mlp``)."""
+
+    norm: Norm | None
+    readers: dict[str, Linear]
+    writer_name: str
+    writer: Linear
+    function: BranchFunction
+
+
+@dataclass
+class ResidualBlock:
+    """``x -> x @ shortcut + sum(branch(norm(x)))``: branches that read one normalised stream and
+    whose outputs are summed (one in a sequential layer, attention and MLP in a parallel one)."""
+
+    shortcut: str  # the shortcut matrix's name
+    widths: tuple[int, int]  # (d_in, d_out)
+    branches: tuple[Branch, ...]
 
 
 @dataclass
 class BlockResult:
     """One residual block rotated and sliced, and its effect on the calibration stream."""
 
-    readers: list[Linear]  # the input linears, reading the rotated, sliced stream
-    writers: list[Linear]  # the output linears, writing into the next rotated, sliced stream
+    linears: dict[str, Linear]  # the readers of the rotated, sliced stream and the writers of the next one
     shortcut: torch.Tensor  # the residual's change of basis, [d_in, d_out]
     output: torch.Tensor  # the stream after the block (float32, dense basis)
     output_basis: torch.Tensor  # its principal basis (float64)
@@ -438,33 +484,38 @@ class BlockResult:
 def rotate_block(
     stream: torch.Tensor,
     basis: torch.Tensor,
-    widths: tuple[int, int],
-    norm: Norm | None,
-    readers: list[Linear],
-    writers: list[Linear],
-    block: BlockFunction,
+    block: ResidualBlock,
     rotator: Rotator,
     orient: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> BlockResult:
-    """SliceGPT's step for one block ``x -> x + block(readers(norm(x)), writers)``.
+    """SliceGPT's step for one residual ``block``.
 
     ``stream`` is the block's calibration input in the dense basis and ``basis`` its principal
-    basis; ``widths`` = (d_in, d_out). The readers get the norm fused in and read
-    ``basis[:, :d_in]``; the block runs on the sliced stream with the dense writers (its residual
-    through ``basis[:, :d_in].T``), the output's principal basis is computed, and the writers and
-    the shortcut are rotated into its first ``d_out`` axes.
+    basis. The readers get the (first branch's) norm fused in and read ``basis[:, :d_in]``; the
+    block runs on the sliced stream with the dense writers (its residual through
+    ``basis[:, :d_in].T``), the output's principal basis is computed, and the writers and the
+    shortcut are rotated into its first ``d_out`` axes.
     """
-    d_in, d_out = widths
+    d_in, d_out = block.widths
     kept_input = basis[:, :d_in]
-    rotated_readers = [rotator.reading(linear, norm, kept_input) for linear in readers]
+    norm = block.branches[0].norm
+    readers = [
+        {name: rotator.reading(linear, norm, kept_input) for name, linear in branch.readers.items()}
+        for branch in block.branches
+    ]
     sliced = stream @ kept_input.to(torch.float32)
-    update = block(fused_rms_norm(sliced, basis.shape[0]), rotated_readers, writers)
-    output = sliced @ as_computed(rotator.store(kept_input.T)) + update
+    normed = fused_rms_norm(sliced, basis.shape[0])
+    updates = [
+        branch.function(normed, list(rotated.values()), branch.writer)
+        for branch, rotated in zip(block.branches, readers, strict=True)
+    ]
+    output = sliced @ as_computed(rotator.store(kept_input.T)) + sum(updates[1:], start=updates[0])
     output_basis = orient(principal_basis(output), d_out)
     kept_output = output_basis[:, :d_out]
+    linears = {name: linear for rotated in readers for name, linear in rotated.items()}
+    linears.update((branch.writer_name, rotator.writing(branch.writer, kept_output)) for branch in block.branches)
     return BlockResult(
-        readers=rotated_readers,
-        writers=[rotator.writing(linear, kept_output) for linear in writers],
+        linears=linears,
         shortcut=rotator.store(kept_input.T @ kept_output),
         output=output,
         output_basis=output_basis,
@@ -478,32 +529,45 @@ def rotate_block(
 
 @dataclass
 class DenseLayer:
-    """A dense decoder layer's norms and linears, as the slicing reads them (the writers already
-    centred in a LayerNorm family)."""
+    """A dense decoder layer's attention and MLP, as the slicing reads them (the writers already
+    centred in a LayerNorm family), and whether they run in parallel."""
 
-    first_norm: Norm
-    second_norm: Norm | None
-    attention_inputs: list[Linear]
-    attention_output: Linear
-    mlp_inputs: list[Linear]
-    mlp_output: Linear
+    attention: Branch
+    mlp: Branch
+    parallel: bool
 
     @classmethod
     def read(cls, dense: DenseCheckpoint, idx: int, rotator: Rotator) -> DenseLayer:
         family, slicer, prefix = dense.family, dense.slicer, dense.family.layer(idx)
 
-        def writer(name: str) -> Linear:
-            linear = dense.linear(prefix + name)
-            return rotator.centred(linear) if slicer.layer_norm else linear
+        def branch(norm: str | None, inputs: Sequence[str], output: str, function: BranchFunction) -> Branch:
+            writer = dense.linear(prefix + output)
+            return Branch(
+                norm=dense.norm(prefix + norm) if norm else None,
+                readers={name: dense.linear(prefix + name) for name in inputs},
+                writer_name=output,
+                writer=rotator.centred(writer) if slicer.layer_norm else writer,
+                function=function,
+            )
 
         return cls(
-            first_norm=dense.norm(prefix + slicer.first_norm),
-            second_norm=dense.norm(prefix + slicer.second_norm) if slicer.second_norm else None,
-            attention_inputs=[dense.linear(prefix + name) for name in family.attention_inputs],
-            attention_output=writer(family.attention_output),
-            mlp_inputs=[dense.linear(prefix + name) for name in family.mlp_inputs],
-            mlp_output=writer(family.mlp_output),
+            attention=branch(slicer.first_norm, family.attention_inputs, family.attention_output, slicer.attention),
+            mlp=branch(slicer.second_norm, family.mlp_inputs, family.mlp_output, slicer.mlp),
+            parallel=family.parallel_blocks,
         )
+
+    def blocks(self, idx: int, widths: SlicedWidths) -> list[ResidualBlock]:
+        """The residual blocks of this layer (layer ``idx``): attention, then MLP, or, in a
+        parallel layer, one block of both (one shortcut)."""
+        if self.parallel:
+            both = (widths.attention_input[idx], widths.mlp_output[idx])
+            return [ResidualBlock("attn_shortcut_Q", both, (self.attention, self.mlp))]
+        attention = (widths.attention_input[idx], widths.attention_output[idx])
+        mlp = (widths.mlp_input[idx], widths.mlp_output[idx])
+        return [
+            ResidualBlock("attn_shortcut_Q", attention, (self.attention,)),
+            ResidualBlock("mlp_shortcut_Q", mlp, (self.mlp,)),
+        ]
 
 
 @dataclass
@@ -515,83 +579,24 @@ class SlicedLayer:
     output_basis: torch.Tensor  # its principal basis (float64): the next layer's input basis
 
 
-def slice_sequential_layer(
+def slice_layer(
     idx: int,
     layer: DenseLayer,
-    slicer: FamilySlicer,
     stream: torch.Tensor,
     basis: torch.Tensor,
     widths: SlicedWidths,
     rotator: Rotator,
     orient: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> SlicedLayer:
-    """Fuse, rotate and slice decoder layer ``idx`` (attention block, then MLP block) given its
-    calibration input (dense basis) and that stream's principal basis."""
-    family = slicer.family
-    attention = rotate_block(
-        stream,
-        basis,
-        (widths.attention_input[idx], widths.attention_output[idx]),
-        layer.first_norm,
-        layer.attention_inputs,
-        [layer.attention_output],
-        lambda normed, readers, writers: slicer.attention(normed, readers, writers[0]),
-        rotator,
-        orient,
-    )
-    mlp = rotate_block(
-        attention.output,
-        attention.output_basis,
-        (widths.mlp_input[idx], widths.mlp_output[idx]),
-        layer.second_norm,
-        layer.mlp_inputs,
-        [layer.mlp_output],
-        lambda normed, readers, writers: slicer.mlp(normed, readers, writers[0]),
-        rotator,
-        orient,
-    )
-    tensors: dict[str, Linear | torch.Tensor] = {"attn_shortcut_Q": attention.shortcut, "mlp_shortcut_Q": mlp.shortcut}
-    tensors.update(zip(family.attention_inputs, attention.readers, strict=True))
-    tensors[family.attention_output] = attention.writers[0]
-    tensors.update(zip(family.mlp_inputs, mlp.readers, strict=True))
-    tensors[family.mlp_output] = mlp.writers[0]
-    return SlicedLayer(tensors=tensors, output=mlp.output, output_basis=mlp.output_basis)
-
-
-def slice_parallel_layer(
-    idx: int,
-    layer: DenseLayer,
-    slicer: FamilySlicer,
-    stream: torch.Tensor,
-    basis: torch.Tensor,
-    widths: SlicedWidths,
-    rotator: Rotator,
-    orient: Callable[[torch.Tensor, int], torch.Tensor],
-) -> SlicedLayer:
-    """Fuse, rotate and slice parallel decoder layer ``idx``: one block whose readers are the
-    attention's and the MLP's inputs and whose writers are both outputs (one shortcut)."""
-    family = slicer.family
-    split = len(layer.attention_inputs)
-
-    def parallel(normed: torch.Tensor, readers: list[Linear], writers: list[Linear]) -> torch.Tensor:
-        attention_output = slicer.attention(normed, readers[:split], writers[0])
-        return attention_output + slicer.mlp(normed, readers[split:], writers[1])
-
-    block = rotate_block(
-        stream,
-        basis,
-        (widths.attention_input[idx], widths.mlp_output[idx]),
-        layer.first_norm,
-        layer.attention_inputs + layer.mlp_inputs,
-        [layer.attention_output, layer.mlp_output],
-        parallel,
-        rotator,
-        orient,
-    )
-    tensors: dict[str, Linear | torch.Tensor] = {"attn_shortcut_Q": block.shortcut}
-    tensors.update(zip(family.attention_inputs + family.mlp_inputs, block.readers, strict=True))
-    tensors.update(zip((family.attention_output, family.mlp_output), block.writers, strict=True))
-    return SlicedLayer(tensors=tensors, output=block.output, output_basis=block.output_basis)
+    """Fuse, rotate and slice decoder layer ``idx``, block by block, given its calibration input
+    (dense basis) and that stream's principal basis."""
+    tensors: dict[str, Linear | torch.Tensor] = {}
+    for block in layer.blocks(idx, widths):
+        result = rotate_block(stream, basis, block, rotator, orient)
+        tensors[block.shortcut] = result.shortcut
+        tensors.update(result.linears)
+        stream, basis = result.output, result.output_basis
+    return SlicedLayer(tensors=tensors, output=stream, output_basis=basis)
 
 
 def state_entries(
@@ -712,10 +717,9 @@ def rotate_and_slice(
     del embeddings
     _report(progress, "embeddings", 1, total_steps)
 
-    slice_layer = slice_parallel_layer if family.parallel_blocks else slice_sequential_layer
     for idx in range(dense.num_layers):
         layer = DenseLayer.read(dense, idx, rotator)
-        result = slice_layer(idx, layer, slicer, stream, basis, widths, rotator, orient)
+        result = slice_layer(idx, layer, stream, basis, widths, rotator, orient)
         tensors.update(state_entries(family.layer(idx), result.tensors, slicer.layer_order))
         stream, basis = result.output, result.output_basis
         logger.debug("layer %d/%d rotated and sliced", idx + 1, dense.num_layers)
@@ -858,39 +862,7 @@ def slice_model(
     return out
 
 
-def slice_llama(
-    dense_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    sparsity: float,
-    round_interval: int = 8,
-    model_name: str | None = None,
-    calibration_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
-    num_calibration_samples: int = 8,
-    calibration_seq_len: int = 64,
-    seed: int = 0,
-    dtype: str | torch.dtype | None = None,
-    progress: ProgressCallback | None = None,
-    center_embeddings: bool = False,
-    final_orientation: str = "random",
-    do_slice_head: bool = False,
-) -> Path:
-    """``slice_model`` for a dense Llama (any other family is refused). ``model_name`` defaults to
-    ``meta-llama/Meta-Llama-3-<name of dense_dir>``."""
-    return slice_model(
-        dense_dir,
-        out_dir,
-        sparsity=sparsity,
-        round_interval=round_interval,
-        model_name=model_name,
-        calibration_ids=calibration_ids,
-        num_calibration_samples=num_calibration_samples,
-        calibration_seq_len=calibration_seq_len,
-        seed=seed,
-        dtype=dtype,
-        progress=progress,
-        center_embeddings=center_embeddings,
-        final_orientation=final_orientation,
-        do_slice_head=do_slice_head,
-        family="llama",
-    )
+def slice_llama(dense_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], **options: Any) -> Path:
+    """``slice_model(dense_dir, out_dir, family="llama", **options)``: a dense Llama is sliced, any
+    other family refused. ``model_name`` defaults to ``meta-llama/Meta-Llama-3-<name of dense_dir>``."""
+    return slice_model(dense_dir, out_dir, family="llama", **options)

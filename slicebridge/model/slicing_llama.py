@@ -27,20 +27,6 @@ class LlamaSlicer(FamilySlicer):
     """How SliceGPT slices a Llama-2 / Llama-3."""
 
     family = BY_KEY["llama"]
-    first_norm = "input_layernorm"
-    second_norm = "post_attention_layernorm"
-    final_norm = "model.norm"
-    layer_order = (
-        "mlp_shortcut_Q",
-        "attn_shortcut_Q",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -48,21 +34,12 @@ class LlamaSlicer(FamilySlicer):
             raise ValueError("slice_llama supports Llamas without biases (attention_bias/mlp_bias false) only")
         sliced = SlicedLlamaConfig.from_base_and_slicing(config, {})
         self.norm_eps = float(config.get("rms_norm_eps", 1e-6))
-        self.attend = CausalSelfAttention(
-            sliced.num_attention_heads,
-            sliced.num_key_value_heads,
-            sliced.head_dim,
-            SlicedRotaryEmbedding(sliced, sliced.head_dim),
-        )
+        self.attend = CausalSelfAttention.of_config(sliced, SlicedRotaryEmbedding(sliced, sliced.head_dim))
         self.activation = ACT2FN[sliced.hidden_act]
 
     def default_model_name(self, directory_name: str) -> str:
         """``meta-llama/Meta-Llama-3-<directory_name>`` (the official Llama adapter accepts it)."""
         return f"meta-llama/Meta-Llama-3-{directory_name}"
-
-    def attention(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
-        q_proj, k_proj, v_proj = readers
-        return writer(self.attend(q_proj(normed), k_proj(normed), v_proj(normed)))
 
     def mlp(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
         gate_proj, up_proj = readers

@@ -23,7 +23,7 @@ from transformers.activations import ACT2FN
 from .configuration_sliced_opt import opt_layout_refusal
 from .families import BY_KEY
 from .modeling_sliced_opt import OPT_POSITION_OFFSET
-from .slicing import CausalSelfAttention, FamilySlicer, Linear
+from .slicing import CausalSelfAttention, FamilySlicer
 
 # OPT's LayerNorms are torch's defaults: the config has no epsilon.
 OPT_LAYER_NORM_EPS = 1e-5
@@ -36,9 +36,7 @@ class OPTSlicer(FamilySlicer):
     first_norm = "self_attn_layer_norm"
     second_norm = "final_layer_norm"
     final_norm = "model.decoder.final_layer_norm"
-    layer_order = (
-        "mlp_shortcut_Q",
-        "attn_shortcut_Q",
+    official_linear_order = (
         "self_attn.k_proj",
         "self_attn.v_proj",
         "self_attn.q_proj",
@@ -47,7 +45,6 @@ class OPTSlicer(FamilySlicer):
         "fc2",
     )
     layer_norm = True
-    tied_by_default = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -63,14 +60,6 @@ class OPTSlicer(FamilySlicer):
         """Token embeddings plus the learned positions of a full (unpadded) sequence."""
         tokens, positions = embeddings
         return tokens[token_ids] + positions[OPT_POSITION_OFFSET + torch.arange(token_ids.shape[1])]
-
-    def attention(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
-        q_proj, k_proj, v_proj = readers
-        return writer(self.attend(q_proj(normed), k_proj(normed), v_proj(normed)))
-
-    def mlp(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
-        (fc1,) = readers
-        return writer(self.activation(fc1(normed)))
 
 
 SLICER = OPTSlicer

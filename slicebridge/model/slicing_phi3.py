@@ -29,27 +29,15 @@ class Phi3Slicer(FamilySlicer):
     """How SliceGPT slices a Phi-3(-mini-4k)."""
 
     family = BY_KEY["phi3"]
-    first_norm = "input_layernorm"
-    second_norm = "post_attention_layernorm"
-    final_norm = "model.norm"
-    layer_order = (
-        "mlp_shortcut_Q",
-        "attn_shortcut_Q",
-        "self_attn.o_proj",
-        "self_attn.qkv_proj",
-        "mlp.gate_up_proj",
-        "mlp.down_proj",
-    )
+    official_linear_order = ("self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         sliced = SlicedPhi3Config.from_base_and_slicing(config, {})
         self.norm_eps = float(sliced.rms_norm_eps)
-        heads, kv_heads, head_dim = sliced.num_attention_heads, sliced.num_key_value_heads, sliced.head_dim
-        self.attend = CausalSelfAttention(
-            heads, kv_heads, head_dim, SlicedPhi3RotaryEmbedding(sliced), sliced.sliding_window
-        )
-        self.qkv_split = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        self.attend = CausalSelfAttention.of_config(sliced, SlicedPhi3RotaryEmbedding(sliced), sliced.sliding_window)
+        head_dim = sliced.head_dim
+        self.qkv_split = [sliced.num_attention_heads * head_dim] + 2 * [sliced.num_key_value_heads * head_dim]
         self.activation = ACT2FN[sliced.hidden_act]
 
     def attention(self, normed: torch.Tensor, readers: list[Linear], writer: Linear) -> torch.Tensor:
