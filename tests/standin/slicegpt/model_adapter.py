@@ -6,16 +6,25 @@ Reproduces what loading a sliced model needs, for the four families the official
   per-layer dicts back into ints.
 - ``ModelAdapter.from_model``: the adapter is picked by asking every concrete subclass in
   turn (depth first over ``__subclasses__``); each one decides by the model NAME alone
-  (see ``adapters``). When none accepts it, it raises
+  (``accepts_name``, see ``adapters``). When none accepts it, it raises
   ``NotImplementedError("{model_path} is neither a Hugging Face model nor a supported local model.")``
   like the official one -- so a local directory given as the model name fails.
 - ``convert_layer_to_compressed_and_register_buffers``: registers ``mlp_shortcut_Q`` (sequential
   blocks only: a parallel block has one shortcut) then ``attn_shortcut_Q`` as (empty)
   parameters, so state-dict keys and order match the ``.pt``.
-- What every official adapter repeats (the model, its config, width, sequence length and
-  ``use_cache``; the compressed layer built from the config and the layer index) lives once in
-  ``ModelAdapter`` here; the adapters add their family's module paths and name test.
-Only what loading a sliced model needs is here (no rotation, no calibration).
+- The uninitialised model: the official defines a LOCAL class ``Uninitialized<X>ForCausalLM``
+  (``<X>ForCausalLM`` with ``_init_weights`` doing nothing) inside each adapter's
+  ``_from_uninitialized``, builds it in the default dtype and casts it with ``.to(dtype)`` (which
+  also rounds a rotary ``inv_freq`` to fp16). dill pickles such a class BY VALUE, its method with
+  the adapter module's ``__dict__`` as globals. ``uninitialized_causal_lm`` builds that class for
+  any adapter with the official name, qualname
+  (``<Adapter>._from_uninitialized.<locals>.Uninitialized<X>ForCausalLM``), module and globals.
+What every official adapter repeats (the model and its config, width, sequence length and
+``use_cache``; where its modules are, given as attribute paths; the compressed layer built from
+the config and the layer index; the model built from a name, pretrained or uninitialised) lives
+once here: the adapters set their family's types, module paths and name test. Config and
+weights are only ever read from local files (no Hugging Face downloads). Only what loading a
+sliced model needs is here (no rotation, no calibration).
 """
 
 from __future__ import annotations
@@ -23,16 +32,31 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import sys
+import types
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import torch
 from torch.nn import Module
 
 
-class LayerAdapter(ABC):
-    """Access to one transformer block's norms and linear layers (the getters are per family)."""
+class LayerAdapter:
+    """Access to one transformer block's norms and linear layers, at the attribute paths its family sets.
+
+    A subclass sets each as dotted attribute names from the block: ``first_layernorm_path``,
+    ``second_layernorm_path`` (None where attention and MLP share the first norm),
+    ``attention_input_paths``, ``attention_output_path``, ``mlp_input_paths`` and ``mlp_output_path``.
+    """
+
+    first_layernorm_path: str
+    second_layernorm_path: str | None
+    attention_input_paths: tuple[str, ...]
+    attention_output_path: str
+    mlp_input_paths: tuple[str, ...]
+    mlp_output_path: str
 
     def __init__(self, layer: Module) -> None:
         self._layer = layer
@@ -41,34 +65,61 @@ class LayerAdapter(ABC):
     def layer(self) -> Module:
         return self._layer
 
-    @abstractmethod
-    def get_first_layernorm(self) -> Module: ...
+    def get_first_layernorm(self) -> Module:
+        return attrgetter(self.first_layernorm_path)(self.layer)
 
-    @abstractmethod
-    def get_second_layernorm(self) -> Module | None: ...
+    def get_second_layernorm(self) -> Module | None:
+        return None if self.second_layernorm_path is None else attrgetter(self.second_layernorm_path)(self.layer)
 
-    @abstractmethod
-    def get_attention_inputs(self) -> list[Module]: ...
+    def get_attention_inputs(self) -> list[Module]:
+        return [attrgetter(path)(self.layer) for path in self.attention_input_paths]
 
-    @abstractmethod
-    def get_attention_output(self) -> Module: ...
+    def get_attention_output(self) -> Module:
+        return attrgetter(self.attention_output_path)(self.layer)
 
-    @abstractmethod
-    def get_mlp_inputs(self) -> list[Module]: ...
+    def get_mlp_inputs(self) -> list[Module]:
+        return [attrgetter(path)(self.layer) for path in self.mlp_input_paths]
 
-    @abstractmethod
-    def get_mlp_output(self) -> Module: ...
+    def get_mlp_output(self) -> Module:
+        return attrgetter(self.mlp_output_path)(self.layer)
+
+
+def _skip_init_weights(self, _) -> None:
+    pass  # weights come from the sliced state dict
+
+
+def uninitialized_causal_lm(adapter: type[ModelAdapter]) -> type:
+    """The official local class of ``adapter._from_uninitialized``: its causal LM, minus weight initialisation."""
+    base = adapter.causal_lm_type
+    name = f"Uninitialized{base.__name__}"
+    qualname = f"{adapter.__qualname__}._from_uninitialized.<locals>.{name}"
+    code = _skip_init_weights.__code__.replace(co_name="_init_weights", co_qualname=f"{qualname}._init_weights")
+    # The adapter module's globals, as the official's method has: a dill pickle names them ("<module> __dict__").
+    init_weights = types.FunctionType(code, vars(sys.modules[adapter.__module__]))
+    namespace = {"__module__": adapter.__module__, "__qualname__": qualname, "_init_weights": init_weights}
+    return type(name, (base,), namespace)
 
 
 class ModelAdapter(ABC):
     """Wraps a model; ``slicing_conf`` is set by ``hf_utils.load_sliced_model``.
 
-    Subclasses set the family's types as class attributes (``parallel_blocks``,
-    ``original_layer_type``, ``original_layer_norm_type``, ``layer_adapter_type``,
-    ``compressed_layer_type``, ``config_type``) and say where its modules are.
+    Subclasses set the family's types as class attributes (``causal_lm_type``,
+    ``original_layer_norm_type``, ``layer_adapter_type``, ``compressed_layer_type``;
+    ``parallel_blocks`` where attention and MLP run side by side; ``pad_with_eos`` where the
+    tokenizer has no pad token, so ``post_init`` makes eos the pad token), where its modules are
+    (``layers_path``, ``embedding_paths``, ``pre_head_layernorm_path``: dotted attribute names from
+    the model) and which model names they accept (``accepts_name``).
     """
 
+    causal_lm_type: type
+    original_layer_norm_type: type
+    layer_adapter_type: type[LayerAdapter]
+    compressed_layer_type: type
     parallel_blocks = False
+    pad_with_eos = False
+    layers_path: str
+    embedding_paths: tuple[str, ...]
+    pre_head_layernorm_path: str
 
     def __init__(self, model: Module) -> None:
         self._model = model
@@ -102,11 +153,30 @@ class ModelAdapter(ABC):
     def use_cache(self, value: bool) -> None:
         self.config.use_cache = value
 
+    @property
+    def original_layer_type(self) -> type:
+        return self.compressed_layer_type.__base__  # each compressed layer subclasses its family's layer
+
+    def get_layers(self) -> list[LayerAdapter]:
+        return [self.layer_adapter_type(layer) for layer in attrgetter(self.layers_path)(self.model)]
+
+    def get_embeddings(self) -> list[Module]:
+        return [attrgetter(path)(self.model) for path in self.embedding_paths]
+
+    def get_pre_head_layernorm(self) -> Module:
+        return attrgetter(self.pre_head_layernorm_path)(self.model)
+
+    def get_lm_head(self) -> Module:
+        return self.model.lm_head
+
     def compute_output_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits
 
+    def _new_compressed_layer(self, layer_idx: int | None) -> Module:
+        return self.compressed_layer_type(self.config, layer_idx)
+
     def convert_layer_to_compressed(self, layer: Module, layer_idx: int | None) -> Module:
-        new_layer = self.compressed_layer_type(self.config, layer_idx).to(self.config.torch_dtype)
+        new_layer = self._new_compressed_layer(layer_idx).to(self.config.torch_dtype)
         new_layer.load_state_dict(layer.state_dict(), strict=True)
         return new_layer
 
@@ -118,7 +188,9 @@ class ModelAdapter(ABC):
         return new_layer
 
     def post_init(self, tokenizer) -> None:
-        pass
+        if self.pad_with_eos:
+            tokenizer.pad_token = tokenizer.eos_token
+            self.config.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
     def from_model(
@@ -154,11 +226,24 @@ class ModelAdapter(ABC):
 
     @classmethod
     @abstractmethod
-    def _from_pretrained(cls, model_name, model_path, *, dtype, local_files_only, token) -> ModelAdapter | None: ...
+    def accepts_name(cls, model_name: str) -> bool:
+        """The official adapter's test of the model name (the only thing it decides by)."""
 
     @classmethod
-    @abstractmethod
-    def _from_uninitialized(cls, model_name, model_path, *, dtype, local_files_only, token) -> ModelAdapter | None: ...
+    def _from_pretrained(cls, model_name, model_path, *, dtype=torch.float16, local_files_only=False, token=None):
+        if not cls.accepts_name(model_name):
+            return None
+        model = cls.causal_lm_type.from_pretrained(model_path, torch_dtype=dtype, token=token, local_files_only=True)
+        model.config.torch_dtype = dtype
+        return cls(model)
+
+    @classmethod
+    def _from_uninitialized(cls, model_name, model_path, *, dtype=torch.float16, local_files_only=False, token=None):
+        if not cls.accepts_name(model_name):
+            return None
+        config_type = cls.causal_lm_type.config_class
+        config = config_type.from_pretrained(model_path, torch_dtype=dtype, token=token, local_files_only=True)
+        return cls(uninitialized_causal_lm(cls)(config).to(dtype=dtype))
 
 
 def _int_keys(value: Any) -> Any:

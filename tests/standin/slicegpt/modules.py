@@ -10,9 +10,10 @@ sliced width the tensor actually has; ``eps`` is a fixed 1e-5 whatever the model
 (``eps``, ``mean_dim``) carry the official names, so an official ``RMSN`` pickled with dill
 unpickles into this class and runs.
 
-Also here: ``shortcut``, the residual path every compressed decoder layer shares (the residual
-times ``*_shortcut_Q``, which rotates it and maps the block's input width to its output width;
-a plain residual while no Q is set).
+Also here, what every compressed decoder layer shares: ``shortcut``, the residual path (the
+residual times ``*_shortcut_Q``, which rotates it and maps the block's input width to its output
+width; a plain residual while no Q is set), and ``layer_outputs``, the tuple a transformers 4.41
+decoder layer returns.
 """
 
 import torch
@@ -36,3 +37,15 @@ class RMSN(torch.nn.Module):
 def shortcut(residual: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
     """The residual as a compressed layer adds it back: ``residual @ q``, or unchanged without a Q."""
     return residual if q is None else torch.matmul(residual, q)
+
+
+def layer_outputs(
+    hidden_states: torch.Tensor, attn_weights, present, output_attentions: bool | None, use_cache: bool | None
+) -> tuple:
+    """What a decoder layer returns: the hidden states, then the attention weights and the cache when asked for."""
+    outputs = (hidden_states,)
+    if output_attentions:
+        outputs += (attn_weights,)
+    if use_cache:
+        outputs += (present,)
+    return outputs

@@ -11,23 +11,18 @@ Reproduces, against transformers 4.41:
   ``lm_head`` a bias, see ``hf_utils.fuse_modules``); the embeddings are the token AND the
   learned position tables, both sliced; the compressed layer is built from the config alone
   (OPT layers take no index). Accepted only for model names starting with ``facebook/opt``;
-  anything else returns None, so ``ModelAdapter.from_model`` raises NotImplementedError. The
-  uninitialised model is a LOCAL class ``UninitializedOPTForCausalLM`` defined inside
-  ``OPTModelAdapter._from_uninitialized`` (the official qualname; dill pickles it by value),
-  built in the default dtype and then cast with ``.to(dtype)``. No ``post_init``: OPT
-  tokenizers have a pad token.
-Config and tokenizer are only ever read from local files (no Hugging Face downloads).
+  anything else is refused, so ``ModelAdapter.from_model`` raises NotImplementedError. The
+  uninitialised model is ``OPTModelAdapter._from_uninitialized.<locals>.UninitializedOPTForCausalLM``
+  (see ``model_adapter``). ``post_init`` leaves the tokenizer as it is: OPT tokenizers have a pad token.
 """
 
 import torch
 from torch import Tensor
 from torch.nn.functional import dropout
-from transformers.models.opt.modeling_opt import OPTConfig, OPTDecoderLayer, OPTForCausalLM
+from transformers.models.opt.modeling_opt import OPTDecoderLayer, OPTForCausalLM
 
 from slicegpt.model_adapter import LayerAdapter, ModelAdapter
-from slicegpt.modules import shortcut
-
-SUPPORTED_PREFIX = "facebook/opt"
+from slicegpt.modules import layer_outputs, shortcut
 
 
 class CompressedOPTDecoderLayer(OPTDecoderLayer):
@@ -59,78 +54,30 @@ class CompressedOPTDecoderLayer(OPTDecoderLayer):
         mlp_out = self.fc2(self.activation_fn(self.fc1(self.final_layer_norm(rows))))
         mlp_out = dropout(mlp_out, p=self.dropout, training=self.training)
         hidden_states = (shortcut(rows, self.mlp_shortcut_Q) + mlp_out).view(out_shape)
-        outputs = (hidden_states,)
-        if output_attentions:
-            outputs += (attn_weights,)
-        if use_cache:
-            outputs += (present,)
-        return outputs
+        return layer_outputs(hidden_states, attn_weights, present, output_attentions, use_cache)
 
 
 class OPTLayerAdapter(LayerAdapter):
-    def get_first_layernorm(self):
-        return self.layer.self_attn_layer_norm
-
-    def get_second_layernorm(self):
-        return self.layer.final_layer_norm
-
-    def get_attention_inputs(self):
-        attn = self.layer.self_attn
-        return [attn.q_proj, attn.k_proj, attn.v_proj]
-
-    def get_attention_output(self):
-        return self.layer.self_attn.out_proj
-
-    def get_mlp_inputs(self):
-        return [self.layer.fc1]
-
-    def get_mlp_output(self):
-        return self.layer.fc2
+    first_layernorm_path = "self_attn_layer_norm"
+    second_layernorm_path = "final_layer_norm"
+    attention_input_paths = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    attention_output_path = "self_attn.out_proj"
+    mlp_input_paths = ("fc1",)
+    mlp_output_path = "fc2"
 
 
 class OPTModelAdapter(ModelAdapter):
-    parallel_blocks = False
-    should_bake_mean_into_linear = True
-    original_layer_type = OPTDecoderLayer
+    causal_lm_type = OPTForCausalLM
     original_layer_norm_type = torch.nn.LayerNorm
     layer_adapter_type = OPTLayerAdapter
     compressed_layer_type = CompressedOPTDecoderLayer
-    config_type = OPTConfig
-
-    def convert_layer_to_compressed(self, layer, layer_idx):
-        new_layer = CompressedOPTDecoderLayer(self.config).to(self.config.torch_dtype)
-        new_layer.load_state_dict(layer.state_dict(), strict=True)
-        return new_layer
-
-    def get_layers(self):
-        return [OPTLayerAdapter(layer) for layer in self.model.model.decoder.layers]
-
-    def get_embeddings(self):
-        decoder = self.model.model.decoder
-        return [decoder.embed_tokens, decoder.embed_positions]
-
-    def get_pre_head_layernorm(self):
-        return self.model.model.decoder.final_layer_norm
-
-    def get_lm_head(self):
-        return self.model.lm_head
+    layers_path = "model.decoder.layers"
+    embedding_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions")
+    pre_head_layernorm_path = "model.decoder.final_layer_norm"
 
     @classmethod
-    def _from_pretrained(cls, model_name, model_path, *, dtype=torch.float16, local_files_only=False, token=None):
-        if not model_name.startswith(SUPPORTED_PREFIX):
-            return None
-        model = OPTForCausalLM.from_pretrained(model_path, torch_dtype=dtype, local_files_only=True)
-        model.config.torch_dtype = dtype
-        return OPTModelAdapter(model)
+    def accepts_name(cls, model_name: str) -> bool:
+        return model_name.startswith("facebook/opt")
 
-    @classmethod
-    def _from_uninitialized(cls, model_name, model_path, *, dtype=torch.float16, local_files_only=False, token=None):
-        if not model_name.startswith(SUPPORTED_PREFIX):
-            return None
-
-        class UninitializedOPTForCausalLM(OPTForCausalLM):
-            def _init_weights(self, _) -> None:
-                pass  # weights come from the sliced state dict
-
-        config = OPTConfig.from_pretrained(model_path, torch_dtype=dtype, local_files_only=True)
-        return OPTModelAdapter(UninitializedOPTForCausalLM(config).to(dtype=dtype))
+    def _new_compressed_layer(self, layer_idx: int | None) -> CompressedOPTDecoderLayer:
+        return self.compressed_layer_type(self.config)  # OPT layers take no index

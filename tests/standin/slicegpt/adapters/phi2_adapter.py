@@ -8,23 +8,19 @@ Reproduces, against transformers 4.41:
   instance attributes of its own, so official instances pickled with dill unpickle into it.
 - ``Phi2LayerAdapter`` / ``Phi2ModelAdapter``: one ``LayerNorm`` per layer (no second norm),
   attention inputs q/k/v, output ``dense``, MLP ``fc1`` / ``fc2``; ``parallel_blocks`` True.
-  Accepted only for the model name ``microsoft/phi-2`` exactly; anything else returns None,
-  so ``ModelAdapter.from_model`` raises NotImplementedError. The uninitialised model is a
-  LOCAL class ``UninitializedPhiForCausalLM`` defined inside
-  ``Phi2ModelAdapter._from_uninitialized`` (the official qualname; dill pickles it by value),
-  built in the default dtype and then cast with ``.to(dtype)``.
-- ``post_init``: Phi-2 has no pad token, so pad := eos and ``config.pad_token_id`` follows.
-Config and tokenizer are only ever read from local files (no Hugging Face downloads).
+  Accepted only for the model name ``microsoft/phi-2`` exactly; anything else is refused, so
+  ``ModelAdapter.from_model`` raises NotImplementedError. The uninitialised model is
+  ``Phi2ModelAdapter._from_uninitialized.<locals>.UninitializedPhiForCausalLM`` (see
+  ``model_adapter``).
+- ``pad_with_eos``: Phi-2's tokenizer has no pad token.
 """
 
 import torch
 from torch import Tensor
-from transformers.models.phi.modeling_phi import PhiConfig, PhiDecoderLayer, PhiForCausalLM
+from transformers.models.phi.modeling_phi import PhiDecoderLayer, PhiForCausalLM
 
 from slicegpt.model_adapter import LayerAdapter, ModelAdapter
-from slicegpt.modules import shortcut
-
-SUPPORTED_NAME = "microsoft/phi-2"
+from slicegpt.modules import layer_outputs, shortcut
 
 
 class CompressedPhiDecoderLayer(PhiDecoderLayer):
@@ -51,76 +47,29 @@ class CompressedPhiDecoderLayer(PhiDecoderLayer):
         attn_out = self.resid_dropout(attn_out)
         mlp_out = self.resid_dropout(self.mlp(normed))
         hidden_states = attn_out + mlp_out + shortcut(hidden_states, self.attn_shortcut_Q)
-        outputs = (hidden_states,)
-        if output_attentions:
-            outputs += (attn_weights,)
-        if use_cache:
-            outputs += (present,)
-        return outputs
+        return layer_outputs(hidden_states, attn_weights, present, output_attentions, use_cache)
 
 
 class Phi2LayerAdapter(LayerAdapter):
-    def get_first_layernorm(self):
-        return self.layer.input_layernorm
-
-    def get_second_layernorm(self):
-        return None  # attention and MLP share the first norm
-
-    def get_attention_inputs(self):
-        attn = self.layer.self_attn
-        return [attn.q_proj, attn.k_proj, attn.v_proj]
-
-    def get_attention_output(self):
-        return self.layer.self_attn.dense
-
-    def get_mlp_inputs(self):
-        return [self.layer.mlp.fc1]
-
-    def get_mlp_output(self):
-        return self.layer.mlp.fc2
+    first_layernorm_path = "input_layernorm"
+    second_layernorm_path = None  # attention and MLP share the first norm
+    attention_input_paths = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    attention_output_path = "self_attn.dense"
+    mlp_input_paths = ("mlp.fc1",)
+    mlp_output_path = "mlp.fc2"
 
 
 class Phi2ModelAdapter(ModelAdapter):
-    parallel_blocks = True
-    should_bake_mean_into_linear = True
-    original_layer_type = PhiDecoderLayer
+    causal_lm_type = PhiForCausalLM
     original_layer_norm_type = torch.nn.LayerNorm
     layer_adapter_type = Phi2LayerAdapter
     compressed_layer_type = CompressedPhiDecoderLayer
-    config_type = PhiConfig
-
-    def get_layers(self):
-        return [Phi2LayerAdapter(layer) for layer in self.model.model.layers]
-
-    def get_embeddings(self):
-        return [self.model.model.embed_tokens]
-
-    def get_pre_head_layernorm(self):
-        return self.model.model.final_layernorm
-
-    def get_lm_head(self):
-        return self.model.lm_head
-
-    def post_init(self, tokenizer) -> None:
-        tokenizer.pad_token = tokenizer.eos_token
-        self.config.pad_token_id = tokenizer.pad_token_id
+    parallel_blocks = True
+    pad_with_eos = True
+    layers_path = "model.layers"
+    embedding_paths = ("model.embed_tokens",)
+    pre_head_layernorm_path = "model.final_layernorm"
 
     @classmethod
-    def _from_pretrained(cls, model_name, model_path, *, dtype=torch.float16, local_files_only=False, token=None):
-        if model_name != SUPPORTED_NAME:
-            return None
-        model = PhiForCausalLM.from_pretrained(model_path, torch_dtype=dtype, token=token, local_files_only=True)
-        model.config.torch_dtype = dtype
-        return Phi2ModelAdapter(model)
-
-    @classmethod
-    def _from_uninitialized(cls, model_name, model_path, *, dtype=torch.float16, local_files_only=False, token=None):
-        if model_name != SUPPORTED_NAME:
-            return None
-
-        class UninitializedPhiForCausalLM(PhiForCausalLM):
-            def _init_weights(self, _) -> None:
-                pass  # weights come from the sliced state dict
-
-        config = PhiConfig.from_pretrained(model_path, torch_dtype=dtype, token=token, local_files_only=True)
-        return Phi2ModelAdapter(UninitializedPhiForCausalLM(config).to(dtype=dtype))
+    def accepts_name(cls, model_name: str) -> bool:
+        return model_name == "microsoft/phi-2"
