@@ -154,6 +154,10 @@ def _phi3_official_name(config: Config, stem: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+LLAMA_STYLE_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+REQUIRED_CONFIG = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family SliceGPT slices, as slicebridge reads, rebuilds and names it.
@@ -163,29 +167,28 @@ class Family:
     and the rows of ``attention_output`` / ``mlp_output``. With ``parallel_blocks`` attention
     and MLP read the same normalised stream and their outputs are summed with one shortcut
     (``attn_shortcut_Q``), so the MLP's input width is the attention's and the attention's
-    output width is the MLP's.
+    output width is the MLP's. ``class_name`` names the portable classes (``Sliced<name>Config``,
+    ``Sliced<name>ForCausalLM``); ``official_names`` says which names the official adapter accepts.
     """
 
     key: str
     title: str
     releases: str
+    class_name: str
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
-    official_adapter: str
     official_names: str
-    layers: str
-    embeddings: tuple[str, ...]
-    attention_inputs: tuple[str, ...]
+    official_name: Callable[[Config, str], str]
     attention_output: str
     mlp_inputs: tuple[str, ...]
     mlp_output: str
-    parallel_blocks: bool
-    required_config: tuple[str, ...]
     dense_parameters: Callable[[Config], int]
     base_rows: Callable[[Config], dict[str, tuple[int, str]]]
-    official_name: Callable[[Config, str], str]
-    config_class: str
-    model_class: str
+    attention_inputs: tuple[str, ...] = LLAMA_STYLE_ATTENTION
+    layers: str = "model.layers"
+    embeddings: tuple[str, ...] = ("model.embed_tokens.weight",)
+    parallel_blocks: bool = False
+    required_config: tuple[str, ...] = REQUIRED_CONFIG
 
     @property
     def sliced_model_type(self) -> str:
@@ -198,6 +201,14 @@ class Family:
     @property
     def modeling_module(self) -> str:
         return f"modeling_sliced_{self.key}"
+
+    @property
+    def config_class(self) -> str:
+        return f"Sliced{self.class_name}Config"
+
+    @property
+    def model_class(self) -> str:
+        return f"Sliced{self.class_name}ForCausalLM"
 
     @property
     def token_embedding(self) -> str:
@@ -229,89 +240,66 @@ FAMILIES: tuple[Family, ...] = (
         key="llama",
         title="Llama",
         releases="Llama-2/Llama-3",
+        class_name="Llama",
         model_types=("llama",),
         architectures=("LlamaForCausalLM",),
-        official_adapter="slicegpt.adapters.llama_adapter",
         official_names="meta-llama/Llama-2… or meta-llama/Meta-Llama-3…",
-        layers="model.layers",
-        embeddings=("model.embed_tokens.weight",),
-        attention_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        official_name=_llama_official_name,
         attention_output="self_attn.o_proj",
         mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
         mlp_output="mlp.down_proj",
-        parallel_blocks=False,
-        required_config=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
         dense_parameters=_llama_dense_parameters,
         base_rows=_separate_qkv_rows("intermediate_size"),
-        official_name=_llama_official_name,
-        config_class="SlicedLlamaConfig",
-        model_class="SlicedLlamaForCausalLM",
     ),
     Family(
         key="opt",
         title="OPT",
         releases="OPT",
+        class_name="OPT",
         model_types=("opt",),
         architectures=("OPTForCausalLM",),
-        official_adapter="slicegpt.adapters.opt_adapter",
         official_names="facebook/opt…",
-        layers="model.decoder.layers",
-        embeddings=("model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"),
-        attention_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        official_name=_opt_official_name,
         attention_output="self_attn.out_proj",
         mlp_inputs=("fc1",),
         mlp_output="fc2",
-        parallel_blocks=False,
-        required_config=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "ffn_dim"),
         dense_parameters=_opt_dense_parameters,
         base_rows=_separate_qkv_rows("ffn_dim"),
-        official_name=_opt_official_name,
-        config_class="SlicedOPTConfig",
-        model_class="SlicedOPTForCausalLM",
+        layers="model.decoder.layers",
+        embeddings=("model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"),
+        required_config=(*REQUIRED_CONFIG[:-1], "ffn_dim"),
     ),
     Family(
         key="phi2",
         title="Phi-2",
         releases="Phi-2",
+        class_name="Phi2",
         model_types=("phi",),
         architectures=("PhiForCausalLM",),
-        official_adapter="slicegpt.adapters.phi2_adapter",
         official_names="exactly microsoft/phi-2",
-        layers="model.layers",
-        embeddings=("model.embed_tokens.weight",),
-        attention_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        official_name=lambda config, stem: "microsoft/phi-2",
         attention_output="self_attn.dense",
         mlp_inputs=("mlp.fc1",),
         mlp_output="mlp.fc2",
-        parallel_blocks=True,
-        required_config=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
         dense_parameters=_phi2_dense_parameters,
         base_rows=_separate_qkv_rows("intermediate_size"),
-        official_name=lambda config, stem: "microsoft/phi-2",
-        config_class="SlicedPhi2Config",
-        model_class="SlicedPhi2ForCausalLM",
+        parallel_blocks=True,
     ),
     Family(
         key="phi3",
         title="Phi-3",
         releases="Phi-3",
+        class_name="Phi3",
         model_types=("phi3",),
         architectures=("Phi3ForCausalLM",),
-        official_adapter="slicegpt.adapters.phi3_adapter",
         official_names="microsoft/Phi-3-mini-4k-instruct…",
-        layers="model.layers",
-        embeddings=("model.embed_tokens.weight",),
-        attention_inputs=("self_attn.qkv_proj",),
+        official_name=_phi3_official_name,
         attention_output="self_attn.o_proj",
         mlp_inputs=("mlp.gate_up_proj",),
         mlp_output="mlp.down_proj",
-        parallel_blocks=False,
-        required_config=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
         dense_parameters=_phi3_dense_parameters,
         base_rows=_phi3_rows,
-        official_name=_phi3_official_name,
-        config_class="SlicedPhi3Config",
-        model_class="SlicedPhi3ForCausalLM",
+        attention_inputs=("self_attn.qkv_proj",),
     ),
 )
 

@@ -217,7 +217,8 @@ def _load_official(checkpoint, model_name: str):
             except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
                 attempts.append(f"{style}: {type(exc).__name__}: {exc}")
         raise OfficialLoaderFailed(
-            f"slicegpt.hf_utils.load_sliced_model could not load {checkpoint.checkpoint_path} as {model_name!r}:\n  "
+            f"slicegpt.hf_utils.load_sliced_model could not load {checkpoint.checkpoint_path} as {model_name!r} "
+            f"(its {checkpoint.family.title} adapter accepts {checkpoint.family.official_names}):\n  "
             + "\n  ".join(attempts)
             + "\nloader='builtin' loads it without slicegpt."
         )
