@@ -4,7 +4,6 @@ code, sharding, exports written by 4.41, atomicity, and the model card."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,7 +14,8 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from helpers.paths import FIXTURE, HELPERS, REPO, slicegpt_env_path
+from helpers import family_check
+from helpers.paths import FIXTURE, REPO, slicegpt_env_path
 
 import slicebridge
 from slicebridge.model import portable
@@ -33,7 +33,6 @@ from slicebridge.model.export import (
 from slicebridge.model.families import BY_KEY
 
 MODEL_SOURCES = REPO / "slicebridge" / "model"
-PORTABLE_HELPER = HELPERS / "portable_check.py"
 
 NMSE_LIMIT = 1e-8
 SMALL_SHARD = 500_000
@@ -476,11 +475,8 @@ def test_export_written_by_transformers_4_41_loads_in_5(export_dir, reference, t
 def test_tied_embeddings_saved_once_and_tied_again(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    spec = importlib.util.spec_from_file_location("portable_check", PORTABLE_HELPER)
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
-    config = helper.variant_config()
-    model = portable.build_model(helper.random_sliced_tensors(config), config)
+    config = family_check.variant_config("llama")
+    model = portable.build_model(family_check.random_sliced_tensors(config), config)
     summary = export_model(model, tmp_path / "tied", tokenizer_files={}, provenance={"loader": "test"})
     assert summary.dropped_tied == ["lm_head.weight"]
     stored = safetensors.torch.load_file(str(tmp_path / "tied" / "model.safetensors"))

@@ -1,18 +1,15 @@
-"""The portable sliced OPT: fidelity to the official SliceGPT logits, generation, exports with remote code,
-under transformers 5.x (this interpreter) and 4.41 (the slicegpt env); its config and what it refuses."""
+"""The portable sliced OPT: fidelity to the official SliceGPT logits, generation, a random variant and exports
+with remote code, under transformers 5.x (this interpreter) and 4.41 (the slicegpt env), through
+``helpers/family_check.py``; its config and what it refuses."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
-from helpers.paths import HELPERS, SHARED_FIXTURES, slicegpt_env_path
+from helpers import family_check as helper
+from helpers.paths import SHARED_FIXTURES
 
 from slicebridge.model import portable
 from slicebridge.model.configuration_sliced_opt import SlicedOPTConfig
@@ -21,19 +18,7 @@ from slicebridge.model.modeling_sliced_opt import SlicedOPTForCausalLM, opt_posi
 from slicebridge.model.sliced_decoder import count_sliced_parameters
 
 OPT_FIXTURE = SHARED_FIXTURES / "slicegpt-opt-tiny"
-HELPER = HELPERS / "family_check_opt.py"
-NMSE_LIMIT = 1e-8
 FP16_NMSE_LIMIT = 1e-4  # measured: 6.9e-7 (probe) and 6.6e-7 (text) on the fixture
-
-
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("family_check_opt", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helper = _load_helper()
 
 
 def _base_config() -> dict:
@@ -45,48 +30,8 @@ def _slicing_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, Path]:
-    """Where each transformers version writes its export (unique names: remote code is cached by folder name)."""
-    root = tmp_path_factory.mktemp("opt-exports")
-    tag = uuid.uuid4().hex[:12]
-    return {version: root / f"sliced-opt-{tag}-{version}" for version in ("v5", "v4")}
-
-
-@pytest.fixture(scope="module")
-def base_report(exports) -> dict:
-    """The helper in-process (transformers 5.x); it writes and loads the 5.x export."""
-    return helper.run(OPT_FIXTURE, write_dir=exports["v5"], load_dirs=(exports["v5"],))
-
-
-@pytest.fixture(scope="module")
-def legacy_report(exports, base_report, tmp_path_factory) -> dict:
-    """The helper under transformers 4.41; it writes the 4.41 export and loads both."""
-    python = slicegpt_env_path() / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"the stand-in slicegpt env is missing ({python}): run `make envs`")
-    command = [str(python), str(HELPER), str(OPT_FIXTURE), "--write-export", str(exports["v4"])]
-    command += ["--load-export", str(exports["v5"]), "--load-export", str(exports["v4"])]
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("hf-modules")), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd="/", env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout)
-
-
-def _assert_fidelity(report: dict) -> None:
-    for name in ("probe", "text"):
-        fp32, fp16 = report["fp32"][name], report["fp16"][name]
-        assert fp32["nmse"] <= NMSE_LIMIT and fp32["top1"] == 1.0, (name, fp32)
-        assert fp16["nmse"] < FP16_NMSE_LIMIT, (name, fp16)
-    assert all(report["generate"].values()), report["generate"]
-    assert all(report["variant"].values()), report["variant"]
-
-
-def _assert_export(check: dict, written_by: str) -> None:
-    assert check["module"].startswith("transformers_modules."), check  # the shipped files, not slicebridge's
-    assert check["class"] == "SlicedOPTForCausalLM" and check["dtype"] == "torch.float32", check
-    assert check["written_by"] == written_by, check
-    assert check["vs_reference"]["nmse"] <= NMSE_LIMIT and check["vs_reference"]["top1"] == 1.0, check
-    assert check["same_as_in_process"], check
+def reports(slicegpt_env, tmp_path_factory) -> dict[str, dict]:
+    return helper.reports_under_both_versions(OPT_FIXTURE, tmp_path_factory.mktemp("opt-reports"), slicegpt_env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,25 +39,8 @@ def _assert_export(check: dict, written_by: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_matches_official_logits_in_base_env(base_report):
-    assert base_report["transformers"].startswith("5."), base_report["transformers"]
-    _assert_fidelity(base_report)
-
-
-def test_matches_official_logits_under_transformers_4_41(legacy_report):
-    assert legacy_report["transformers"] == "4.41.0", legacy_report["transformers"]
-    _assert_fidelity(legacy_report)
-
-
-def test_exports_load_with_remote_code_under_both_versions(exports, base_report, legacy_report):
-    v5, v4 = (str(exports[version]) for version in ("v5", "v4"))
-    _assert_export(base_report["exports"][v5], base_report["transformers"])
-    _assert_export(legacy_report["exports"][v5], base_report["transformers"])
-    _assert_export(legacy_report["exports"][v4], "4.41.0")
-    reference = torch.load(OPT_FIXTURE / "reference.pt", weights_only=True)
-    with torch.no_grad():
-        in_process = helper.fixture_model(OPT_FIXTURE, torch.float32)
-        _assert_export(helper.export_checks(exports["v4"], in_process, reference), "4.41.0")
+def test_matches_official_model_under_both_versions(reports):
+    helper.assert_reports(reports, FP16_NMSE_LIMIT)
 
 
 def test_fixture_parameter_counts():
@@ -168,19 +96,11 @@ def test_refuses_layouts_in_the_constructor_too():
 
 
 def test_residual_width_errors_catch_inconsistent_widths():
-    config = SlicedOPTConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        embedding_dimension=48,
-        attention_input_dimensions=[48, 40],
-        attention_output_dimensions=[56, 48],
-        mlp_input_dimensions=[56, 48],
-        mlp_output_dimensions=[48, 64],
-    )
+    assert helper.variant_config("opt").residual_width_errors() == []
+    config = helper.variant_config("opt", attention_input_dimensions=[48, 48, 56])
     errors = config.residual_width_errors()
     assert errors == [
-        "attention_input_dimensions[1] is 40 but the residual stream there is 48 wide (mlp_output_dimensions[0])"
+        "attention_input_dimensions[1] is 48 but the residual stream there is 40 wide (mlp_output_dimensions[0])"
     ]
     with pytest.raises(ValueError, match="inconsistent sliced widths"):
         SlicedOPTForCausalLM(config)
@@ -194,7 +114,7 @@ def test_residual_width_errors_catch_inconsistent_widths():
 def test_layout_without_enable_bias_is_what_the_official_fusion_leaves():
     """fuse_ln_linear gives q/k/v_proj and fc1 the LayerNorm's bias even when OPT had none; out_proj and
     fc2 stay bias-free; the head gets the final LayerNorm's bias; positions keep OPT's 2 extra rows."""
-    config = helper.variant_config()
+    config = helper.variant_config("opt")
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in SlicedOPTForCausalLM(config).state_dict().items()}
     layer = "model.decoder.layers.0."
@@ -213,7 +133,7 @@ def test_layout_without_enable_bias_is_what_the_official_fusion_leaves():
 
 
 def test_model_from_config_alone_runs():
-    config = helper.variant_config()
+    config = helper.variant_config("opt")
     torch.manual_seed(0)
     model = SlicedOPTForCausalLM(config).eval()
     shortcut = model.model.decoder.layers[0].attn_shortcut_Q

@@ -1,19 +1,15 @@
-"""The portable sliced Phi-2: fidelity to the official SliceGPT logits, generation, an exported
-directory loaded with remote code, and the config, under transformers 5.x (this interpreter)
-and 4.41 (the slicegpt env)."""
+"""The portable sliced Phi-2: fidelity to the official SliceGPT logits, generation, a random variant, rotated
+dense Phi models and exports with remote code, under transformers 5.x (this interpreter) and 4.41 (the slicegpt
+env), through ``helpers/family_check.py``; the checkpoint's layout and the config."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
-from helpers.paths import HELPERS, REPO, SHARED_FIXTURES, slicegpt_env_path
-from safetensors.torch import save_file
+from helpers import family_check as helper
+from helpers.paths import SHARED_FIXTURES
 
 from slicebridge.model import families, portable
 from slicebridge.model.configuration_sliced_phi2 import SlicedPhi2Config
@@ -21,31 +17,18 @@ from slicebridge.model.modeling_sliced_phi2 import SlicedPhi2ForCausalLM
 from slicebridge.model.sliced_decoder import count_sliced_parameters
 
 PHI2_FIXTURE = SHARED_FIXTURES / "slicegpt-phi2-tiny"
-HELPER = HELPERS / "family_check_phi2.py"
-MODEL_SOURCES = REPO / "slicebridge" / "model"
-REMOTE_CODE = (
-    "configuration_sliced.py",
-    "sliced_decoder.py",
-    "configuration_sliced_phi2.py",
-    "modeling_sliced_phi2.py",
-)
-
-NMSE_LIMIT = 1e-8
 FP16_NMSE_LIMIT = 1e-4  # measured: 0.0 on both inputs (the official model also ran in fp16 on a CPU)
-DENSE_LIMIT = 1e-4  # max |logit diff| of a rotated dense Phi vs transformers' own (measured <= 7e-7)
+DENSE_LIMIT = 1e-4  # max |logit diff| of a rotated dense Phi vs transformers' own (measured <= 5e-7)
 
 
 @pytest.fixture(scope="module")
-def helper():
-    spec = importlib.util.spec_from_file_location("family_check_phi2", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def reports(slicegpt_env, tmp_path_factory) -> dict[str, dict]:
+    return helper.reports_under_both_versions(PHI2_FIXTURE, tmp_path_factory.mktemp("phi2-reports"), slicegpt_env)
 
 
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, torch.Tensor]:
-    return torch.load(PHI2_FIXTURE / "sliced" / "phi-2_0.3.pt", weights_only=True)
+    return torch.load(helper.checkpoint_path(PHI2_FIXTURE), weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,69 +36,20 @@ def base_config() -> dict:
     return json.loads((PHI2_FIXTURE / "base" / "config.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def export_dir(helper, tmp_path_factory):
-    """The fixture's model as an export ships it: remote code, config.json with auto_map, safetensors."""
-    directory = tmp_path_factory.mktemp("phi2_export")
-    model = helper.fixture_model(PHI2_FIXTURE, torch.float32)
-    for source in REMOTE_CODE:
-        shutil.copy(MODEL_SOURCES / source, directory / source)
-    config = model.config.to_dict()
-    config["architectures"] = ["SlicedPhi2ForCausalLM"]
-    config["auto_map"] = {
-        "AutoConfig": "configuration_sliced_phi2.SlicedPhi2Config",
-        "AutoModelForCausalLM": "modeling_sliced_phi2.SlicedPhi2ForCausalLM",
-    }
-    (directory / "config.json").write_text(json.dumps(config, indent=1))
-    tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
-
-
-def _assert_report(report: dict) -> None:
-    for name in ("probe", "text"):
-        fp32, fp16 = report["fp32"][name], report["fp16"][name]
-        assert fp32["nmse"] <= NMSE_LIMIT and fp32["top1"] == 1.0, (name, fp32)
-        assert fp16["nmse"] < FP16_NMSE_LIMIT and fp16["top1"] == 1.0, (name, fp16)
-        exported = report["export"]["fp32"][name]
-        assert exported["nmse"] <= NMSE_LIMIT and exported["top1"] == 1.0, (name, exported)
-    assert report["export"]["class"] == "SlicedPhi2ForCausalLM" and report["export"]["remote_code"], report["export"]
-    assert report["export"]["dtype"] == "torch.float32", report["export"]
-    assert report["export"]["equals_in_process"], report["export"]
-    assert all(report["generate"].values()), report["generate"]
-    assert all(report["variant"].values()), report["variant"]
-    assert set(report["dense_equivalence"]) == {"default", "linear", "dynamic"}
-    assert all(diff < DENSE_LIMIT for diff in report["dense_equivalence"].values()), report["dense_equivalence"]
-
-
 # --------------------------------------------------------------------------------------------
-# Fidelity, generation and the export, under both transformers versions
+# Fidelity, generation, rotated dense models and exports, under both transformers versions
 # --------------------------------------------------------------------------------------------
 
 
-def test_matches_official_model_in_base_env(helper, export_dir):
-    report = helper.run(PHI2_FIXTURE, export_dir)
-    assert report["transformers"].startswith("5."), report["transformers"]
-    _assert_report(report)
+def test_matches_official_model_under_both_versions(reports):
+    helper.assert_reports(reports, FP16_NMSE_LIMIT)
+    for version, report in reports.items():
+        assert all(report["fp16"][name]["top1"] == 1.0 for name in helper.INPUTS), (version, report["fp16"])
 
 
-def test_matches_official_model_under_transformers_4_41(export_dir, tmp_path):
-    python = slicegpt_env_path() / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"the stand-in slicegpt env is missing ({python}): run `make envs`")
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [str(python), str(HELPER), str(PHI2_FIXTURE), str(export_dir)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd="/",
-        env=env,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads(completed.stdout)
-    assert report["transformers"] == "4.41.0", report["transformers"]
-    _assert_report(report)
+def test_rotated_dense_phi_equals_its_sliced_rebuild(reports):
+    cases = {"default", "linear", "dynamic"}
+    helper.assert_dense_equivalence(reports, dict.fromkeys(helper.VERSIONS, cases), DENSE_LIMIT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +57,7 @@ def test_matches_official_model_under_transformers_4_41(export_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_state_dict_names_are_the_official_ones(helper, state_dict):
+def test_state_dict_names_are_the_official_ones(state_dict):
     model = helper.fixture_model(PHI2_FIXTURE, torch.float32)
     assert set(model.state_dict()) == set(state_dict)
     assert not any("mlp_shortcut_Q" in name or "norm" in name for name in model.state_dict())
@@ -139,7 +73,7 @@ def test_state_dict_names_are_the_official_ones(helper, state_dict):
     assert counts.shortcut == 112 * 112 + 112 * 160
 
 
-def test_build_refuses_a_sequential_layout(helper, state_dict):
+def test_build_refuses_a_sequential_layout(state_dict):
     tensors = {**state_dict, "model.layers.0.mlp_shortcut_Q": torch.zeros(112, 112, dtype=torch.float16)}
     with pytest.raises(ValueError, match="unexpected model.layers.0.mlp_shortcut_Q"):
         portable.build_model(tensors, helper.fixture_config(PHI2_FIXTURE))
@@ -150,7 +84,7 @@ def test_build_refuses_a_sequential_layout(helper, state_dict):
 # --------------------------------------------------------------------------------------------
 
 
-def test_config_from_fixture_and_json_round_trip(helper, tmp_path):
+def test_config_from_fixture_and_json_round_trip(tmp_path):
     config = helper.fixture_config(PHI2_FIXTURE)
     assert SlicedPhi2Config.parallel_blocks is True and config.model_type == "sliced_phi2"
     assert config.embedding_dimension == 112 and config.lm_head_dimension == 160
@@ -191,15 +125,15 @@ def test_qk_layernorm_is_refused(base_config):
         SlicedPhi2Config.from_base_and_slicing({**base_config, "qk_layernorm": True}, {})
 
 
-def test_residual_width_errors_catch_inconsistent_widths(helper):
-    assert helper.variant_config().residual_width_errors() == []
+def test_residual_width_errors_catch_inconsistent_widths():
+    assert helper.variant_config("phi2").residual_width_errors() == []
     cases = {
         "attention_output_dimensions": ([56, 40, 40], "attention_output_dimensions[1] is 40 but the parallel MLP"),
         "mlp_input_dimensions": ([40, 56, 40], "mlp_input_dimensions[2] is 40 but the residual stream there is 32"),
         "lm_head_dimension": (48, "lm_head_dimension is 48 but the last layer outputs 40"),
     }
     for field, (value, message) in cases.items():
-        config = helper.variant_config()
+        config = helper.variant_config("phi2")
         setattr(config, field, value)
         errors = config.residual_width_errors()
         assert any(message in error for error in errors), (field, errors)
@@ -212,9 +146,9 @@ def test_residual_width_errors_catch_inconsistent_widths(helper):
 # --------------------------------------------------------------------------------------------
 
 
-def test_model_from_config_alone_runs(helper):
+def test_model_from_config_alone_runs():
     torch.manual_seed(0)
-    model = SlicedPhi2ForCausalLM(helper.variant_config()).eval()
+    model = SlicedPhi2ForCausalLM(helper.variant_config("phi2")).eval()
     layer = model.model.layers[0]
     assert torch.equal(layer.attn_shortcut_Q.detach(), torch.eye(40, 56))
     assert layer.self_attn.k_proj.weight.shape == (2 * 16, 40) and layer.self_attn.dense.weight.shape == (56, 96)

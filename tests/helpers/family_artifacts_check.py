@@ -4,7 +4,8 @@ Run by the base env (transformers 5.x) and by the stand-in slicegpt env (transfo
 
     python tests/helpers/family_artifacts_check.py <reference.pt> <model.bin> <export_dir>
 
-It puts the repository root on sys.path itself (slicebridge need not be installed) and prints one
+It puts the repository root on sys.path itself (slicebridge need not be installed), shares
+``family_check.py``'s greedy loop without cache (this folder is the script's first sys.path entry), and prints one
 JSON object: for each load path (the ``.bin`` with ``slicebridge.load``, with ``torch.load`` and
 ``weights_only=False``, with ``torch.load`` and ``pickle_module=dill``; the export with
 ``AutoModelForCausalLM`` and ``trust_remote_code=True``, and with ``slicebridge.load``) the fp32
@@ -25,6 +26,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from family_check import greedy_without_cache  # noqa: E402
 
 import slicebridge  # noqa: E402
 from slicebridge.model.compare import logit_metrics  # noqa: E402
@@ -52,14 +54,6 @@ def _export_models(directory: str) -> dict[str, torch.nn.Module]:
     return {"export:AutoModelForCausalLM": remote, "export:slicebridge.load": slicebridge.load(directory)["model"]}
 
 
-def _greedy_without_cache(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
-    sequence = prompt
-    for _ in range(NEW_TOKENS):
-        next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        sequence = torch.cat([sequence, next_token], dim=1)
-    return sequence
-
-
 def _metrics(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, Any]:
     report: dict[str, Any] = {"stored_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     with torch.no_grad():
@@ -70,7 +64,9 @@ def _metrics(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> dict
         prompt = reference["probe_ids"][:, :10]
         model.generation_config.eos_token_id = None  # run every step: the loop without cache does
         cached = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        report["generate_cache_equals_no_cache"] = bool(torch.equal(cached, _greedy_without_cache(model, prompt)))
+        report["generate_cache_equals_no_cache"] = bool(
+            torch.equal(cached, greedy_without_cache(model, prompt, NEW_TOKENS))
+        )
     return report
 
 
