@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--official-env", help="an env with the slicegpt package (default: the env + the stand-in)")
     parser.add_argument("--fixtures", default=str(REPO.parent / "shared" / "fixtures"), help="official checkpoints")
     parser.add_argument("--out", default=str(RESULTS / "family_matrix"), help="output path without suffix")
+    parser.add_argument("--only", choices=[family.key for family in FAMILIES], help="one family (a smoke run)")
     return parser.parse_args(argv)
 
 
@@ -97,7 +98,8 @@ def measure(bridge: Bridge, loader: str, key: str, fixture: Path, pythons: dict[
         row = {**common, "operation": operation}
         for version, report in reports.items():
             nmse, top1, paths = worst(report, prefix)
-            row[f"nmse {version}"], row[f"top-1 {version}"], row["load paths"] = nmse, top1, paths
+            row[f"nmse {version}"], row[f"top-1 {version}"] = nmse, top1
+            row["result"] = f"{paths} load paths"
         rows.append(row)
     for kind, artifact in ((".bin", converted.output), ("export", exported.output)):
         verdict = bridge.verify(artifact, sliced, loader=loader)
@@ -108,9 +110,11 @@ def measure(bridge: Bridge, loader: str, key: str, fixture: Path, pythons: dict[
                 "nmse 5.x": max(entry["nmse"] for entry in verdict.inputs),
                 "top-1 5.x": min(entry["top1"] for entry in verdict.inputs),
                 "passed": verdict.passed,
+                "result": "PASS" if verdict.passed else "FAIL",
             }
         )
-    rows.append({**common, "operation": "info", "shows": bridge.info(converted.output).family})
+    shown = bridge.info(converted.output).family
+    rows.append({**common, "operation": "info of the .bin", "shows": shown, "result": f"family {shown}"})
     return rows
 
 
@@ -121,7 +125,17 @@ def markdown(rows: list[dict], official_note: str) -> str:
             return f"{value:.1e}" if "nmse" in name else f"{value:.0%}"
         return "-" if value is None else str(value)
 
-    columns = ["family", "operation", "loader", "nmse 5.x", "top-1 5.x", "nmse 4.41", "top-1 4.41", "official_name"]
+    columns = [
+        "family",
+        "operation",
+        "loader",
+        "nmse 5.x",
+        "top-1 5.x",
+        "nmse 4.41",
+        "top-1 4.41",
+        "result",
+        "official_name",
+    ]
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -134,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     python, _ = env_python(args.env)
     fixtures = Path(args.fixtures)
-    found = [(family.key, fixtures / f"slicegpt-{family.key}-tiny") for family in FAMILIES]
+    keys = [args.only] if args.only else [family.key for family in FAMILIES]
+    found = [(key, fixtures / f"slicegpt-{key}-tiny") for key in keys]
     found = [(key, path) for key, path in found if (path / "reference.pt").is_file()]
     if not found:
         print(f"no official fixtures under {fixtures}", file=sys.stderr)

@@ -74,3 +74,34 @@ def test_bench_smoke_writes_every_row(tmp_path):
     for name in EXPECTED_ROWS:
         assert f"| {name}: " in markdown
     assert not list((tmp_path / "keep").glob("work-*")), "the run's scratch outputs were left behind"
+
+
+def test_the_family_matrix_runs_and_the_readme_shows_its_last_full_run(tmp_path):
+    """``make families`` on one family (a smoke run), and the README's matrix is the committed full run's."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "family_matrix.py"),
+            "--env",
+            str(slicegpt_env_path()),
+            "--only",
+            "phi2",
+            "--out",
+            str(tmp_path / "matrix"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "matrix.json").read_text())["rows"]
+    assert {(row["family"], row["loader"]) for row in rows} == {("phi2", "builtin"), ("phi2", "official")}
+    assert all(row["nmse 5.x"] <= 1e-8 and row["nmse 4.41"] <= 1e-8 for row in rows if "nmse 4.41" in row)
+
+    committed = (REPO / "bench" / "results" / "family_matrix.md").read_text()
+    table = [line for line in committed.splitlines() if line.startswith("|")]
+    readme = (REPO / "README.md").read_text()
+    assert "\n".join(table) in readme
+    for key in ("llama", "opt", "phi2", "phi3"):  # every family, every loader
+        assert any(line.startswith(f"| {key} |") and "| official |" in line for line in table), key
+        assert any(line.startswith(f"| {key} |") and "| builtin |" in line for line in table), key

@@ -214,21 +214,19 @@ def test_make_convert_twice_reuses_one_detached_server(slicegpt_env, tmp_path):
 
 
 def test_demo_smoke(slicegpt_env, tmp_path):
-    """make demo's main job, on the tiny preset: slice, convert, export, verify, info through one server."""
+    """make demo's main job, on the tiny preset: every family sliced, converted, exported, verified and
+    described through one server."""
     done = run_cli("demo", "--env", str(slicegpt_env), "--preset", "tiny", "--workdir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "demo passed" in done.stdout
-    lines = [line for line in done.stdout.splitlines() if line.startswith("sliced-")]
-    assert len(lines) == 2 and all(line.count("PASS") == 2 for line in lines)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "dense",
-        "sliced-0.25",
-        "sliced-0.25-hf",
-        "sliced-0.25.bin",
-        "sliced-0.5",
-        "sliced-0.5-hf",
-        "sliced-0.5.bin",
-    ]
+    names = ["llama-0.25", "llama-0.5", "opt-0.25", "phi2-0.25", "phi3-0.25"]
+    table = [line.split() for line in done.stdout.splitlines()]
+    rows = {cells[0]: cells for cells in table if cells and cells[0] in names}
+    assert sorted(rows) == names
+    assert all(row[1] == name.split("-")[0] and row.count("PASS") == 2 for name, row in rows.items()), rows
+    assert "family                  OPT (opt)" in done.stdout  # the info table of the OPT .bin
+    for name in names:
+        assert (tmp_path / f"{name}.bin").is_file() and (tmp_path / f"{name}-hf" / "config.json").is_file()
 
 
 def test_output_cut_short_by_the_reader_is_no_traceback():
