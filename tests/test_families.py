@@ -12,12 +12,13 @@ from __future__ import annotations
 import ast
 import json
 import math
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers.paths import HELPERS, REPO, SHARED_FIXTURES, slicegpt_env_path
+from helpers.paths import HELPERS, REPO, SHARED_FIXTURES, STANDIN, slicegpt_env_path
 from helpers.run import run_cli
 
 import slicebridge
@@ -263,3 +264,130 @@ def test_one_batch_converts_and_verifies_every_family(slicegpt_env, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(done.stdout)
     assert [(row["family"], row["verify"], row["ok"]) for row in rows] == [(key, "pass", True) for key in KEYS]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input, every family: a typed sentence, nothing written, the server serving on
+# --------------------------------------------------------------------------------------------
+
+# A seed .bin of the family, tampered in the slicegpt env (the stand-in importable, as where the seed's files load).
+TAMPER_SEED = r"""
+import sys, torch, dill
+sys.path.insert(0, sys.argv[1])
+seed = torch.load(sys.argv[2], weights_only=False, pickle_module=dill)
+setattr(seed["model"].config, sys.argv[4], {"0": 0, "mistral": "mistral"}.get(sys.argv[5], sys.argv[5]))
+torch.save(seed, sys.argv[3], pickle_module=dill)
+"""
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"), [("num_attention_heads", "0", "positive"), ("model_type", "mistral", "Phi-3")]
+)
+@pytest.mark.parametrize("key", KEYS)
+def test_a_tampered_seed_bin_is_described_as_what_it_is(bridges, seed_bins, key, field, value, said, tmp_path):
+    tampered = tmp_path / "tampered.bin"
+    done = subprocess.run(
+        [
+            str(slicegpt_env_path() / "bin" / "python"),
+            "-c",
+            TAMPER_SEED,
+            str(STANDIN),
+            seed_bins[key],
+            str(tampered),
+            field,
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    facts = bridges["builtin"].info(tampered)
+    assert facts.kind == "seed-bin" and not facts.params, facts.table()  # no facts read off a config that lies
+    assert said in facts.notes[0], facts.notes
+
+
+@pytest.mark.parametrize(
+    ("key", "changes", "said"),
+    [
+        ("llama", {"num_attention_heads": 0}, "positive whole number"),
+        ("llama", {"rope_scaling": {"rope_type": "llama3"}}, "needs a positive 'factor'"),
+        ("opt", {"activation_function": "nope"}, "not an activation"),
+        ("opt", {"do_layer_norm_before": False}, "OPT-350m-style"),
+        ("phi2", {"partial_rotary_factor": 2.0}, "partial_rotary_factor"),
+        ("phi3", {"sliding_window": -5}, "positive whole number"),
+    ],
+)
+@pytest.mark.parametrize("loader", ["builtin", "official"])
+def test_a_base_config_the_model_cannot_run_is_refused_by_both_loaders(bridges, tmp_path, key, changes, said, loader):
+    run = tmp_path / "run"
+    shutil.copytree(fixture_of(key) / "sliced", run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(slicebridge.SlicebridgeError, match=said) as raised:
+        bridges[loader].convert(run, tmp_path / "model.bin", loader=loader)
+    assert type(raised.value).__name__ in ("BaseConfigMismatch", "SparsityMismatch"), raised.value
+    assert not (tmp_path / "model.bin").exists()
+    assert bridges[loader].convert(fixture_of(key) / "sliced", tmp_path / "ok.bin", loader=loader).family == key
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        ({"num_attention_heads": 0}, "positive whole number"),
+        ({"hidden_act": "nope"}, "not an activation"),
+        ({"partial_rotary_factor": 9.0}, "partial_rotary_factor"),
+        ({"attention_input_dimensions": "abc"}, "does not describe a model"),
+    ],
+)
+def test_a_crafted_export_config_is_an_export_error_and_a_failed_verification(
+    bridges, artifacts, changes, said, tmp_path
+):
+    _, exported = artifacts["phi2", "builtin"]
+    crafted = tmp_path / "crafted"
+    shutil.copytree(exported.output, crafted)
+    config = json.loads((crafted / "config.json").read_text())
+    (crafted / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(slicebridge.ExportError, match=said):
+        slicebridge.load(crafted)
+    verdict = bridges["builtin"].verify(crafted, fixture_of("phi2") / "sliced")
+    assert not verdict.passed and verdict.kind == "export" and said in verdict.failures[0], verdict.failures
+
+
+def test_a_crafted_bin_recipe_of_any_family_is_refused_in_a_sentence(artifacts, tmp_path):
+    from slicebridge.model.binfile import ImplausibleBinFile, ModelRecipe
+
+    converted, _ = artifacts["opt", "builtin"]
+    recipe = torch.load(converted.output, weights_only=False)["model"]
+    recipe_config = recipe.config.to_dict()
+    for changes in ({"activation_function": "nope"}, {"max_position_embeddings": -10}, {"model_type": "llama"}):
+        crafted = tmp_path / "crafted.bin"
+        torch.save({"model": ModelRecipe({**recipe_config, **changes}, recipe.state_dict())}, crafted)
+        with pytest.raises(ImplausibleBinFile, match="does not fit its own config"):
+            slicebridge.load(crafted)
+
+
+def test_verify_across_families_says_so_without_running_the_reference(bridges, artifacts):
+    converted, _ = artifacts["llama", "builtin"]  # vocab 1000: OPT's embedding (900 rows) could not even run it
+    verdict = bridges["builtin"].verify(converted.output, fixture_of("opt") / "sliced" / "opt-tiny_0.2.pt")
+    assert not verdict.passed and verdict.family == "llama"
+    assert "sliced Llama but the checkpoint is a sliced OPT" in verdict.failures[0], verdict.failures
+
+
+def test_the_actual_ratio_is_what_the_sliced_model_holds_even_when_it_grew(artifacts):
+    """SliceGPT unties OPT's head, so the tiny OPT grows: README says -0.10."""
+    converted, _ = artifacts["opt", "builtin"]
+    assert converted.params == {"dense": 335_040, "sliced": 369_900, "shortcut_q": 22_464}
+    assert round(converted.actual_ratio, 2) == -0.10
+
+
+def test_a_very_long_checkpoint_name_loads_officially(bridges, tmp_path):
+    sliced = fixture_of("opt") / "sliced"
+    run = tmp_path / "run"
+    run.mkdir()
+    long_stem = "opt-" + "x" * 230
+    for path in sliced.iterdir():
+        name = f"{long_stem}_0.2{path.suffix}" if path.stem == "opt-tiny_0.2" else path.name
+        (run / name).write_bytes(path.read_bytes())
+    result = bridges["official"].convert(run, tmp_path / "model.bin", loader="official")
+    assert result.official_name == f"facebook/{long_stem[:120]}" and result.family == "opt"

@@ -574,6 +574,7 @@ class ReferenceArgs:
     round_interval: int | None = None
     loader: str = "auto"
     device: str = "auto"
+    family: str | None = None  # the artifact's family: a checkpoint of another is refused before any forward pass
 
 
 @dataclass

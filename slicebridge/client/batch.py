@@ -33,6 +33,7 @@ class BatchRow:
     family: str = ""
     actual_ratio: float | None = None
     loader: str = ""
+    official_name: str | None = None  # the model name slicegpt's adapter was given (official loader)
     cache_hit: bool | None = None
     verify: str = "-"  # "pass", "FAIL" or "-"
     error: str = ""
@@ -156,7 +157,7 @@ def summary_table(rows: list[BatchRow]) -> str:
                 f"{row.seconds:.2f}",
                 row.family or "-",
                 f"{row.actual_ratio:.4f}" if row.actual_ratio is not None else "-",
-                row.loader + (" (cached)" if row.cache_hit else "") if row.loader else "-",
+                _loader_cell(row),
                 row.verify,
                 "ok" if row.ok else f"FAILED: {row.error}" if row.error else "FAILED",
             )
@@ -167,6 +168,14 @@ def summary_table(rows: list[BatchRow]) -> str:
     failed = sum(not r.ok for r in rows)
     lines.append(f"{len(rows) - failed} of {len(rows)} succeeded" + (f", {failed} failed" if failed else ""))
     return "\n".join(lines)
+
+
+def _loader_cell(row: BatchRow) -> str:
+    """``official as facebook/opt-tiny (cached)``: the loader, the name it took the model by, the cache."""
+    if not row.loader:
+        return "-"
+    named = f" as {row.official_name}" if row.official_name else ""
+    return row.loader + named + (" (cached)" if row.cache_hit else "")
 
 
 def _short(path: str) -> str:

@@ -291,6 +291,7 @@ def cmd_job(args) -> int:
                 loader=result.loader,
                 cache_hit=result.cache_hit,
                 family=result.family,
+                official_name=result.official_name,
             )
             if args.verify:
                 report = bridge.verify(

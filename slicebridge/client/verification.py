@@ -89,12 +89,11 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def load_artifact(path: Path) -> tuple[str, dict]:
+def load_artifact(path: Path) -> dict:
     """Load an artifact the way a user would: ``slicebridge.load`` (safe for .bin files)."""
     import slicebridge
 
-    kind = "export" if path.is_dir() else "bin"
-    return kind, slicebridge.load(path)
+    return slicebridge.load(path)
 
 
 def verify_artifact(
@@ -120,7 +119,7 @@ def verify_artifact(
     started = time.perf_counter()
     path = Path(artifact).expanduser().absolute()
     checkpoint_path = os.path.abspath(os.path.expanduser(os.fspath(checkpoint)))
-    report = VerifyReport(str(path), "bin", checkpoint_path, passed=False)
+    report = VerifyReport(str(path), "export" if path.is_dir() else "bin", checkpoint_path, passed=False)
     if path.is_file():
         diagnosis = diagnose_seed_bin(path)
         if diagnosis.is_seed_format:
@@ -130,7 +129,7 @@ def verify_artifact(
             ]
             return report
     try:
-        report.kind, contents = load_artifact(path)
+        contents = load_artifact(path)
     except Exception as exc:  # a broken artifact is a failed verification, said in a sentence
         report.failures = [f"the artifact does not load here: {type(exc).__name__}: {exc}"]
         return report
@@ -157,6 +156,7 @@ def verify_artifact(
             round_interval=round_interval,
             loader=loader,
             device=device,
+            family=report.family,
         ),
         on_event=on_event,
     )
@@ -169,12 +169,12 @@ def verify_artifact(
         return report
 
     artifact_dtype = dtype_name(next(model.parameters()).dtype)
-    comparison = compare(
-        inputs,
-        forward_logits(model, inputs.values(), artifact_device),
-        reference.logits,
-        (artifact_dtype, reference.dtype),
-    )
+    try:
+        artifact_logits = forward_logits(model, inputs.values(), artifact_device)
+    except (RuntimeError, ValueError, IndexError, KeyError) as exc:  # a model its own config breaks
+        report.failures = [f"the artifact loads but does not run here: {type(exc).__name__}: {exc}"]
+        return report
+    comparison = compare(inputs, artifact_logits, reference.logits, (artifact_dtype, reference.dtype))
     report.compared_dtype, report.tolerance = comparison.dtype, comparison.tolerance
     report.inputs = [c.as_dict() for c in comparison.inputs]
     report.failures, report.passed = comparison.failures, comparison.passed

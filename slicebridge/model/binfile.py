@@ -116,7 +116,7 @@ def rebuild_model(config: dict, state_dict: dict):
     _check_model_recipe(config, state_dict)
     try:
         return portable.build_model(state_dict, portable.config_from_dict(config)).eval()
-    except (ValueError, TypeError, ArithmeticError) as exc:
+    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
         raise ImplausibleBinFile(f"the .bin's model does not fit its own config: {exc}") from None
 
 

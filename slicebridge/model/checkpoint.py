@@ -377,6 +377,8 @@ def family_of_base_config(base_config: Mapping[str, Any], config_path: Path | st
     """The family a dense ``config.json`` describes; ``UnsupportedArchitecture`` for any other model."""
     model_type = base_config.get("model_type")
     architectures = base_config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise BaseConfigMismatch(f"{config_path}: 'architectures' must be a list of class names, not {architectures!r}")
     described = " / ".join(architectures) or "model"
     described += f" (model_type {model_type!r})" if model_type is not None else ""
     if model_type is None and not architectures:
@@ -714,6 +716,18 @@ def _check_against_base(
         )
 
 
+def _check_sizes(base: Mapping[str, Any], family: Family, path: Path) -> None:
+    """The sizes the family needs from the base config are positive whole numbers (and a head_dim, if
+    given, too), so that no count derived from them divides by zero or goes negative."""
+    optional = [key for key in ("head_dim", "num_key_value_heads") if base.get(key) is not None]
+    sizes = [*family.required_config, *optional]
+    bad = [f"{key} {base[key]!r}" for key in sizes if type(base[key]) is not int or base[key] < 1]
+    if bad:
+        raise BaseConfigMismatch(
+            f"the base config for {path.name} has {', '.join(bad)}; each must be a positive whole number"
+        )
+
+
 def _check_shortcuts(tensors: Mapping[str, torch.Tensor], widths: SlicedWidths, family: Family, path: Path) -> None:
     problems = []
     for idx in range(widths.num_layers):
@@ -835,6 +849,7 @@ def read_state_dict_widths(
     tensors: Mapping[str, torch.Tensor], base_config: Mapping[str, Any], family: Family, source: Path
 ) -> SlicedWidths:
     """The widths of a sliced ``family`` state dict, checked like ``read_checkpoint`` checks a file's."""
+    _check_sizes(base_config, family, source)
     num_layers = check_is_sliced(tensors, family, source)
     widths = widths_from_tensors(tensors, num_layers, family)
     _check_shortcuts(tensors, widths, family, source)

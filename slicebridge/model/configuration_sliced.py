@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 # SliceGPT replaces every norm by a weightless RMS normalisation with this epsilon
 # (slicegpt.modules.RMSN), whatever epsilon the base model had.
@@ -35,6 +36,27 @@ WIDTH_FIELDS = (
 
 # A per-layer width field as the constructor takes it: a list, a SlicingConfig ``{"0": 96, ...}`` dict, or None.
 LayerWidths = list[int] | Mapping[Any, int] | None
+
+
+# RoPE scaling types whose ``factor`` the rotary embedding divides by: it must be a positive number.
+_FACTOR_SCALINGS = ("linear", "dynamic", "llama3")
+
+
+def require_positive(**sizes: Any) -> None:
+    """Refuse (ValueError naming each) sizes that are not positive whole numbers; None is left alone."""
+    bad = [
+        f"{name} {value!r}"
+        for name, value in sizes.items()
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+    ]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: each must be a positive whole number")
+
+
+def require_activation(name: str, value: Any) -> None:
+    """Refuse (ValueError) an activation transformers does not know."""
+    if not isinstance(value, str) or value not in ACT2FN:
+        raise ValueError(f"{name} {value!r} is not an activation transformers knows")
 
 
 def normalize_rope_scaling(
@@ -61,6 +83,10 @@ def normalize_rope_scaling(
             f"RoPE scaling type {rope_type!r} is not supported by the sliced {model} model; "
             f"supported: {', '.join(supported)}"
         )
+    factor = scaling.get("factor")
+    usable = isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0
+    if rope_type in _FACTOR_SCALINGS and not usable:
+        raise ValueError(f"RoPE scaling {rope_type!r} needs a positive 'factor', not {factor!r}")
     return {"rope_type": rope_type, **scaling}
 
 
@@ -196,7 +222,17 @@ class SlicedConfig(_KeywordConfig):
         """Set the shared fields, then PretrainedConfig's (the token ids among them, in ``kwargs``).
 
         A family's ``__init__`` sets its own fields first and passes the rest on, over its ``dense_defaults``.
+        Sizes and widths that are not positive whole numbers are refused (ValueError).
         """
+        require_positive(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            max_position_embeddings=max_position_embeddings,
+            embedding_dimension=embedding_dimension,
+            lm_head_dimension=lm_head_dimension,
+        )
         self.vocab_size = int(vocab_size)
         self.hidden_size = int(hidden_size)
         self.num_hidden_layers = int(num_hidden_layers)
@@ -213,6 +249,7 @@ class SlicedConfig(_KeywordConfig):
             ("mlp_output_dimensions", mlp_output_dimensions),
         ):
             setattr(self, name, layer_list(values, self.num_hidden_layers, self.hidden_size, name))
+            require_positive(**{f"{name}[{idx}]": width for idx, width in enumerate(getattr(self, name))})
         self.lm_head_dimension = int(lm_head_dimension or hidden_size)
         self.do_slice_head = bool(do_slice_head)
         self.sparsity = sparsity
@@ -336,6 +373,16 @@ class SlicedRotaryConfig(SlicedConfig):
         **kwargs: Any,
     ) -> None:
         """Set the rotary families' fields, then ``SlicedConfig``'s."""
+        require_positive(
+            hidden_size=hidden_size,
+            num_attention_heads=num_attention_heads,
+            intermediate_size=intermediate_size,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+        )
+        if num_attention_heads % (num_key_value_heads or num_attention_heads):
+            raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads")
+        require_activation("hidden_act", hidden_act)
         self.rope_theta = rope_theta_of({"rope_theta": rope_theta, "rope_parameters": rope_parameters})
         self.rotary_scaling = normalize_rope_scaling(
             rotary_scaling or rope_scaling or rope_parameters,

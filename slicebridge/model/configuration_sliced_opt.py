@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .configuration_sliced import SlicedConfig
+from .configuration_sliced import SlicedConfig, require_activation, require_positive
 
 
 def opt_layout_refusal(config: Mapping[str, Any]) -> str | None:
@@ -82,6 +82,8 @@ class SlicedOPTConfig(SlicedConfig):
     ) -> None:
         """The OPT fields; ``kwargs`` are the shared ones (``SlicedConfig``). Refuses an unsliceable layout."""
         shared = {**self.dense_defaults, **kwargs}
+        require_positive(ffn_dim=ffn_dim)
+        require_activation("activation_function", activation_function)
         self.ffn_dim = int(ffn_dim)
         self.activation_function = activation_function
         self.do_layer_norm_before = bool(do_layer_norm_before)

@@ -67,6 +67,8 @@ class SlicedPhi2Config(SlicedRotaryConfig):
                 "LayerNorms by its RMS norm, so the sliced model would not compute what the dense model did"
             )
         self.partial_rotary_factor = _partial_rotary_factor(partial_rotary_factor, kwargs.get("rope_parameters"))
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor!r} must be in (0, 1]")
         self.layer_norm_eps = layer_norm_eps
         self.qk_layernorm = False
         self.lm_head_bias = bool(lm_head_bias)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .configuration_sliced import SlicedRotaryConfig
+from .configuration_sliced import SlicedRotaryConfig, require_positive
 
 
 def check_rope_factors(scaling: Mapping[str, Any] | None, head_dim: int) -> None:
@@ -69,6 +69,9 @@ class SlicedPhi3Config(SlicedRotaryConfig):
         **kwargs: Any,
     ) -> None:
         """The Phi-3 fields; ``kwargs`` are the shared ones (``SlicedRotaryConfig``, ``SlicedConfig``)."""
+        require_positive(
+            original_max_position_embeddings=original_max_position_embeddings, sliding_window=sliding_window
+        )
         self.original_max_position_embeddings = int(original_max_position_embeddings)
         self.rms_norm_eps = rms_norm_eps
         self.sliding_window = int(sliding_window) if sliding_window is not None else None

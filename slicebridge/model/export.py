@@ -737,7 +737,11 @@ def read_export_config(directory: str | os.PathLike) -> SlicedConfig:
         for key, value in data.items()
         if key not in ("auto_map", "torch_dtype", "dtype", "transformers_version")
     }
-    return portable.config_from_dict(data)
+    try:
+        return portable.config_from_dict(data)
+    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+        where = Path(directory) / CONFIG_NAME
+        raise ExportError(f"{where} does not describe a model slicebridge can build: {exc}") from None
 
 
 def _load_tokenizer(directory: Path, config: SlicedConfig) -> Any:
@@ -779,7 +783,7 @@ def load_export(
     config = read_export_config(directory)
     try:
         model = portable.build_model(load_state_dict(directory, device), config, dtype=dtype, device=device)
-    except ValueError as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise ExportError(f"the weights in {directory} do not fit its config.json: {exc}") from None
     provenance: dict[str, Any] = {}
     if (directory / PROVENANCE_NAME).is_file():

@@ -334,6 +334,11 @@ def family_of_tensors(names: Any) -> Family | None:
     return None
 
 
+# Longest file stem kept in an official model name: the staged file names derive from it, and with the
+# family prefix and the sparsity they must stay under the file system's 255 bytes.
+_OFFICIAL_STEM_CHARS = 120
+
+
 def official_model_name(family: Family, base_config: Config, stem: str) -> str:
     """A model name the family's official adapter accepts for a checkpoint whose file stem is ``stem``."""
-    return family.official_name(base_config, Path(stem).name)
+    return family.official_name(base_config, Path(stem).name[:_OFFICIAL_STEM_CHARS])

@@ -212,8 +212,8 @@ def _code_notes(names: list[str]) -> list[str]:
 
 def _model_facts(info: ArtifactInfo, root: dict, path: Path) -> None:
     """Fill ``info`` with the facts of the model object in ``root['model']`` (raises what is wrong)."""
-    from slicebridge.model.checkpoint import read_state_dict_widths
-    from slicebridge.model.families import SUPPORTED, family_of_config, family_of_tensors
+    from slicebridge.model.checkpoint import family_of_base_config, read_state_dict_widths
+    from slicebridge.model.families import SUPPORTED, family_of_tensors
 
     model = root["model"]
     info.architecture = _architecture(model)
@@ -227,7 +227,10 @@ def _model_facts(info: ArtifactInfo, root: dict, path: Path) -> None:
     info.sparsity = float(sparsity) if isinstance(sparsity, (int, float)) else None
     info.round_interval = round_interval if isinstance(round_interval, int) else None
     tensors = named_tensors(model)
-    family = family_of_config(base_config) or family_of_tensors(tensors)
+    # A config that says what it is must name a family we know; one that says nothing (model_type is a
+    # class attribute, so a pickled config may carry neither it nor architectures) is known by its tensors.
+    named = base_config.get("model_type") is not None or bool(base_config.get("architectures"))
+    family = family_of_base_config(base_config, f"{path} (its model's config)") if named else family_of_tensors(tensors)
     if family is None:
         raise NotASeedModel(f"its model is not of a family SliceGPT slices ({SUPPORTED})")
     info.family = family.key
@@ -273,6 +276,6 @@ def describe_seed_bin(path: str | Path) -> ArtifactInfo:
         _model_facts(info, root, path)
     except KeyError as exc:
         info.notes.insert(0, f"no model facts: the pickled config or state dict lacks {exc}")
-    except (CheckpointError, TypeError, ValueError) as exc:
+    except (CheckpointError, TypeError, ValueError, ArithmeticError) as exc:
         info.notes.insert(0, f"no model facts: {exc}")
     return info

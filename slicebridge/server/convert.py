@@ -188,7 +188,8 @@ class ConvertService:
         )
 
     def reference(self, args: protocol.ReferenceArgs, ctx: RequestContext) -> protocol.ReferenceResult:
-        """Run the reference model (the official one when it was loaded officially) on the inputs."""
+        """Run the reference model (the official one when it was loaded officially) on the inputs; none when
+        the caller's artifact is of another family (the result's ``family`` says so, with no logits)."""
         from slicebridge.bridge.protocol import TensorFrame
         from slicebridge.model.compare import forward_logits
         from slicebridge.server.runtime_info import package_versions
@@ -201,12 +202,15 @@ class ConvertService:
         loaded, hit = self.load(args, ctx)
         model = loaded.official_model if loaded.official_model is not None else loaded.model
         count = len(args.inputs)
-        logits = forward_logits(
-            model,
-            [ids.to_torch() for ids in args.inputs],
-            loaded.device,
-            lambda index: ctx.progress("reference", index, count, "inputs"),
-        )
+        family = loaded.checkpoint.family.key
+        logits = []
+        if args.family in (None, family):
+            logits = forward_logits(
+                model,
+                [ids.to_torch() for ids in args.inputs],
+                loaded.device,
+                lambda index: ctx.progress("reference", index, count, "inputs"),
+            )
         ctx.progress("reference", count, count, "inputs")
         versions, _ = package_versions()
         return protocol.ReferenceResult(
@@ -217,7 +221,7 @@ class ConvertService:
             cache_hit=hit,
             seconds=time.perf_counter() - started,
             versions={k: versions.get(k) for k in ("torch", "transformers", "slicegpt")},
-            family=loaded.checkpoint.family.key,
+            family=family,
             official_name=loaded.official_name,
         )
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from slicebridge.bridge.server_loop import HandlerError
+from slicebridge.model import portable
 from slicebridge.server import faults
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,14 @@ def load_checkpoint(
     started = time.perf_counter()
     progress("load", 1, 3)
     faults.at("load")
+    config = checkpoint.sliced_config()  # a layout the family's model cannot rebuild is refused whichever loader
     official_model = official_name = None
     if loader == "official":
         official_name = official_model_name(checkpoint)
         official_model = _load_official(checkpoint, official_name)
-        model = _portable_from_official(official_model, checkpoint)
+        model = _portable_from_official(official_model, config)
     else:
-        model = checkpoint.build_model()
+        model = portable.build_model(checkpoint.load_tensors(), config)
     progress("load", 2, 3)
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
     if official_model is not None:
@@ -205,7 +207,13 @@ def _load_official(checkpoint, model_name: str):
     if checkpoint.round_interval is not None:
         kwargs["round_interval"] = checkpoint.round_interval
     with tempfile.TemporaryDirectory(prefix="slicebridge-official-") as staging:
-        pt_path = _stage_for_official(checkpoint, model_name, Path(staging))
+        try:
+            pt_path = _stage_for_official(checkpoint, model_name, Path(staging))
+        except OSError as exc:
+            raise OfficialLoaderFailed(
+                f"could not link {checkpoint.checkpoint_path.name} under the name slicegpt's adapter accepts "
+                f"({model_name!r}): {exc.strerror or exc}"
+            ) from None
         state_dict = checkpoint.load_tensors()
         attempts = []
         for style, location in (("directory (newer releases)", staging), (".pt path (older releases)", str(pt_path))):
@@ -239,9 +247,7 @@ def _in_checkpoint_dtype(official_model, state_dict: dict, dtype: str):
     return official_model
 
 
-def _portable_from_official(official_model, checkpoint):
+def _portable_from_official(official_model, config):
     """The portable model over the official model's tensors (no copy where they are compact)."""
-    from slicebridge.model import portable
-
     state = {k: v for k, v in official_model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    return portable.build_model(state, checkpoint.sliced_config())
+    return portable.build_model(state, config)
