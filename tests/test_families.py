@@ -391,3 +391,11 @@ def test_a_very_long_checkpoint_name_loads_officially(bridges, tmp_path):
         (run / name).write_bytes(path.read_bytes())
     result = bridges["official"].convert(run, tmp_path / "model.bin", loader="official")
     assert result.official_name == f"facebook/{long_stem[:120]}" and result.family == "opt"
+
+
+def test_the_cli_table_shows_the_name_the_official_adapter_took_the_model_by(official_env, tmp_path):
+    done = run_cli(
+        "convert", str(fixture_of("opt") / "sliced"), "--output-dir", str(tmp_path), "--env", str(official_env)
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "official as facebook/opt-tiny" in done.stdout and " opt " in done.stdout, done.stdout
