@@ -12,7 +12,9 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .families import Family, family_named
+from .families import FAMILIES, Family
+
+_BY_SLICED_TYPE = {family.sliced_model_type: family for family in FAMILIES}
 
 if TYPE_CHECKING:
     import torch
@@ -36,10 +38,10 @@ def family_of(config: SlicedConfig | Mapping[str, Any]) -> Family:
     model_type = config.get("model_type") if isinstance(config, Mapping) else config.model_type
     if not isinstance(model_type, str):
         raise ValueError("the config names no model_type")
-    try:
-        return family_named(model_type)
-    except KeyError:
-        raise ValueError(f"model_type {model_type!r} is not a sliced model family slicebridge knows") from None
+    family = _BY_SLICED_TYPE.get(model_type)  # a dense model's type ("llama") is not a sliced one's ("sliced_llama")
+    if family is None:
+        raise ValueError(f"model_type {model_type!r} is not a sliced model family slicebridge knows")
+    return family
 
 
 def config_from_dict(data: Mapping[str, Any]) -> SlicedConfig:
