@@ -38,6 +38,7 @@ from typing import Any
 
 from slicebridge.bridge.server_loop import HandlerError
 from slicebridge.model import portable
+from slicebridge.model.families import official_model_name
 from slicebridge.server import faults
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def load_checkpoint(
     config = checkpoint.sliced_config()  # a layout the family's model cannot rebuild is refused whichever loader
     official_model = official_name = None
     if loader == "official":
-        official_name = official_model_name(checkpoint)
+        official_name = official_model_name(checkpoint.family, checkpoint.base_config, checkpoint.model_stem)
         official_model = _load_official(checkpoint, official_name)
         model = _portable_from_official(official_model, config)
     else:
@@ -149,13 +150,6 @@ def load_checkpoint(
 
 
 # ---------------------------------------------------------------------------------- official
-
-
-def official_model_name(checkpoint) -> str:
-    """A model name that slicegpt's adapter for the checkpoint's family accepts (they match on names)."""
-    from slicebridge.model.families import official_model_name as name_for
-
-    return name_for(checkpoint.family, checkpoint.base_config, checkpoint.model_stem)
 
 
 def _stage_for_official(checkpoint, model_name: str, staging: Path) -> Path:
