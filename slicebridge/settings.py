@@ -54,7 +54,21 @@ DEBUG_OPS = Setting(
 DEBUG_FAULTS = Setting(
     "SLICEBRIDGE_DEBUG_FAULTS", "", "faults a debug server injects, `point:action=value,...` (see `server/faults.py`)"
 )
-SETTINGS = (ENV, RUNTIME_DIR, CACHE_BYTES, LOG_MAX_BYTES, ALLOW_REMOTE, DEBUG_OPS, DEBUG_FAULTS)
+CALIBRATION_MAX_BYTES = Setting(
+    "SLICEBRIDGE_CALIBRATION_MAX_BYTES",
+    str(1 << 30),
+    "the most bytes of local calibration text a `slice` request reads (one file, and all of a directory's together)",
+)
+SETTINGS = (
+    ENV,
+    RUNTIME_DIR,
+    CACHE_BYTES,
+    LOG_MAX_BYTES,
+    ALLOW_REMOTE,
+    DEBUG_OPS,
+    DEBUG_FAULTS,
+    CALIBRATION_MAX_BYTES,
+)
 
 
 def default_env() -> str:
@@ -87,9 +101,14 @@ def debug_faults() -> str:
     return DEBUG_FAULTS.raw()
 
 
+def calibration_max_bytes() -> int:
+    return _positive_int(CALIBRATION_MAX_BYTES)
+
+
 def check_all() -> None:
     """Read every setting once: a server is not started with a value it would refuse in its log."""
     default_env(), runtime_dir_override(), cache_bytes(), log_max_bytes(), allow_remote(), debug_ops()
+    calibration_max_bytes()
 
 
 def _flag(setting: Setting) -> bool:

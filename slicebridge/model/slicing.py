@@ -4,7 +4,11 @@
 ``experiments/run_slicegpt.py --model-path dense_dir --save-dir out_dir`` writes for a local
 model of a family the official slicegpt slices (microsoft/TransformerCompression,
 ``ConstSlicingScheduler``): Llama-2/3, OPT, Phi-2 or Phi-3 (``families``). ``slice_llama`` is
-its Llama case.
+its Llama case. ``slice_dense(dense, out_dir, ...)`` is the same from a ``DenseCheckpoint``
+(``DenseCheckpoint.load`` reads the weights into memory once, to be sliced many times); it
+returns the sliced state dict, SlicingConfig and parameter counts (``SliceOutcome``) and writes
+only when given an ``out_dir``. ``dense_model`` builds the dense transformers model from a
+``DenseCheckpoint``'s tensors (for its baseline perplexity).
 
 - ``{basename(model_name)}_{sparsity}.pt``: the sliced state dict, official key names and order
   (per layer the shortcut matrices, then the linears in the order the official model holds
@@ -67,21 +71,23 @@ Gram matrix and completed with an orthonormal complement (same eigenpairs, much 
 full ``eigh``). At sparsity 0 (without ``center_embeddings``) and for a model whose norm
 epsilon is 1e-5 the result computes exactly the dense model's function.
 
-Memory: the dense weights are read tensor by tensor from safetensors; only one layer's weights
-(in float32/float64), the calibration activations and the sliced output are held at a time.
+Memory: the dense weights are read tensor by tensor from safetensors (or taken from a loaded
+``DenseCheckpoint``, never changed); only one layer's weights in float32/float64, the
+calibration activations and the sliced output are held at a time besides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +100,10 @@ from .checkpoint import SlicedWidths, sliced_width
 from .configuration_sliced import SLICEGPT_FUSED_NORM_EPS, SlicedConfig
 from .dense import TIED_BY_DEFAULT, embedded_text, resolve_dtype
 from .families import SUPPORTED, Family, family_of_config, official_model_name
-from .sliced_decoder import apply_rotary_pos_emb, attend, causal_attention_mask, split_heads
+from .sliced_decoder import apply_rotary_pos_emb, attend, causal_attention_mask, count_sliced_parameters, split_heads
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -289,8 +298,14 @@ def family_slicer(family: Family) -> type[FamilySlicer]:
 
 
 class DenseCheckpoint:
-    """Reads a dense Hugging Face model directory (``config.json`` + safetensors) tensor by tensor,
-    and knows its family (``family``) and how to slice it (``slicer``)."""
+    """A dense Hugging Face model directory (``config.json`` + safetensors), its family
+    (``family``) and how to slice it (``slicer``).
+
+    ``DenseCheckpoint(directory)`` reads the tensors from the files when they are asked for, one
+    at a time; ``DenseCheckpoint.load(directory)`` reads them all into host memory once, after
+    which ``tensor()`` never touches the disk. The maker never changes the tensors it is given,
+    so one loaded checkpoint can be sliced many times.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory).expanduser().absolute()
@@ -310,6 +325,31 @@ class DenseCheckpoint:
         self.vocab_size = int(self.config["vocab_size"])
         self.tied_head = bool(self.config.get("tie_word_embeddings", family.key in TIED_BY_DEFAULT))
         self.tensor_files = self._tensor_files()
+        self._held: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> DenseCheckpoint:
+        """The checkpoint with every tensor read into host memory, each safetensors file once.
+        The tensors are copies: safetensors' own are views of the file mapped into memory, whose
+        pages would be read from disk when first touched (and again after being evicted)."""
+        from safetensors.torch import load_file
+
+        dense = cls(directory)
+        held: dict[str, torch.Tensor] = {}
+        for path in sorted(set(dense.tensor_files.values())):
+            mapped = load_file(str(path))
+            held.update(
+                (name, tensor.clone()) for name, tensor in mapped.items() if dense.tensor_files.get(name) == path
+            )
+            del mapped  # unmaps the file
+        dense._held = held
+        logger.info("read %d tensors (%d bytes) of %s into memory", len(held), dense.nbytes, dense.directory)
+        return dense
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the tensors held in host memory (0 when they are read from the files on demand)."""
+        return sum(tensor.nbytes for tensor in (self._held or {}).values())
 
     def _tensor_files(self) -> dict[str, Path]:
         index_path = self.directory / "model.safetensors.index.json"
@@ -328,15 +368,19 @@ class DenseCheckpoint:
             return dict.fromkeys(handle.keys(), single)
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Load one tensor (optionally cast)."""
+        """One tensor (optionally cast); from a loaded checkpoint, the held tensor itself when no
+        cast is needed: read it, never change it."""
         from safetensors import safe_open
 
         if name == "lm_head.weight" and name not in self.tensor_files and self.tied_head:
             name = self.family.token_embedding  # a tied head is the embedding matrix
         if name not in self.tensor_files:
             raise KeyError(f"{self.directory} has no tensor {name}")
-        with safe_open(str(self.tensor_files[name]), framework="pt") as handle:
-            tensor = handle.get_tensor(name)
+        if self._held is not None:
+            tensor = self._held[name]
+        else:
+            with safe_open(str(self.tensor_files[name]), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
         return tensor if dtype is None else tensor.to(dtype)
 
     def _bias(self, name: str) -> torch.Tensor | None:
@@ -800,10 +844,38 @@ def _log_plan(dense: DenseCheckpoint, widths: SlicedWidths, out_dtype: torch.dty
     )
 
 
+@dataclass
+class SliceOutcome:
+    """One slice of a dense model: the sliced state dict (official names and order, output dtype),
+    its SlicingConfig and widths, the files' stem, the parameter counts, and where it was written."""
+
+    tensors: dict[str, torch.Tensor]
+    slicing_config: dict[str, Any]
+    widths: SlicedWidths
+    stem: str  # {basename(model_name)}_{sparsity}: the .pt and .json are named by it
+    params: dict[str, int]  # dense (the base model's), sliced (shortcut Qs included), shortcut_q
+    out_dir: Path | None = None  # None: nothing was written
+    copied: list[str] = field(default_factory=list)  # the base-model files copied into out_dir
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The ``.pt`` written (None when nothing was)."""
+        return None if self.out_dir is None else self.out_dir / f"{self.stem}.pt"
+
+
+def _prepared_out_dir(out_dir: str | os.PathLike[str] | None) -> Path | None:
+    """``out_dir`` made absolute and created (before any work: a bad one fails at once)."""
+    if out_dir is None:
+        return None
+    out = Path(out_dir).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 @torch.no_grad()
-def slice_model(
-    dense_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+def slice_dense(
+    dense: DenseCheckpoint,
+    out_dir: str | os.PathLike[str] | None,
     *,
     sparsity: float,
     round_interval: int = 8,
@@ -817,29 +889,12 @@ def slice_model(
     center_embeddings: bool = False,
     final_orientation: str = "random",
     do_slice_head: bool = False,
-    family: str | None = None,
-) -> Path:
-    """Rotate and slice the dense model in ``dense_dir`` (Llama, OPT, Phi-2 or Phi-3, by its
-    ``config.json``) as SliceGPT does; write run_slicegpt's save-directory layout into ``out_dir``
-    (created if needed) and return ``out_dir``.
-
-    The checkpoint is ``out_dir / f"{sliced_file_stem(model_name, sparsity)}.pt"`` (plus ``.json``).
-    ``model_name`` defaults to a name the family's official adapter accepts, made from the name of
-    ``dense_dir`` (``meta-llama/Meta-Llama-3-<dir>``, ``facebook/opt-<dir>``, ``microsoft/phi-2``,
-    ``microsoft/Phi-3-mini-4k-instruct``). Calibration: ``calibration_ids`` [samples, seq_len] if
-    given, else ``num_calibration_samples`` windows of ``calibration_seq_len`` tokens of
-    ``embedded_text()`` (random ids if the model has no ``tokenizer.json``), chosen with ``seed``.
-    ``dtype`` casts the output (default: the dense weights' dtype). ``progress(stage, done, total)``
-    is called as work advances. ``center_embeddings`` matters for the RMSNorm families only (the
-    LayerNorm families are always centred, which is exact). ``family`` ("llama", ...), if given,
-    is the family the dense model must be. See the module docstring for the maths and the options.
-    """
+) -> SliceOutcome:
+    """Rotate and slice ``dense`` as SliceGPT does (the options are ``slice_model``'s) and, unless
+    ``out_dir`` is None, write run_slicegpt's save directory there. ``dense`` is left as it was:
+    a loaded checkpoint gives the same slice however many times it is sliced."""
     _check_options(sparsity, round_interval, final_orientation)
-    dense = DenseCheckpoint(dense_dir)
-    if family is not None and dense.family.key != family:
-        raise ValueError(f"{dense.directory} holds a {dense.family.title} model, not a {family} one")
-    out = Path(out_dir).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepared_out_dir(out_dir)
     model_name = model_name or dense.slicer.default_model_name(dense.directory.name)
     out_dtype = resolve_dtype(dtype) if dtype is not None else dense.dtype
     rotator = Rotator(compute_dtype=torch.float64 if out_dtype.itemsize >= 4 else torch.float32, out_dtype=out_dtype)
@@ -853,16 +908,115 @@ def slice_model(
         return random_orientation(basis, kept, generator) if final_orientation == "random" else basis
 
     tensors = rotate_and_slice(dense, token_ids, widths, rotator, orient, center_embeddings, progress)
-    stem = sliced_file_stem(model_name, sparsity)
-    save_sliced(out, stem, tensors, widths.as_slicing_config(dense.hidden_size, do_slice_head=do_slice_head))
-    copied = copy_base_files(dense.directory, out)
+    counted = count_sliced_parameters(tensors)
+    outcome = SliceOutcome(
+        tensors=tensors,
+        slicing_config=widths.as_slicing_config(dense.hidden_size, do_slice_head=do_slice_head),
+        widths=widths,
+        stem=sliced_file_stem(model_name, sparsity),
+        params={
+            "dense": dense.family.dense_parameters(dense.config),
+            "sliced": counted.total,
+            "shortcut_q": counted.shortcut,
+        },
+    )
+    if out is not None:
+        save_sliced(out, outcome.stem, tensors, outcome.slicing_config)
+        outcome.out_dir, outcome.copied = out, copy_base_files(dense.directory, out)
+        logger.info("wrote %s.pt / %s.json (+ %s) to %s", outcome.stem, outcome.stem, ", ".join(outcome.copied), out)
     total_steps = dense.num_layers + 2
-    _report(progress, "saved", total_steps, total_steps)
-    logger.info("wrote %s.pt / %s.json (+ %s) to %s", stem, stem, ", ".join(copied) or "no base files", out)
+    _report(progress, "sliced" if out is None else "saved", total_steps, total_steps)
+    return outcome
+
+
+def slice_model(
+    dense_dir: str | os.PathLike[str] | DenseCheckpoint,
+    out_dir: str | os.PathLike[str],
+    *,
+    sparsity: float,
+    family: str | None = None,
+    **options: Any,
+) -> Path:
+    """Rotate and slice the dense model in ``dense_dir`` (Llama, OPT, Phi-2 or Phi-3, by its
+    ``config.json``; or a ``DenseCheckpoint``, loaded or not) as SliceGPT does; write
+    run_slicegpt's save-directory layout into ``out_dir`` (created if needed) and return ``out_dir``.
+
+    The checkpoint is ``out_dir / f"{sliced_file_stem(model_name, sparsity)}.pt"`` (plus ``.json``).
+    Options (``slice_dense``'s): ``model_name`` defaults to a name the family's official adapter
+    accepts, made from the name of ``dense_dir`` (``meta-llama/Meta-Llama-3-<dir>``,
+    ``facebook/opt-<dir>``, ``microsoft/phi-2``, ``microsoft/Phi-3-mini-4k-instruct``).
+    Calibration: ``calibration_ids`` [samples, seq_len] if given, else ``num_calibration_samples``
+    (8) windows of ``calibration_seq_len`` (64) tokens of ``embedded_text()`` (random ids if the
+    model has no ``tokenizer.json``), chosen with ``seed`` (0). ``dtype`` casts the output
+    (default: the dense weights' dtype). ``progress(stage, done, total)`` is called as work
+    advances. ``center_embeddings`` (False) matters for the RMSNorm families only (the LayerNorm
+    families are always centred, which is exact); ``round_interval`` (8), ``final_orientation``
+    ("random" or "pca") and ``do_slice_head`` (False) are run_slicegpt's. ``family`` ("llama",
+    ...), if given, is the family the dense model must be. See the module docstring for the maths.
+    """
+    dense = dense_dir if isinstance(dense_dir, DenseCheckpoint) else DenseCheckpoint(dense_dir)
+    if family is not None and dense.family.key != family:
+        raise ValueError(f"{dense.directory} holds a {dense.family.title} model, not a {family} one")
+    out = Path(out_dir).expanduser().absolute()
+    slice_dense(dense, out, sparsity=sparsity, **options)
     return out
 
 
-def slice_llama(dense_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], **options: Any) -> Path:
+def slice_llama(
+    dense_dir: str | os.PathLike[str] | DenseCheckpoint, out_dir: str | os.PathLike[str], **options: Any
+) -> Path:
     """``slice_model(dense_dir, out_dir, family="llama", **options)``: a dense Llama is sliced, any
     other family refused. ``model_name`` defaults to ``meta-llama/Meta-Llama-3-<name of dense_dir>``."""
     return slice_model(dense_dir, out_dir, family="llama", **options)
+
+
+# --------------------------------------------------------------------------------------------
+# The dense model as transformers builds it
+# --------------------------------------------------------------------------------------------
+
+
+def dense_model(dense: DenseCheckpoint, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
+    """The dense model as transformers builds it (``AutoModelForCausalLM`` of its config) with
+    ``dense``'s weights, in ``dtype`` (default: the stored one), on the CPU, in eval mode: what
+    the baseline perplexity is measured on.
+
+    It is built without random initialisation and filled from ``dense.tensor()`` (no disk read
+    when ``dense`` is loaded). The model owns copies of the tensors (a tied head shares its
+    embedding's), so changing it, as slicegpt's fusion does, leaves ``dense`` as it was.
+    """
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    out_dtype = resolve_dtype(dtype) if dtype is not None else dense.dtype
+    model_type = dense.config.get("model_type") or dense.family.model_types[0]
+    config = CONFIG_MAPPING[model_type].from_dict(dict(dense.config))
+    with _without_weight_init():
+        model = AutoModelForCausalLM.from_config(config, **_dtype_keyword(out_dtype))
+    state = {name: dense.tensor(name) for name in dense.tensor_files}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = sorted(set(missing) - ({"lm_head.weight"} if dense.tied_head else set()))
+    if missing:
+        raise ValueError(f"{dense.directory} lacks tensors its {dense.family.title} model needs: {missing}")
+    if unexpected:
+        logger.warning(
+            "%s: tensors its %s model has no place for, left out: %s", dense.directory, model_type, unexpected
+        )
+    if dense.tied_head:
+        model.tie_weights()
+    return model.eval()
+
+
+def _without_weight_init() -> contextlib.AbstractContextManager[None]:
+    """transformers' context in which a model is built without random initialisation (its
+    parameters are then filled): ``transformers.initialization`` in 5.x, ``modeling_utils`` in 4.x."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _dtype_keyword(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_config``'s dtype argument: ``dtype`` in transformers 5.x, ``torch_dtype`` in 4.x."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
