@@ -28,13 +28,12 @@ name -> ``OSError``. Had that succeeded, new mode would go on to ``torch.load`` 
 ``torch.load`` a directory (IsADirectoryError). A model name without a supported prefix
 raises ``NotImplementedError`` before any file is read.
 
-Also here under their official names (the official imports them from ``layernorm_fusion``
-and ``rotate``): ``replace_layers``, ``fuse_modules``, ``slice_rotated_model``. Since every
-weight is overwritten by the sliced state dict, ``fuse_modules`` only does what changes the
-model's structure, not the weight arithmetic: it unties the head; a linear fed by a norm with
-a bias (OPT's and Phi-2's LayerNorm) gets a bias if it has none -- so OPT's ``lm_head`` has
-one, as in the official ``.pt`` --; every norm becomes RMSN(hidden_size). A parallel block
-(Phi-2) has one shortcut, ``attn_shortcut_Q``: no ``mlp_shortcut_Q`` is created or sliced.
+Also importable from here, as in the official (which imports them for the loader):
+``replace_layers`` and ``fuse_modules`` (``layernorm_fusion``) and ``slice_rotated_model``
+(``rotate``). As the official loader does, ``load_sliced_model`` runs the real fusion
+arithmetic on the UNINITIALISED model (so the structure comes out right: OPT's and Phi-2's
+``lm_head`` gain a bias, every norm is an RMSN over the original width) and the state dict then
+overwrites every weight.
 """
 
 from __future__ import annotations
@@ -48,9 +47,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from slicegpt.layernorm_fusion import fuse_modules, replace_layers
 from slicegpt.model_adapter import ModelAdapter, SlicingConfig
-from slicegpt.modules import RMSN
-from slicegpt.slicing_scheduler import ConfigSlicingScheduler, ConstSlicingScheduler
+from slicegpt.rotate import slice_rotated_model
 
 API_ENV_VAR = "SLICEGPT_STANDIN_API"
 
@@ -111,96 +110,6 @@ def get_model_and_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=True, token=token, local_files_only=True)
     model_adapter.post_init(tokenizer)
     return model_adapter, tokenizer
-
-
-def _swap_modules(root: torch.nn.Module, kind: type, make) -> None:
-    """Replace each ``kind`` module under ``root`` (depth first) by ``make(name, module)``, not inside replaced ones."""
-    for name, child in root.named_children():
-        if isinstance(child, kind):
-            setattr(root, name, make(name, child))
-        else:
-            _swap_modules(child, kind, make)
-
-
-def replace_layers(model_adapter) -> None:
-    """Swap every decoder layer for the adapter's compressed layer (with empty shortcut_Q slots)."""
-    convert = model_adapter.convert_layer_to_compressed_and_register_buffers
-    _swap_modules(model_adapter.model, model_adapter.original_layer_type, lambda name, layer: convert(layer, int(name)))
-
-
-def _norm_readers(model_adapter):
-    """Each norm with the linears that read its output, as the official fusion pairs them."""
-    for layer in model_adapter.get_layers():
-        if model_adapter.parallel_blocks:
-            yield layer.get_first_layernorm(), layer.get_attention_inputs() + layer.get_mlp_inputs()
-        else:
-            yield layer.get_first_layernorm(), layer.get_attention_inputs()
-            yield layer.get_second_layernorm(), layer.get_mlp_inputs()
-    yield model_adapter.get_pre_head_layernorm(), [model_adapter.get_lm_head()]
-
-
-def fuse_modules(model_adapter) -> None:
-    """Structural part of the official layer-norm fusion: untied head, norm biases, RMSN over the original width."""
-    head = model_adapter.get_lm_head()
-    head.weight = torch.nn.Parameter(head.weight.clone())
-    for norm, linears in _norm_readers(model_adapter):
-        if getattr(norm, "bias", None) is None:  # RMSNorm: nothing to fold into a bias
-            continue
-        for linear in linears:
-            if linear.bias is None:
-                linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
-    hidden = model_adapter.hidden_size
-    _swap_modules(model_adapter.model, model_adapter.original_layer_norm_type, lambda _name, _norm: RMSN(hidden))
-
-
-def _keep_columns(linear, width: int) -> None:
-    linear.weight.data = linear.weight.data[:, :width]
-    linear.in_features = width
-
-
-def _keep_rows(linear, width: int) -> None:
-    linear.weight.data = linear.weight.data[:width, :]
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data[:width]
-    linear.out_features = width
-
-
-def slice_rotated_model(model_adapter, slicing_scheduler=None) -> None:
-    """Cut every weight and shortcut_Q to the widths of the slicing config (or of the constant width)."""
-    model_adapter.model.eval()
-    layers = model_adapter.get_layers()
-    if slicing_scheduler is None:
-        conf = model_adapter.slicing_conf
-        if conf.const_dimension is not None:
-            slicing_scheduler = ConstSlicingScheduler(conf.const_dimension)
-            slicing_scheduler.setup(
-                hidden_size=model_adapter.hidden_size,
-                layers_num=len(layers),
-                parallel_blocks=model_adapter.parallel_blocks,
-            )
-        else:
-            slicing_scheduler = ConfigSlicingScheduler(conf)
-    sched = slicing_scheduler
-    widths = sched.get_embedding_dimensions()
-    for i, embedding in enumerate(model_adapter.get_embeddings()):
-        embedding.weight.data = embedding.weight.data[:, : widths[i]]
-        embedding.embedding_dim = widths[i]
-    for i, adapter in enumerate(layers):
-        layer = adapter.layer
-        d_attn_in, d_mlp_in = sched.get_attention_input_dimension(i), sched.get_mlp_input_dimension(i)
-        d_mlp_out = sched.get_mlp_output_dimension(i)
-        d_attn_out = sched.get_attention_output_dimension(i, match_head_dim=model_adapter.parallel_blocks)
-        for linear in adapter.get_attention_inputs():
-            _keep_columns(linear, d_attn_in)
-        for linear in adapter.get_mlp_inputs():
-            _keep_columns(linear, d_mlp_in)
-        _keep_rows(adapter.get_mlp_output(), d_mlp_out)
-        _keep_rows(adapter.get_attention_output(), d_attn_out)
-        layer.attn_shortcut_Q = torch.nn.Parameter(layer.attn_shortcut_Q[:d_attn_in, :d_attn_out])
-        if not model_adapter.parallel_blocks:
-            layer.mlp_shortcut_Q = torch.nn.Parameter(layer.mlp_shortcut_Q[:d_mlp_in, :d_mlp_out])
-    if sched.do_slice_head:
-        _keep_columns(model_adapter.get_lm_head(), sched.get_head_dimension())
 
 
 @do_not_initialize

@@ -1,6 +1,6 @@
 """Test stand-in for the official ``slicegpt.model_adapter`` (microsoft/TransformerCompression).
 
-Reproduces what loading a sliced model needs, for the four families the official adapters cover:
+Reproduces what loading and slicing a model need, for the four families the official adapters cover:
 - ``SlicingConfig``: the dataclass whose JSON run_slicegpt writes next to the ``.pt``
   (``{model}_{sparsity}.json``); ``from_json_string`` turns the numeric string keys of its
   per-layer dicts back into ints.
@@ -12,6 +12,12 @@ Reproduces what loading a sliced model needs, for the four families the official
 - ``convert_layer_to_compressed_and_register_buffers``: registers ``mlp_shortcut_Q`` (sequential
   blocks only: a parallel block has one shortcut) then ``attn_shortcut_Q`` as (empty)
   parameters, so state-dict keys and order match the ``.pt``.
+- What rotation and calibration use (``rotate``, ``model_utils``, ``gpu_utils``): a layer's
+  hidden states are argument 0 of its forward and item 0 of its output
+  (``hidden_states_args_position`` / ``hidden_states_output_position``), ``get_updated_args``
+  swaps new hidden states into caught arguments, ``set_raw_layer_at`` puts any module (the
+  calibration catcher) in a layer's place, ``should_bake_mean_into_linear`` (LayerNorm families)
+  and ``no_split_module_classes`` (the original and the compressed layer class, for accelerate).
 - The uninitialised model: the official defines a LOCAL class ``Uninitialized<X>ForCausalLM``
   (``<X>ForCausalLM`` with ``_init_weights`` doing nothing) inside each adapter's
   ``_from_uninitialized``, builds it in the default dtype and casts it with ``.to(dtype)`` (which
@@ -23,8 +29,7 @@ What every official adapter repeats (the model and its config, width, sequence l
 ``use_cache``; where its modules are, given as attribute paths; the compressed layer built from
 the config and the layer index; the model built from a name, pretrained or uninitialised) lives
 once here: the adapters set their family's types, module paths and name test. Config and
-weights are only ever read from local files (no Hugging Face downloads). Only what loading a
-sliced model needs is here (no rotation, no calibration).
+weights are only ever read from local files (no Hugging Face downloads).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class LayerAdapter:
     attention_output_path: str
     mlp_input_paths: tuple[str, ...]
     mlp_output_path: str
+    hidden_states_args_position = 0  # in every family's layer forward and its output tuple
+    hidden_states_output_position = 0
 
     def __init__(self, layer: Module) -> None:
         self._layer = layer
@@ -64,6 +71,11 @@ class LayerAdapter:
     @property
     def layer(self) -> Module:
         return self._layer
+
+    def get_updated_args(self, hidden_states: Any, args: tuple) -> tuple:
+        """``args`` (a layer's positional arguments) with ``hidden_states`` in the hidden states' place."""
+        position = self.hidden_states_args_position
+        return (*args[:position], hidden_states, *args[position + 1 :])
 
     def get_first_layernorm(self) -> Module:
         return attrgetter(self.first_layernorm_path)(self.layer)
@@ -101,12 +113,14 @@ def uninitialized_causal_lm(adapter: type[ModelAdapter]) -> type:
 
 
 class ModelAdapter(ABC):
-    """Wraps a model; ``slicing_conf`` is set by ``hf_utils.load_sliced_model``.
+    """Wraps a model; ``slicing_conf`` is set by ``hf_utils.load_sliced_model`` and ``rotate.rotate_and_slice``.
 
     Subclasses set the family's types as class attributes (``causal_lm_type``,
     ``original_layer_norm_type``, ``layer_adapter_type``, ``compressed_layer_type``;
-    ``parallel_blocks`` where attention and MLP run side by side; ``pad_with_eos`` where the
-    tokenizer has no pad token, so ``post_init`` makes eos the pad token), where its modules are
+    ``parallel_blocks`` where attention and MLP run side by side; ``should_bake_mean_into_linear``
+    where the norms are LayerNorms, whose mean subtraction the fusion moves into the linears that
+    write the residual stream; ``pad_with_eos`` where the tokenizer has no pad token, so
+    ``post_init`` makes eos the pad token), where its modules are
     (``layers_path``, ``embedding_paths``, ``pre_head_layernorm_path``: dotted attribute names from
     the model) and which model names they accept (``accepts_name``).
     """
@@ -116,6 +130,7 @@ class ModelAdapter(ABC):
     layer_adapter_type: type[LayerAdapter]
     compressed_layer_type: type
     parallel_blocks = False
+    should_bake_mean_into_linear = False
     pad_with_eos = False
     layers_path: str
     embedding_paths: tuple[str, ...]
@@ -157,8 +172,18 @@ class ModelAdapter(ABC):
     def original_layer_type(self) -> type:
         return self.compressed_layer_type.__base__  # each compressed layer subclasses its family's layer
 
+    @property
+    def no_split_module_classes(self) -> list[str]:
+        return [self.original_layer_type.__name__, self.compressed_layer_type.__name__]
+
     def get_layers(self) -> list[LayerAdapter]:
         return [self.layer_adapter_type(layer) for layer in attrgetter(self.layers_path)(self.model)]
+
+    def get_raw_layer_at(self, index: int) -> Module:
+        return attrgetter(self.layers_path)(self.model)[index]
+
+    def set_raw_layer_at(self, index: int, new_layer: Module) -> None:
+        attrgetter(self.layers_path)(self.model)[index] = new_layer
 
     def get_embeddings(self) -> list[Module]:
         return [attrgetter(path)(self.model) for path in self.embedding_paths]

@@ -8,7 +8,8 @@ Reproduces, against transformers 4.41:
   False raises ``NotImplementedError``. No instance attributes of its own, so official
   instances pickled with dill unpickle into it.
 - ``OPTLayerAdapter`` / ``OPTModelAdapter``: the norms are ``LayerNorm`` (so the fusion gives
-  ``lm_head`` a bias, see ``hf_utils.fuse_modules``); the embeddings are the token AND the
+  ``lm_head`` a bias and bakes the mean into the attention and MLP outputs, see
+  ``layernorm_fusion``); the embeddings are the token AND the
   learned position tables, both sliced; the compressed layer is built from the config alone
   (OPT layers take no index). Accepted only for model names starting with ``facebook/opt``;
   anything else is refused, so ``ModelAdapter.from_model`` raises NotImplementedError. The
@@ -71,6 +72,7 @@ class OPTModelAdapter(ModelAdapter):
     original_layer_norm_type = torch.nn.LayerNorm
     layer_adapter_type = OPTLayerAdapter
     compressed_layer_type = CompressedOPTDecoderLayer
+    should_bake_mean_into_linear = True
     layers_path = "model.decoder.layers"
     embedding_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions")
     pre_head_layernorm_path = "model.decoder.final_layer_norm"

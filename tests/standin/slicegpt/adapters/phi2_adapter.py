@@ -7,7 +7,8 @@ Reproduces, against transformers 4.41:
   A parallel block has a single shortcut: no ``mlp_shortcut_Q`` is registered on it. No
   instance attributes of its own, so official instances pickled with dill unpickle into it.
 - ``Phi2LayerAdapter`` / ``Phi2ModelAdapter``: one ``LayerNorm`` per layer (no second norm),
-  attention inputs q/k/v, output ``dense``, MLP ``fc1`` / ``fc2``; ``parallel_blocks`` True.
+  attention inputs q/k/v, output ``dense``, MLP ``fc1`` / ``fc2``; ``parallel_blocks`` and
+  ``should_bake_mean_into_linear`` True.
   Accepted only for the model name ``microsoft/phi-2`` exactly; anything else is refused, so
   ``ModelAdapter.from_model`` raises NotImplementedError. The uninitialised model is
   ``Phi2ModelAdapter._from_uninitialized.<locals>.UninitializedPhiForCausalLM`` (see
@@ -65,6 +66,7 @@ class Phi2ModelAdapter(ModelAdapter):
     layer_adapter_type = Phi2LayerAdapter
     compressed_layer_type = CompressedPhiDecoderLayer
     parallel_blocks = True
+    should_bake_mean_into_linear = True
     pad_with_eos = True
     layers_path = "model.layers"
     embedding_paths = ("model.embed_tokens",)
