@@ -603,6 +603,79 @@ class InfoResult:
 
 
 @dataclass
+class SliceArgs:
+    """Slice a dense model at each sparsity as ``experiments/run_slicegpt.py`` does, one warm model
+    for the whole sweep. Option names are the script's flags, underscored; paths are absolute."""
+
+    base_model: str  # the dense Hugging Face model directory (run_slicegpt's --model-path)
+    sparsities: list[float]  # each in (0, 1), in the order they are sliced
+    output_dir: str  # run_slicegpt's --save-dir: {name}_{sparsity}.pt / .json per sparsity, base files copied
+    calibration: str | None = None  # local text: a .txt / .jsonl file or a directory of them
+    cal_dataset: str | None = None  # wikitext2 | ptb | c4 | alpaca, through slicegpt's data_utils
+    cal_nsamples: int = 128
+    cal_batch_size: int = 16
+    cal_max_seqlen: int = 2048
+    varied_seqlen: bool = False
+    seed: int = 42
+    round_interval: int = 8
+    final_orientation: str = "random"  # random | pca
+    model_name: str | None = None  # the name the official adapter matches; default: derived as convert does
+    slicer: str = "auto"  # auto (official when slicegpt is importable) | official | builtin
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "fp16"  # fp16 | fp32 (run_slicegpt's --dtype)
+    distribute_model: bool = False  # run_slicegpt's --distribute-model (accelerate over every GPU)
+    eval_ppl: bool = True  # perplexity of the dense and of each sliced model on held-out text
+    ppl_eval_seqlen: int = 2048
+    ppl_eval_batch_size: int = 8
+    held_out: float = 0.1  # of a local calibration set's examples, kept apart for perplexity
+    overwrite: bool = False
+    convert: bool = False  # also write {output_dir}/{name}_{sparsity}.bin from the warm sliced model
+    export: bool = False  # also write {output_dir}/{name}_{sparsity}/ (pickle-free HF directory)
+
+
+@dataclass
+class SlicedCheckpoint:
+    """One sparsity of a sweep, sliced and saved."""
+
+    sparsity: float
+    checkpoint: str  # the .pt
+    slicing_config: str  # the .json SlicingConfig
+    hidden_size: int  # the sliced embedding dimension
+    actual_ratio: float  # 1 - params(sliced, shortcut Qs included) / params(dense)
+    params: dict  # dense, sliced, shortcut_q
+    ppl: float | None  # perplexity on the held-out text (None without eval_ppl)
+    timings: dict  # seconds: calibrate, slice, save, ppl, total
+    bin: dict | None = None  # the ConvertResult fields, when convert was asked for
+    export: dict | None = None  # the ExportResult fields, when export was asked for
+
+
+@dataclass
+class SliceFailure:
+    """One sparsity of a sweep that failed; it left nothing on disk."""
+
+    sparsity: float
+    error_type: str
+    message: str
+
+
+@dataclass
+class SliceResult:
+    output_dir: str
+    slicer: str  # the code that sliced: official (slicegpt's rotate_and_slice) | builtin (slicebridge's maker)
+    family: str  # llama | opt | phi2 | phi3
+    model_name: str  # the name the files are named by (and the official adapter was given)
+    device: str
+    dtype: str
+    dense: dict  # the warm dense model: cache_hit, load_seconds, loads (dense reads from disk by this server)
+    calibration: dict  # source, examples, held_out, samples, seqlen
+    baseline_ppl: float | None  # the dense model's perplexity on the held-out text
+    checkpoints: list[SlicedCheckpoint]  # in the order sliced
+    failed: list[SliceFailure]  # sparsities that failed mid-sweep (out of memory, ...)
+    copied: list[str]  # base-model files copied into output_dir, as run_slicegpt copies them
+    timings: dict  # seconds: load, baseline_ppl, total
+
+
+@dataclass
 class CacheInfoArgs:
     pass
 
@@ -639,6 +712,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("reference", ReferenceArgs, ReferenceResult),
         Operation("info", InfoArgs, InfoResult),
         Operation("cache_info", CacheInfoArgs, CacheInfoResult),
+        Operation("slice", SliceArgs, SliceResult),
         Operation("sleep", SleepArgs, SleepResult, diagnostic=True),
         Operation("fail", FailArgs, EchoResult, diagnostic=True),
     ]
@@ -666,7 +740,7 @@ def from_wire(cls: type, data: Any) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise TypeError(f"{cls.__name__}: missing field {f.name!r}")
             continue
-        value = data[f.name]
+        value = _nested(data[f.name], hints[f.name])
         if not _matches(value, hints[f.name]):
             raise TypeError(
                 f"{cls.__name__}.{f.name}: expected {_type_name(hints[f.name])}, got {type(value).__name__}"
@@ -675,15 +749,36 @@ def from_wire(cls: type, data: Any) -> Any:
     return cls(**values)
 
 
+def _nested(value: Any, annotation: Any) -> Any:
+    """A map where the field holds a dataclass (or a list of them) built as that dataclass, checked."""
+    item = (
+        typing.get_args(annotation)[0]
+        if typing.get_origin(annotation) is list and typing.get_args(annotation)
+        else None
+    )
+    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        return from_wire(annotation, value)
+    if item is not None and dataclasses.is_dataclass(item) and isinstance(value, list):
+        return [from_wire(item, v) if isinstance(v, dict) else v for v in value]
+    return value
+
+
 def result_from_wire(cls: type, data: Any) -> Any:
     """Build a result dataclass from a reply. Replies are signed by the server, so the fast
-    path skips the per-field checks; anything that does not fit gets them (and their errors)."""
-    if isinstance(data, dict):
+    path skips the per-field checks; anything that does not fit gets them (and their errors).
+    A result with nested dataclasses always takes the checked path, which builds them."""
+    hints, _ = _field_types(cls)
+    if isinstance(data, dict) and not any(map(_holds_dataclasses, hints.values())):
         try:
             return cls(**data)
         except TypeError:
             pass
     return from_wire(cls, data)
+
+
+@functools.cache
+def _holds_dataclasses(annotation: Any) -> bool:
+    return dataclasses.is_dataclass(annotation) or any(map(_holds_dataclasses, typing.get_args(annotation)))
 
 
 @functools.cache

@@ -179,7 +179,7 @@ class _Client:
         return bool(self.pid) and pid_alive(self.pid, self.start)
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
     return (
         isinstance(exc, MemoryError)
         or type(exc).__name__ == "OutOfMemoryError"
@@ -585,7 +585,7 @@ class ServerLoop:
         except Cancelled as exc:
             self._send_error(ctx, "RequestCancelled", str(exc))
         except Exception as exc:  # every failure, sending the result included, becomes an error reply
-            if _is_out_of_memory(exc):  # host or CUDA
+            if is_out_of_memory(exc):  # host or CUDA
                 self._out_of_memory(ctx, exc)
             else:
                 error_type = getattr(exc, "error_type", "") or type(exc).__name__

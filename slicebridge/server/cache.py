@@ -15,7 +15,7 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,13 @@ class ModelCache:
             self._entries.move_to_end(key)
             self._evict(keep=key)
         return value, False
+
+    def put(self, key: Hashable, value: Any, size: int) -> None:
+        """Cache ``value`` (made some other way than by loading ``key``: a model just sliced and saved)."""
+        with self._lock:
+            self._entries[key] = (value, size)
+            self._entries.move_to_end(key)
+            self._evict(keep=key)
 
     def _evict(self, keep: CacheKey) -> None:
         while self.used_bytes > self.budget_bytes and len(self._entries) > 1:

@@ -4,8 +4,9 @@
 
     SLICEBRIDGE_DEBUG_FAULTS="load:raise=MemoryError,publish:pause=3"
 
-Points: ``load`` (a checkpoint is being loaded, before it enters the cache) and
-``publish`` (an output sits complete in its temporary, about to be renamed into place).
+Points: ``load`` (a checkpoint is being loaded, before it enters the cache), ``slice.layer``
+(a ``slice`` request is about to take its next layer) and ``publish`` (an output sits complete in
+its temporary, about to be renamed into place).
 Actions: ``pause=SECONDS`` (cancellable, like real work at that point) and
 ``raise=MemoryError|CudaOutOfMemory|RuntimeError``; ``*N`` after a value acts N times only.
 """

@@ -66,8 +66,10 @@ def fail(args: protocol.FailArgs, ctx: RequestContext):
 def build_handlers() -> dict:
     from slicebridge.server import seed
     from slicebridge.server.convert import ConvertService
+    from slicebridge.server.slice_service import SliceService
 
     service = ConvertService()
+    slicing = SliceService(service)
     handlers = {
         "echo": echo,
         "sleep": sleep,
@@ -76,6 +78,7 @@ def build_handlers() -> dict:
         "export": service.export,
         "reference": service.reference,
         "cache_info": service.cache_info,
+        "slice": slicing.slice,
         "upgrade": seed.upgrade,
         "info": seed.info,
     }
