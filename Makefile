@@ -6,6 +6,10 @@
 #   make convert SLICEGPT_MODEL=... [BASE_MODEL=...] [OUTPUT=...] [ENV=slicegpt]
 #   make convert SWEEP=dir [OUTPUT_DIR=...] [ENV=slicegpt]
 #                convert through a detached warm server that later make calls reuse
+#   make slice BASE_MODEL=dir SPARSITIES="0.2 0.25 0.3" CALIBRATION=file OUTPUT_DIR=dir [ENV=slicegpt]
+#              [OVERWRITE=1] [CONVERT=1] [EXPORT=1] [VERIFY=1] [SLICE_ARGS="--dtype fp32 ..."]
+#                slice the dense model at each sparsity, as run_slicegpt does, through that warm server
+#                (CAL_DATASET=wikitext2 instead of CALIBRATION; SLICE_ARGS: more `slicebridge slice` flags)
 
 PYTHON   ?= python3.11
 ENVS     ?= .envs
@@ -13,14 +17,14 @@ BASE     := $(ENVS)/base
 SLICEGPT := $(ENVS)/slicegpt
 PIP      := pip install --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
-# The slicegpt env for `make convert`: a conda env name, a prefix or a python. Default: the
+# The slicegpt env for `make convert` and `make slice`: a conda env name, a prefix or a python. Default: the
 # stand-in env this Makefile builds (no slicegpt in it: the builtin loader is used).
 ENV      ?= $(SLICEGPT)
 SB       := $(BASE)/bin/slicebridge
 
 export SLICEBRIDGE_TEST_SLICEGPT_ENV := $(abspath $(SLICEGPT))
 
-.PHONY: envs test demo bench families convert stop clean-envs
+.PHONY: envs test demo bench families convert slice stop clean-envs
 
 envs: $(BASE)/.ready $(SLICEGPT)/.ready
 
@@ -62,7 +66,19 @@ convert: envs
 	  $(if $(BASE_MODEL),--base_model "$(BASE_MODEL)") $(if $(OUTPUT),--output "$(OUTPUT)") \
 	  $(if $(OUTPUT_DIR),--output-dir "$(OUTPUT_DIR)") $(if $(OVERWRITE),--overwrite) $(if $(VERIFY),--verify)
 
-# Stop the detached server that `make convert` started.
+slice: envs
+	@if [ -z "$(BASE_MODEL)" ] || [ -z "$(SPARSITIES)" ] || [ -z "$(OUTPUT_DIR)" ] || [ -z "$(CALIBRATION)$(CAL_DATASET)" ]; then \
+	  echo "usage: make slice BASE_MODEL=dir SPARSITIES=\"0.2 0.25 0.3\" CALIBRATION=file OUTPUT_DIR=dir [ENV=slicegpt]"; \
+	  echo "       [OVERWRITE=1] [CONVERT=1] [EXPORT=1] [VERIFY=1] [SLICE_ARGS=\"--dtype fp32 ...\"]"; \
+	  echo "       (CAL_DATASET=wikitext2 instead of CALIBRATION; SLICE_ARGS: more \`slicebridge slice\` flags)"; \
+	  exit 2; fi
+	@$(SB) server start --env "$(ENV)" >/dev/null
+	$(SB) slice --env "$(ENV)" --overwrite-flag OVERWRITE=1 --model-path "$(BASE_MODEL)" --save-dir "$(OUTPUT_DIR)" \
+	  --sparsity $(SPARSITIES) $(if $(CALIBRATION),--calibration "$(CALIBRATION)") \
+	  $(if $(CAL_DATASET),--cal-dataset "$(CAL_DATASET)") $(if $(OVERWRITE),--overwrite) \
+	  $(if $(CONVERT),--convert) $(if $(EXPORT),--export) $(if $(VERIFY),--verify) $(SLICE_ARGS)
+
+# Stop the detached server that `make convert` or `make slice` started.
 stop:
 	-$(SB) server stop --env "$(ENV)"
 

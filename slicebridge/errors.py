@@ -62,6 +62,8 @@ PUBLIC_ERRORS: dict[str, tuple[str, ...]] = {
     "slicebridge.model.export": ("ExportError",),
     "slicebridge.model.pickle_scan": ("UnreadablePickle",),
     "slicebridge.model.seed_bin": ("NotASeedModel",),
+    "slicebridge.model.calibration": ("CalibrationError",),
+    "slicebridge.client.slicing": ("SweepIncomplete",),
 }
 ERROR_MODULES: dict[str, str] = {name: module for module, names in PUBLIC_ERRORS.items() for name in names}
 

@@ -4,6 +4,8 @@
     client.convert(slicegpt_model="results/Llama-3-8B-Instruct_0.2.pt",
                    base_model="/models/Llama-3-8B-Instruct", output="pruned_model.bin", env="slicegpt")
     client.verify("pruned_model.bin", checkpoint="results/Llama-3-8B-Instruct_0.2.pt", env="slicegpt")
+    client.slice("/models/Meta-Llama-3-8B", sparsities=[0.2, 0.25], calibration="cal.txt",
+                 output_dir="results/", env="slicegpt")      # results/Meta-Llama-3-8B_0.2.pt, ...
 
 The first call for an env attaches to its detached server (``slicebridge server start``)
 or starts one owned by this process; later calls reuse it, so a loop over many
@@ -24,7 +26,18 @@ from slicebridge.bridge.envs import find_env
 from slicebridge.bridge.errors import ServerKeepsDying
 from slicebridge.client.bridge import Bridge, default_env
 
-__all__ = ["Bridge", "convert", "export", "verify", "info", "upgrade", "bridge_for", "close", "ServerKeepsDying"]
+__all__ = [
+    "Bridge",
+    "convert",
+    "export",
+    "verify",
+    "info",
+    "upgrade",
+    "slice",
+    "bridge_for",
+    "close",
+    "ServerKeepsDying",
+]
 
 _bridges: dict[str, Bridge] = {}  # by the env as the caller named it
 _by_python: dict[str, Bridge] = {}  # by the interpreter it was resolved to: two names, one env, one bridge
@@ -162,3 +175,32 @@ def upgrade(
     for a file you trust (without it the server refuses, and says so).
     """
     return _call(env, "upgrade", source, output, trust_pickle=trust_pickle, **options)
+
+
+def slice(
+    base_model: str | os.PathLike,
+    sparsities: list[float],
+    calibration: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    env: str | None = None,
+    **options,
+):
+    """Slice a dense model at every sparsity in one request, as run_slicegpt does; returns a ``SliceSweep``.
+
+        sweep = client.slice("/models/Meta-Llama-3-8B", sparsities=[0.2, 0.25, 0.3], calibration="cal.txt",
+                             output_dir="results/", env="slicegpt", convert=True, verify=True)
+        print(sweep.table())        # sparsity, hidden size, actual ratio, perplexity, seconds, files, verify
+        sweep.checkpoints[0].checkpoint   # results/Meta-Llama-3-8B_0.2.pt (+ .json, + .bin with convert)
+
+    ``calibration`` is a local text (a .txt / .jsonl file or a directory of them); pass
+    ``cal_dataset="wikitext2"`` (ptb, c4, alpaca) instead to calibrate as run_slicegpt does. Options are
+    ``Bridge.slice``'s (run_slicegpt's flags, underscored, plus slicer, held_out, eval_ppl, overwrite,
+    convert, export, verify, on_event). Arguments that are wrong whatever the server are refused
+    before any server starts. ``SweepIncomplete`` if a sparsity failed or an artifact failed
+    verification; its ``.sweep`` holds what was done, which stays on disk.
+    """
+    from slicebridge.client.slicing import check_sweep
+
+    check_sweep(sparsities, output_dir, calibration, options.get("cal_dataset"), options.get("round_interval", 8))
+    return _call(env, "slice", base_model, sparsities, output_dir, calibration=calibration, **options)

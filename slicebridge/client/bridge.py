@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slicebridge import settings
 from slicebridge.bridge import protocol
@@ -24,6 +24,9 @@ from slicebridge.bridge.envs import PythonEnv, find_env, reported_prefix
 from slicebridge.bridge.errors import ProtocolError, ServerDied, ServerEnvMismatch, ServerKeepsDying
 from slicebridge.bridge.launcher import ServerProcess, attach, find_detached, start_server
 from slicebridge.model.atomic import remove_orphaned_partials, resolve
+
+if TYPE_CHECKING:
+    from slicebridge.client.slicing import SliceSweep
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +297,74 @@ class Bridge:
             trust_pickle=bool(trust_pickle),
         )
         return self._writing_request("upgrade", args, on_event)
+
+    def slice(
+        self,
+        base_model: str | os.PathLike,
+        sparsities: list[float],
+        output_dir: str | os.PathLike,
+        *,
+        calibration: str | os.PathLike | None = None,
+        cal_dataset: str | None = None,
+        cal_nsamples: int = 128,
+        cal_batch_size: int = 16,
+        cal_max_seqlen: int = 2048,
+        varied_seqlen: bool = False,
+        seed: int = 42,
+        round_interval: int = 8,
+        final_orientation: str = "random",
+        model_name: str | None = None,
+        slicer: str = "auto",
+        device: str = "auto",
+        dtype: str = "fp16",
+        distribute_model: bool = False,
+        eval_ppl: bool = True,
+        ppl_eval_seqlen: int = 2048,
+        ppl_eval_batch_size: int = 8,
+        held_out: float = 0.1,
+        overwrite: bool = False,
+        convert: bool = False,
+        export: bool = False,
+        verify: bool = False,
+        on_event: EventCallback | None = None,
+    ) -> SliceSweep:
+        """Slice the dense model ``base_model`` at each sparsity, as run_slicegpt does, in one request.
+
+        Options are run_slicegpt's flags (see ``protocol.SliceArgs``); calibration is a local text
+        (``calibration``) or a dataset name (``cal_dataset``), exactly one. ``convert`` / ``export``
+        also write ``.bin`` files / Hugging Face dirs; ``verify`` checks them here (without either, it
+        implies ``convert``). Returns a ``SliceSweep``; ``SweepIncomplete`` (its ``.sweep`` holds what
+        was done) if a sparsity failed or an artifact failed verification. See ``client.slicing``.
+        """
+        from slicebridge.client.slicing import check_sweep, run_sweep
+
+        args = protocol.SliceArgs(
+            base_model=_absolute(base_model),
+            sparsities=check_sweep(sparsities, output_dir, calibration, cal_dataset, round_interval),
+            output_dir=_absolute(output_dir),
+            calibration=_absolute(calibration) if calibration is not None else None,
+            cal_dataset=cal_dataset,
+            cal_nsamples=cal_nsamples,
+            cal_batch_size=cal_batch_size,
+            cal_max_seqlen=cal_max_seqlen,
+            varied_seqlen=varied_seqlen,
+            seed=seed,
+            round_interval=round_interval,
+            final_orientation=final_orientation,
+            model_name=model_name,
+            slicer=slicer,
+            device=device,
+            dtype=dtype,
+            distribute_model=distribute_model,
+            eval_ppl=eval_ppl,
+            ppl_eval_seqlen=ppl_eval_seqlen,
+            ppl_eval_batch_size=ppl_eval_batch_size,
+            held_out=held_out,
+            overwrite=overwrite,
+            convert=convert or (verify and not export),
+            export=export,
+        )
+        return run_sweep(self, args, verify=verify, on_event=on_event)
 
     def verify(self, artifact: str | os.PathLike, checkpoint: str | os.PathLike, **options):
         """Verify ``artifact`` (loaded in this env) against ``checkpoint`` (run in the server).

@@ -8,6 +8,8 @@
     slicebridge convert CKPT... [--output-dir D] [--verify]   checkpoints -> portable .bin files
     slicebridge convert --slicegpt_model P --base_model B --output O   (the seed script's flags)
     slicebridge export CKPT... [--output-dir D]  checkpoints -> pickle-free Hugging Face dirs
+    slicebridge slice --model-path DENSE --save-dir D --sparsity 0.2 0.25 --calibration T [--verify]
+                                                 slice a dense model at each sparsity (run_slicegpt's flags)
     slicebridge verify ARTIFACT --checkpoint CKPT   forward passes here vs the server; exit 1 on fail
     slicebridge info PATH...                    widths, parameter counts, actual ratio, dtype
     slicebridge upgrade SEED.bin OUT.bin --trust-pickle   a .bin made the seed's way -> a portable one
@@ -114,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_env(job)
         _add_output_flags(job)
 
+    _add_slice_parser(commands)
+
     verify = commands.add_parser("verify", help="check an artifact here against its checkpoint in the server")
     verify.add_argument("artifact", help="a .bin or an export directory")
     verify.add_argument("--checkpoint", required=True, help="the SliceGPT checkpoint (run_slicegpt dir or .pt)")
@@ -157,6 +161,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the demo model (default: small, ~10M parameters)",
     )
     return parser
+
+
+def _add_slice_parser(commands) -> None:
+    """``slicebridge slice``: experiments/run_slicegpt.py's flags (same names and defaults), then ours."""
+    job = commands.add_parser("slice", help="slice a dense model at each sparsity (run_slicegpt's flags)")
+    job.add_argument("--model-path", required=True, help="the dense Hugging Face model directory")
+    job.add_argument(
+        "--model", default=None, help="the model name the official adapter is given and files are named by"
+    )
+    job.add_argument("--save-dir", required=True, help="where {name}_{sparsity}.pt / .json go, created if missing")
+    job.add_argument(
+        "--sparsity", type=float, nargs="+", action="extend", required=True, help="one or more, each in (0, 1)"
+    )
+    job.add_argument(
+        "--cal-dataset",
+        choices=["wikitext2", "ptb", "c4", "alpaca"],
+        default=None,
+        help="calibrate on this dataset (slicegpt's data_utils) instead of --calibration",
+    )
+    job.add_argument("--cal-nsamples", type=int, default=128)
+    job.add_argument("--cal-batch-size", type=int, default=16)
+    job.add_argument("--cal-max-seqlen", type=int, default=2048)
+    job.add_argument("--varied-seqlen", action="store_true")
+    job.add_argument("--seed", type=int, default=42)
+    job.add_argument("--round-interval", type=int, default=8)
+    job.add_argument("--final-orientation", choices=["random", "pca"], default="random")
+    job.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
+    job.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in the server)")
+    job.add_argument("--distribute-model", action="store_true", help="spread the model over every GPU (accelerate)")
+    job.add_argument("--ppl-eval-seqlen", type=int, default=2048)
+    job.add_argument("--ppl-eval-batch-size", type=int, default=8)
+    job.add_argument("--calibration", default=None, help="a local .txt / .jsonl file or a directory of them")
+    job.add_argument("--held-out", type=float, default=0.1, help="of --calibration's examples, kept for perplexity")
+    job.add_argument("--no-ppl", action="store_true", help="skip the perplexities")
+    job.add_argument("--slicer", choices=["auto", "official", "builtin"], default="auto")
+    job.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    job.add_argument("--overwrite-flag", default="--overwrite", help=argparse.SUPPRESS)  # make: OVERWRITE=1
+    job.add_argument("--convert", action="store_true", help="also write {name}_{sparsity}.bin")
+    job.add_argument("--export", action="store_true", help="also write {name}_{sparsity}/ (Hugging Face dir)")
+    job.add_argument("--verify", action="store_true", help="verify every artifact here (alone, it implies --convert)")
+    _add_env(job)
+    _add_output_flags(job)
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -339,6 +385,57 @@ def _run_job(bridge, args, checkpoint, output, progress):
         raise OutputExists(f"{output} already exists; pass {args.overwrite_flag} to replace it") from None
 
 
+def cmd_slice(args) -> int:
+    """slice: one sweep through the env's warm server; the summary table (or JSON), exit 1 unless all went well."""
+    from slicebridge import client
+    from slicebridge.client.slicing import SweepIncomplete
+    from slicebridge.model.atomic import OutputExists
+
+    progress = _progress(args, "slice")
+    try:
+        sweep = client.slice(
+            args.model_path,
+            args.sparsity,
+            args.calibration,
+            args.save_dir,
+            env=args.env,
+            cal_dataset=args.cal_dataset,
+            cal_nsamples=args.cal_nsamples,
+            cal_batch_size=args.cal_batch_size,
+            cal_max_seqlen=args.cal_max_seqlen,
+            varied_seqlen=args.varied_seqlen,
+            seed=args.seed,
+            round_interval=args.round_interval,
+            final_orientation=args.final_orientation,
+            model_name=args.model,
+            slicer=args.slicer,
+            device=args.device,
+            dtype=args.dtype,
+            distribute_model=args.distribute_model,
+            eval_ppl=not args.no_ppl,
+            ppl_eval_seqlen=args.ppl_eval_seqlen,
+            ppl_eval_batch_size=args.ppl_eval_batch_size,
+            held_out=args.held_out,
+            overwrite=args.overwrite,
+            convert=args.convert,
+            export=args.export,
+            verify=args.verify,
+            on_event=progress,
+        )
+    except SweepIncomplete as exc:
+        sweep = exc.sweep
+        print(f"slicebridge: error: {exc}", file=sys.stderr)
+    except OutputExists as exc:  # named with the flag that replaces it where the command came from
+        raise OutputExists(str(exc).replace("overwrite=True (--overwrite)", args.overwrite_flag)) from None
+    finally:
+        progress.close()
+    if args.json:
+        _print_json(sweep.as_dict())
+    else:
+        print(sweep.table())
+    return 0 if sweep.ok else 1
+
+
 def _planned_outputs(args, checkpoints) -> list:
     """Every output of the job, before any work (``batch.outputs_for`` names apart or refuses outputs
     that would coincide). ``--output D/`` (a trailing slash) is a directory, as ``--output-dir`` is;
@@ -452,6 +549,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "convert": cmd_job,
     "export": cmd_job,
+    "slice": cmd_slice,
     "verify": cmd_verify,
     "info": cmd_info,
     "upgrade": cmd_upgrade,
