@@ -34,7 +34,7 @@ class ModelSet:
         return pt
 
 
-def _build_atomically(target: Path, build) -> Path:
+def build_atomically(target: Path, build) -> Path:
     if (target / ".complete").is_file():
         return target
     tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
@@ -65,13 +65,13 @@ def model_set(cache_dir: Path, preset: str, sparsities: list[float], log=print) 
     dense = root / "dense"
     if not (dense / ".complete").is_file():
         log(f"   making the dense {preset} model in {dense} ...")
-    _build_atomically(dense, lambda tmp: make_dense_preset(tmp, preset, dtype=DTYPE))
+    build_atomically(dense, lambda tmp: make_dense_preset(tmp, preset, dtype=DTYPE))
     result = ModelSet(preset, dense)
     for sparsity in sparsities:
         target = root / f"sliced-{sparsity}"
         if not (target / ".complete").is_file():
             log(f"   slicing it at sparsity {sparsity} into {target} ...")
-        result.sliced[sparsity] = _build_atomically(
+        result.sliced[sparsity] = build_atomically(
             target, lambda tmp, s=sparsity: slice_llama(dense, tmp, sparsity=s, model_name=MODEL_NAME)
         )
     result.made_seconds = time.perf_counter() - started

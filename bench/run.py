@@ -7,7 +7,7 @@ and whether it is met; where a target is missed, the row carries a breakdown of 
 
 Writes ``bench/results/results.json`` and ``results.md`` (atomically) and prints the table.
 
-    python bench/run.py --env .envs/slicegpt                # everything: 5-8 min (+2-4 min the first time,
+    python bench/run.py --env .envs/slicegpt                # everything: 7-10 min (+2-4 min the first time,
                                                             # to make the 1B model)
     python bench/run.py --env .envs/slicegpt --smoke        # tiny sizes, few repeats: < 1 min
     python bench/run.py --env .envs/slicegpt --only ping    # one benchmark (merged into the results)
@@ -36,9 +36,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, Context, atomic_write, env_python, fmt_summary, fmt_value, pyspy_path  # noqa: E402
 
-BENCHMARKS = ["startup", "ping", "echo", "convert_many", "convert_1b", "export_1b", "verify_1b", "crc_check"]
+BENCHMARKS = [
+    "startup",
+    "ping",
+    "echo",
+    "convert_many",
+    "convert_1b",
+    "export_1b",
+    "verify_1b",
+    "crc_check",
+    "slice_sweep",
+]
 ROW_ORDER = [
     "convert_many",
+    "slice_sweep",
     "convert_1b",
     "convert_1b_peak_rss",
     "export_1b",

@@ -16,6 +16,7 @@ from helpers.paths import REPO, slicegpt_env_path
 
 EXPECTED_ROWS = {
     "convert_many",
+    "slice_sweep",
     "convert_1b",
     "convert_1b_peak_rss",
     "export_1b",
@@ -67,6 +68,9 @@ def test_bench_smoke_writes_every_row(tmp_path):
         assert row["met"] in (True, False, None)
         if row["target"]["op"] is not None:
             assert isinstance(row["met"], bool), name
+    # The sweep slices what the fresh processes slice (same perplexities), reading the dense model once a sweep.
+    assert rows["slice_sweep"]["absolute"]["n_sparsities"] == 3
+    assert any("match the server's" in note for note in rows["slice_sweep"]["notes"]), rows["slice_sweep"]["notes"]
     for name in ("ping_ipc", "ping_tcp"):
         assert all(math.isfinite(rows[name]["absolute"][k]) for k in ("p50_s", "p90_s", "p99_s"))
 
