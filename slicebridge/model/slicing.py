@@ -780,13 +780,19 @@ def rotate_and_slice(
 # --------------------------------------------------------------------------------------------
 
 
-def copy_base_files(dense_dir: Path, out_dir: Path) -> list[str]:
-    """Copy what run_slicegpt copies for a local model: ``*.json`` (not safetensors indexes),
-    ``*token*.model`` and ``merges.txt``. Returns the names copied."""
-    if dense_dir.resolve() == out_dir.resolve():
-        return []
+def base_files(dense_dir: Path) -> list[Path]:
+    """What run_slicegpt copies for a local model: ``*.json`` (not safetensors indexes), ``*token*.model``
+    and ``merges.txt`` (the files among them)."""
     sources = [path for path in sorted(dense_dir.glob("*.json")) if "safetensors" not in path.name]
     sources += sorted(dense_dir.glob("*token*.model")) + sorted(dense_dir.glob("merges.txt"))
+    return [path for path in sources if path.is_file()]
+
+
+def copy_base_files(dense_dir: Path, out_dir: Path) -> list[str]:
+    """Copy ``base_files(dense_dir)`` into ``out_dir`` (nothing when it is ``dense_dir``); their names."""
+    if dense_dir.resolve() == out_dir.resolve():
+        return []
+    sources = base_files(dense_dir)
     for source in sources:
         with atomic_file(out_dir / source.name, overwrite=True) as tmp:
             shutil.copyfile(source, tmp)

@@ -80,15 +80,17 @@ def official_available() -> bool:
     return importlib.util.find_spec("slicegpt") is not None
 
 
-def resolve_loader(requested: str) -> str:
+def resolve_loader(requested: str, what: str = "loader") -> str:
+    """``official`` or ``builtin`` for a requested ``auto | official | builtin`` (``what``: the option's name,
+    ``loader`` or ``slicer``): ``auto`` is official where slicegpt is importable."""
     if requested not in LOADERS:
-        raise ValueError(f"loader must be one of {', '.join(LOADERS)}, not {requested!r}")
+        raise ValueError(f"{what} must be one of {', '.join(LOADERS)}, not {requested!r}")
     if requested == "auto":
         return "official" if official_available() else "builtin"
     if requested == "official" and not official_available():
         raise LoaderUnavailable(
-            "loader='official' needs the slicegpt package in the server's env, and it is not importable "
-            "there; install it in that env or use loader='builtin' (no slicegpt needed)"
+            f"{what}='official' needs the slicegpt package in the server's env, and it is not importable "
+            f"there; install it in that env or use {what}='builtin' (no slicegpt needed)"
         )
     return requested
 

@@ -54,19 +54,6 @@ class BuiltinDense:
         self.baseline_ppl = self._dense_perplexity(plan) if plan.args.eval_ppl else None
         self.baseline_seconds = time.perf_counter() - started - self.load_seconds
 
-    def calibration_ids(self, plan: SweepPlan):
-        from slicebridge.model.calibration import sample_calibration_ids
-
-        args = plan.args
-        return sample_calibration_ids(
-            plan.calibration.train,
-            self.tokenizer,
-            max_seqlen=args.cal_max_seqlen,
-            nsamples=args.cal_nsamples,
-            seed=args.seed,
-            varied_seqlen=args.varied_seqlen,
-        )
-
     def slice(self, plan: SweepPlan, sparsity: float, report: Report) -> tuple[dict, str, None]:
         """The sliced state dict and its SlicingConfig's JSON (as the maker writes it); no slicegpt model."""
         from slicebridge.model.slicing import slice_dense
@@ -86,7 +73,7 @@ class BuiltinDense:
             sparsity=sparsity,
             round_interval=plan.args.round_interval,
             model_name=plan.model_name,
-            calibration_ids=self.calibration_ids(plan),
+            calibration_ids=plan.calibration.ids,
             seed=plan.args.seed,
             dtype=plan.dtype,
             progress=progress,

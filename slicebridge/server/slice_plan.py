@@ -26,14 +26,13 @@ from slicebridge.model.atomic import OutputError, OutputExists, check_output
 from slicebridge.model.errors import UnsupportedArchitecture
 from slicebridge.model.families import Family, family_of_config, official_model_name
 from slicebridge.server.convert import require_absolute
-from slicebridge.server.loaders import DeviceUnavailable, LoaderUnavailable, official_available, resolve_device
+from slicebridge.server.loaders import LOADERS, DeviceUnavailable, resolve_device, resolve_loader
 
 log = logging.getLogger(__name__)
 
 # run_slicegpt's --dtype values, and the torch names convert uses, to one torch dtype name.
 DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
 ORIENTATIONS = ("random", "pca")
-SLICERS = ("auto", "official", "builtin")
 NAMED_DATASETS = ("wikitext2", "ptb", "c4", "alpaca")
 
 
@@ -51,6 +50,7 @@ class Calibration:
     train: list[str]
     held_out: list[str]
     samples: int = 0  # what the sampling yields (checked against cal_nsamples)
+    ids: Any = None  # those samples' token ids [samples, seqlen], as slicebridge's maker takes them
     dataset: Any = None  # the DatasetDict slicegpt's get_dataset returned, for a named dataset
 
     def digest(self) -> str:
@@ -117,7 +117,7 @@ def plan_sweep(args: protocol.SliceArgs) -> SweepPlan:
         config,
         family,
         model_name,
-        _slicer(args.slicer),
+        resolve_loader(args.slicer, what="slicer"),
         _device(args),
         DTYPES[args.dtype],
         stems={s: f"{Path(model_name).name}_{float(s)}" for s in args.sparsities},
@@ -143,12 +143,12 @@ def _check_options(args: protocol.SliceArgs) -> None:
     for name in ("cal_nsamples", "cal_batch_size", "cal_max_seqlen", "ppl_eval_seqlen", "ppl_eval_batch_size"):
         if getattr(args, name) < 1:
             refuse(f"{name} must be at least 1, not {getattr(args, name)}")
+    if args.slicer not in LOADERS:
+        refuse(f"slicer must be one of {', '.join(LOADERS)}, not {args.slicer!r}")
     if args.final_orientation not in ORIENTATIONS:
         refuse(f"final_orientation must be one of {', '.join(ORIENTATIONS)}, not {args.final_orientation!r}")
     if args.dtype not in DTYPES:
         refuse(f"dtype must be fp16 or fp32 (run_slicegpt's --dtype), not {args.dtype!r}")
-    if args.slicer not in SLICERS:
-        refuse(f"slicer must be one of {', '.join(SLICERS)}, not {args.slicer!r}")
     if not 0 <= args.held_out < 1:
         refuse(f"held_out must be in [0, 1) (the fraction kept for perplexity), not {args.held_out}")
     if (args.calibration is None) == (args.cal_dataset is None):
@@ -175,17 +175,6 @@ def _dense_model(path: str) -> tuple[Path, dict[str, Any], Family]:
         model_type = config.get("model_type") if isinstance(config, dict) else None
         raise UnsupportedArchitecture(repr(model_type), str(config_path))
     return base_dir, config, family
-
-
-def _slicer(requested: str) -> str:
-    if requested == "auto":
-        return "official" if official_available() else "builtin"
-    if requested == "official" and not official_available():
-        raise LoaderUnavailable(
-            "slicer='official' needs the slicegpt package in the server's env, and it is not importable there; "
-            "install it in that env or use slicer='builtin' (slicebridge's own maker)"
-        )
-    return requested
 
 
 def _device(args: protocol.SliceArgs) -> str:
@@ -227,18 +216,12 @@ def _check_outputs(plan: SweepPlan) -> None:
             check_output(path, plan.args.overwrite, directory=directory)
     if plan.args.overwrite or plan.output_dir.resolve() == plan.base_dir.resolve():
         return
-    for name in copied_base_files(plan.base_dir):
-        there = plan.output_dir / name
-        if there.exists() and not (there.is_file() and filecmp.cmp(there, plan.base_dir / name, shallow=False)):
+    from slicebridge.model.slicing import base_files
+
+    for source in base_files(plan.base_dir):
+        name, there = source.name, plan.output_dir / source.name
+        if there.exists() and not (there.is_file() and filecmp.cmp(there, source, shallow=False)):
             raise OutputExists(
                 f"{there} already exists and differs from the base model's {name}; pass overwrite=True "
                 "(--overwrite) to replace it, or another output_dir"
             )
-
-
-def copied_base_files(base_dir: Path) -> list[str]:
-    """What run_slicegpt copies for a local model: ``*.json`` (not safetensors indexes), ``*token*.model``
-    and ``merges.txt``, by name."""
-    names = [p.name for p in sorted(base_dir.glob("*.json")) if "safetensors" not in p.name]
-    names += [p.name for p in sorted(base_dir.glob("*token*.model"))] + [p.name for p in base_dir.glob("merges.txt")]
-    return [name for name in names if (base_dir / name).is_file() and not os.path.islink(base_dir / name)]

@@ -249,7 +249,7 @@ def read_calibration(plan: SweepPlan) -> Calibration:
         seed=args.seed,
         varied_seqlen=args.varied_seqlen,
     )
-    calibration.samples = int(ids.shape[0])
+    calibration.ids, calibration.samples = ids, int(ids.shape[0])
     cal.check_enough(calibration.samples, args.cal_nsamples, args.cal_max_seqlen)
     if args.eval_ppl:
         perplexity_windows(calibration.held_out, tokenizer, args.ppl_eval_seqlen)
@@ -257,9 +257,10 @@ def read_calibration(plan: SweepPlan) -> Calibration:
 
 
 def copied_files(plan: SweepPlan) -> list[str]:
-    from slicebridge.server.slice_plan import copied_base_files
+    from slicebridge.model.slicing import base_files
 
-    return [] if plan.output_dir.resolve() == plan.base_dir.resolve() else copied_base_files(plan.base_dir)
+    same = plan.output_dir.resolve() == plan.base_dir.resolve()
+    return [] if same else [path.name for path in base_files(plan.base_dir)]
 
 
 def _failure(sparsity: float, exc: BaseException) -> protocol.SliceFailure:
