@@ -31,6 +31,9 @@ def private_runtime_dir():
     path = tempfile.mkdtemp(prefix="sbt-", dir="/tmp")
     os.environ["SLICEBRIDGE_RUNTIME_DIR"] = path
     os.environ["SLICEBRIDGE_DEBUG_OPS"] = "1"
+    # As the launcher does for servers: the interpreters tests start (run_slicegpt.py by hand, checks) must
+    # not spin OpenMP threads against the servers on CI's two cores (eigh then runs hundreds of times slower).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     yield Path(path)
     shutil.rmtree(path, ignore_errors=True)
 

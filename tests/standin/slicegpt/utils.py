@@ -1,7 +1,10 @@
 """Test stand-in for the official ``slicegpt.utils`` (microsoft/TransformerCompression).
 
 Reproduces ``cleanup_memory`` (garbage collection, then emptying the CUDA cache when there is
-one, with a DEBUG line of the reserved memory before and after), ``map_tensors`` (tensors in
+one, with a DEBUG line of the reserved memory before and after; one deviation: without CUDA only
+the youngest generation is collected -- a full collection frees nothing slicing relies on, tensors
+go by reference counting, and in a process holding transformers and datasets it costs ~0.2 s a
+call, ~20 calls a slice, most of a test's time), ``map_tensors`` (tensors in
 nested lists, tuples and dicts moved to a device and/or cast; a tuple stays a tuple, a dict
 comes back a plain dict) and ``configure_logging`` (what experiments/run_slicegpt.py calls: a
 console handler printing bare messages at ``level``, optionally a DEBUG log file
@@ -29,7 +32,7 @@ def _reserved_gib() -> float:
 def cleanup_memory() -> None:
     """Run the garbage collector and give cached CUDA memory back."""
     before = _reserved_gib()
-    gc.collect()
+    gc.collect(generation=2 if torch.cuda.is_available() else 0)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         after = _reserved_gib()
