@@ -22,7 +22,7 @@ from slicebridge import Bridge
 from slicebridge.bridge import protocol
 from slicebridge.bridge.errors import BadRequest
 from slicebridge.errors import InputNotFound
-from slicebridge.model.atomic import OutputExists
+from slicebridge.model.atomic import OutputError, OutputExists
 from slicebridge.model.calibration import CalibrationError
 from slicebridge.model.dense import embedded_text
 from slicebridge.model.errors import UnsupportedArchitecture
@@ -273,6 +273,13 @@ def _bad_requests(bases, calibration, tmp_path):
         "both calibrations": (dict(cal_dataset="wikitext2"), BadRequest, "exactly one"),
         "unknown orientation": (dict(final_orientation="sideways"), BadRequest, "final_orientation"),
         "unknown dtype": (dict(dtype="int8"), BadRequest, "fp16"),
+        "negative seed": (dict(seed=-1), BadRequest, "seed"),
+        "one-token windows": (dict(ppl_eval_seqlen=1), BadRequest, "ppl_eval_seqlen"),
+        "unknown device": (dict(device="tpu"), BadRequest, "device"),
+        "another family's name": (dict(model_name="facebook/opt-tiny"), BadRequest, "Llama"),
+        "a name that is no file name": (dict(model_name="meta-llama/.."), BadRequest, "file name"),
+        "too many sparsities": (dict(sparsities=[i / 100 for i in range(1, 70)]), BadRequest, "at most"),
+        "output_dir a file": (dict(output_dir=empty), OutputError, "is a file"),
     }
 
 
@@ -288,7 +295,7 @@ def test_bad_input_is_one_sentence_before_any_work_and_the_server_keeps_serving(
         cal = change.pop("calibration", calibration)
         sparsities = change.pop("sparsities", [0.25])
         with pytest.raises(error) as caught:
-            run_slice(bridge, base, out, cal, sparsities, **change)
+            run_slice(bridge, base, change.pop("output_dir", out), cal, sparsities, **change)
         message = str(caught.value)
         assert said in message and "Traceback" not in message and len(message.splitlines()) == 1, (name, message)
         assert not out.exists(), name  # nothing written, not even the output directory
@@ -377,3 +384,67 @@ def test_the_server_threads_wait_passively_unless_told_otherwise(slicegpt_env, m
     assert server_environ(env)["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert server_environ(env)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_both_slicers_give_the_same_model(bridges, bases, calibration, official_env, key, tmp_path):
+    """slicebridge's maker calibrates on the samples slicegpt draws and fuses as slicegpt does (embeddings
+    centred), so without slicegpt the server gives the model slicegpt would, up to rounding."""
+    sparsity = json.loads((fixture_of(key) / "fixture.json").read_text())["sparsity"]
+    base = _tokenizer_the_script_runs_with(bases[key], tmp_path / "tiny")
+    made = {}
+    for slicer in ("official", "builtin"):
+        made[slicer] = run_slice(bridges[slicer], base, tmp_path / slicer, calibration, [sparsity], slicer=slicer)
+    compared = subprocess.run(
+        [
+            official_python(official_env),
+            str(COMPARE),
+            made["official"].model_name,
+            str(tmp_path / "official"),
+            str(tmp_path / "builtin"),
+            str(sparsity),
+            str(fixture_of(key) / "reference.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    report = json.loads(compared.stdout.strip().splitlines()[-1])
+    assert report["same_keys"] and report["same_shapes"] and report["same_slicing_config"], report
+    assert report["nmse"] <= 1e-6, report
+    ppl = [made[s].checkpoints[0].ppl for s in ("official", "builtin")]
+    assert math.isclose(*ppl, rel_tol=1e-3), ppl
+    assert math.isclose(made["official"].baseline_ppl, made["builtin"].baseline_ppl, rel_tol=1e-4)
+
+
+def test_outputs_are_no_more_readable_than_the_dense_model(bridges, bases, calibration, tmp_path):
+    private = tmp_path / "private"
+    shutil.copytree(bases["opt"], private)
+    for path in private.iterdir():
+        path.chmod(0o600)
+    result = run_slice(bridges["builtin"], private, tmp_path / "out", calibration, [0.25], convert=True)
+    made = [p for p in (tmp_path / "out").iterdir() if p.is_file()]
+    assert len(made) >= 4 and result.checkpoints[0].bin
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o600" for p in made}
+
+
+def test_a_failure_after_publishing_removes_what_it_made_and_keeps_what_it_replaced(
+    slicegpt_env, bases, calibration, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SLICEBRIDGE_DEBUG_FAULTS", "publish:raise=RuntimeError*1")
+    with Bridge(env=str(slicegpt_env), attach=False, debug_ops=True) as bridge:
+        only = run_slice(bridge, bases["opt"], tmp_path / "fresh", calibration, [0.2])
+        assert [f.sparsity for f in only.failed] == [0.2] and not only.checkpoints
+        assert not (tmp_path / "fresh").exists()  # nothing sliced: its base files and directory went too
+        kept = run_slice(bridge, bases["opt"], tmp_path / "kept", calibration, [0.2, 0.25])
+        assert [c.sparsity for c in kept.checkpoints] == [0.2, 0.25] and not kept.failed
+        before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "kept").iterdir()}
+    monkeypatch.setenv("SLICEBRIDGE_DEBUG_FAULTS", "publish:raise=RuntimeError*1")
+    with Bridge(env=str(slicegpt_env), attach=False, debug_ops=True) as bridge:
+        again = run_slice(bridge, bases["opt"], tmp_path / "kept", calibration, [0.2, 0.3], overwrite=True)
+        assert [f.sparsity for f in again.failed] == [0.2] and [c.sparsity for c in again.checkpoints] == [0.3]
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "kept").iterdir()}
+    assert {name for name in after if "_0.2." in name} == {name for name in before if "_0.2." in name}
+    assert all(after[name] == before[name] for name in before if "_0.2." in name)  # the old 0.2 untouched
+    assert not [name for name in after if name.endswith(".partial")]

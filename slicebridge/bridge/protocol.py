@@ -651,7 +651,7 @@ class SlicedCheckpoint:
 
 @dataclass
 class SliceFailure:
-    """One sparsity of a sweep that failed; it left nothing on disk."""
+    """One sparsity of a sweep that failed; it removed the outputs it had made new."""
 
     sparsity: float
     error_type: str

@@ -334,6 +334,20 @@ def family_of_tensors(names: Any) -> Family | None:
     return None
 
 
+# How each official adapter decides by a model name alone (its ``accepts`` test), as ``official_names`` says.
+_OFFICIAL_NAME_TESTS: dict[str, Callable[[str], bool]] = {
+    "llama": lambda name: name.startswith(("meta-llama/Llama-2", "meta-llama/Meta-Llama-3")),
+    "opt": lambda name: name.startswith("facebook/opt"),
+    "phi2": lambda name: name == "microsoft/phi-2",
+    "phi3": lambda name: name.startswith("microsoft/Phi-3"),
+}
+
+
+def family_of_official_name(name: str) -> Family | None:
+    """The family whose official adapter accepts the model name ``name``, or None."""
+    return next((family for family in FAMILIES if _OFFICIAL_NAME_TESTS[family.key](name)), None)
+
+
 # Longest file stem kept in an official model name: the staged file names derive from it, and with the
 # family prefix and the sparsity they must stay under the file system's 255 bytes.
 _OFFICIAL_STEM_CHARS = 120

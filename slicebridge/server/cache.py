@@ -87,6 +87,12 @@ class ModelCache:
             self._evict(keep=key)
         return value, False
 
+    def touch(self, key: Hashable) -> None:
+        """Make ``key`` the most recently used entry, if it is cached."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+
     def put(self, key: Hashable, value: Any, size: int) -> None:
         """Cache ``value`` (made some other way than by loading ``key``: a model just sliced and saved)."""
         with self._lock:

@@ -2,7 +2,9 @@
 
 The dense weights are read into host memory once per sweep (``BuiltinDense``); the maker never
 changes them, so each sparsity slices the same tensors without a second disk read. Calibration
-takes the samples the official ``prepare_dataloader`` would draw (``model.calibration``); the
+takes the samples the official ``prepare_dataloader`` would draw (``model.calibration``) and the
+maker fuses as slicegpt does (embeddings centred for every family), so both slicers give the same
+model up to rounding; the
 perplexity is the official formula (``model.perplexity``) on the held-out text, the dense model's
 computed once from the same in-memory weights.
 """
@@ -12,14 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 
 from slicebridge.server import faults
-from slicebridge.server.slice_plan import SweepPlan
+from slicebridge.server.slice_plan import Report, SweepPlan
 
 log = logging.getLogger(__name__)
-
-Report = Callable[[int, int], None]  # (layers done, layers in all)
 
 
 def load_tokenizer(base_dir):
@@ -39,8 +38,6 @@ def pad_token_id(config: dict, tokenizer) -> int | None:
 
 class BuiltinDense:
     """A dense model's tensors in host memory, its tokenizer, and its baseline perplexity."""
-
-    slicer = "builtin"
 
     def __init__(self, plan: SweepPlan):
         from slicebridge.model.slicing import DenseCheckpoint
@@ -78,11 +75,9 @@ class BuiltinDense:
             dtype=plan.dtype,
             progress=progress,
             final_orientation=plan.args.final_orientation,
+            center_embeddings=True,  # as slicegpt's fusion does, for every family
         )
         return outcome.tensors, json.dumps(outcome.slicing_config), None
-
-    def sliced_perplexity(self, plan: SweepPlan, model) -> float:
-        return self._perplexity(plan, model)
 
     def _dense_perplexity(self, plan: SweepPlan) -> float:
         import torch
@@ -91,11 +86,12 @@ class BuiltinDense:
 
         model = dense_model(self.dense, getattr(torch, plan.dtype))
         try:
-            return self._perplexity(plan, model)
+            return self.perplexity(plan, model)
         finally:
             del model
 
-    def _perplexity(self, plan: SweepPlan, model) -> float:
+    def perplexity(self, plan: SweepPlan, model) -> float:
+        """The official formula on the held-out text, ``model`` on the device."""
         from slicebridge.model.perplexity import evaluate_perplexity, perplexity_windows
 
         windows = perplexity_windows(plan.calibration.held_out, self.tokenizer, plan.args.ppl_eval_seqlen)

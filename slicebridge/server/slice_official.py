@@ -25,16 +25,13 @@ import copy
 import inspect
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from slicebridge.bridge.server_loop import HandlerError
 from slicebridge.server import faults
-from slicebridge.server.slice_plan import SweepPlan
+from slicebridge.server.slice_plan import Report, SweepPlan
 
 log = logging.getLogger(__name__)
-
-Report = Callable[[int, int], None]  # (layers done, layers in all)
 
 
 class OfficialNameRefused(HandlerError):
@@ -60,8 +57,6 @@ def _configure(plan: SweepPlan) -> None:
 class OfficialDense:
     """A dense model loaded with slicegpt's hf_utils, its baseline perplexity taken, fused once."""
 
-    slicer = "official"
-
     def __init__(self, plan: SweepPlan):
         import torch
         from slicegpt import hf_utils, layernorm_fusion
@@ -79,7 +74,7 @@ class OfficialDense:
             ) from None
         _tokenizer_the_script_can_use(self.tokenizer, self.adapter.model)
         self.load_seconds = time.perf_counter() - started
-        self.baseline_ppl = self._perplexity(plan, self.adapter) if plan.args.eval_ppl else None
+        self.baseline_ppl = self.perplexity(plan, self.adapter) if plan.args.eval_ppl else None
         self.baseline_seconds = time.perf_counter() - started - self.load_seconds
         layernorm_fusion.replace_layers(self.adapter)
         layernorm_fusion.fuse_modules(self.adapter)
@@ -118,10 +113,7 @@ class OfficialDense:
         state = adapter.model.state_dict()
         return state, adapter.slicing_conf.to_json_string(), adapter
 
-    def sliced_perplexity(self, plan: SweepPlan, adapter) -> float:
-        return self._perplexity(plan, adapter)
-
-    def _perplexity(self, plan: SweepPlan, adapter) -> float:
+    def perplexity(self, plan: SweepPlan, adapter) -> float:
         """slicegpt's evaluate_ppl on the held-out text, the model on the device (or spread over GPUs) meanwhile."""
         from slicegpt import data_utils, gpu_utils, utils
 

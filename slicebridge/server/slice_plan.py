@@ -1,10 +1,11 @@
 """The ``slice`` request checked before any work: what a sweep will read, compute and write.
 
 ``plan_sweep`` turns a ``SliceArgs`` into a ``SweepPlan`` or refuses it in one sentence: the
-dense model (a directory of a family SliceGPT slices), every sparsity and option, the slicer
-and device, the calibration text (read, split, and counted in samples with the model's own
-tokenizer), and every output (no clobber without ``overwrite``). Only then does the sweep load
-the dense model; a refused request has written nothing and loaded nothing.
+dense model (a directory of a family SliceGPT slices), the model name (one the family's official
+adapter takes), every sparsity and option, the slicer and device, and every output (no clobber
+without ``overwrite``). ``slice_service.read_calibration`` then reads, splits and counts the
+calibration text. Only then does the sweep load the dense model; a refused request has written
+nothing and loaded nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from slicebridge.bridge.server_loop import HandlerError
 from slicebridge.errors import InputNotFound
 from slicebridge.model.atomic import OutputError, OutputExists, check_output
 from slicebridge.model.errors import UnsupportedArchitecture
-from slicebridge.model.families import Family, family_of_config, official_model_name
+from slicebridge.model.families import Family, family_of_config, family_of_official_name, official_model_name
 from slicebridge.server.convert import require_absolute
 from slicebridge.server.loaders import LOADERS, DeviceUnavailable, resolve_device, resolve_loader
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
 ORIENTATIONS = ("random", "pca")
 NAMED_DATASETS = ("wikitext2", "ptb", "c4", "alpaca")
+Report = Callable[[int, int], None]  # a slicer's progress: (layers done, layers in all)
+MAX_SPARSITIES = 64  # one request's sweep; more is a batch of sweeps
 
 
 class SliceRequestInvalid(HandlerError):
@@ -65,7 +69,7 @@ class Calibration:
             "source": self.source,
             "examples": len(self.train) + len(self.held_out),
             "held_out": len(self.held_out),
-            "samples": min(self.samples, args.cal_nsamples),
+            "samples": self.samples,
             "seqlen": args.cal_max_seqlen,
         }
 
@@ -110,6 +114,7 @@ def plan_sweep(args: protocol.SliceArgs) -> SweepPlan:
     _check_options(args)
     base_dir, config, family = _dense_model(args.base_model)
     model_name = args.model_name or official_model_name(family, config, base_dir.name)
+    _check_model_name(model_name, family)
     plan = SweepPlan(
         args,
         base_dir,
@@ -122,6 +127,7 @@ def plan_sweep(args: protocol.SliceArgs) -> SweepPlan:
         DTYPES[args.dtype],
         stems={s: f"{Path(model_name).name}_{float(s)}" for s in args.sparsities},
     )
+    _check_slicer(plan)
     _check_sizes(plan)
     _check_outputs(plan)
     return plan
@@ -133,6 +139,8 @@ def _check_options(args: protocol.SliceArgs) -> None:
 
     if not args.sparsities:
         refuse("name at least one sparsity")
+    if len(args.sparsities) > MAX_SPARSITIES:
+        refuse(f"{len(args.sparsities)} sparsities in one sweep; at most {MAX_SPARSITIES} (send several sweeps)")
     for s in args.sparsities:
         if not (isinstance(s, (int, float)) and math.isfinite(s) and 0 < s < 1):
             refuse(f"sparsity {s!r} is outside (0, 1): it is the fraction of the hidden size sliced off")
@@ -140,9 +148,13 @@ def _check_options(args: protocol.SliceArgs) -> None:
         refuse(f"sparsities {args.sparsities} name one value twice")
     if args.round_interval < 1:
         refuse(f"round_interval must be at least 1, not {args.round_interval}")
-    for name in ("cal_nsamples", "cal_batch_size", "cal_max_seqlen", "ppl_eval_seqlen", "ppl_eval_batch_size"):
+    for name in ("cal_nsamples", "cal_batch_size", "cal_max_seqlen", "ppl_eval_batch_size"):
         if getattr(args, name) < 1:
             refuse(f"{name} must be at least 1, not {getattr(args, name)}")
+    if args.ppl_eval_seqlen < 2:
+        refuse(f"ppl_eval_seqlen must be at least 2 (windows predict their next tokens), not {args.ppl_eval_seqlen}")
+    if not 0 <= args.seed < 2**32:
+        refuse(f"seed must be in [0, 2**32) (torch's and numpy's seeds), not {args.seed}")
     if args.slicer not in LOADERS:
         refuse(f"slicer must be one of {', '.join(LOADERS)}, not {args.slicer!r}")
     if args.final_orientation not in ORIENTATIONS:
@@ -155,6 +167,19 @@ def _check_options(args: protocol.SliceArgs) -> None:
         refuse("give exactly one of calibration (local text) and cal_dataset (a dataset slicegpt loads)")
     if args.cal_dataset is not None and args.cal_dataset not in NAMED_DATASETS:
         refuse(f"cal_dataset must be one of {', '.join(NAMED_DATASETS)}, not {args.cal_dataset!r}")
+
+
+def _check_model_name(name: str, family: Family) -> None:
+    """A name the files can be named by, and that slicegpt's adapter for this model's family takes."""
+    stem = Path(name).name
+    if not stem or stem in (".", "..") or stem.startswith(".") or any(c in name for c in "\0\n\r"):
+        raise SliceRequestInvalid(f"model_name {name!r} does not give a file name ({{name}}_{{sparsity}}.pt)")
+    named = family_of_official_name(name)
+    if named is not None and named is not family:
+        raise SliceRequestInvalid(
+            f"model_name {name!r} is a {named.title} name, and the model is a {family.title}; slicegpt would load "
+            f"it into the wrong adapter: pass a name like {family.official_names}"
+        )
 
 
 def _dense_model(path: str) -> tuple[Path, dict[str, Any], Family]:
@@ -178,12 +203,23 @@ def _dense_model(path: str) -> tuple[Path, dict[str, Any], Family]:
 
 
 def _device(args: protocol.SliceArgs) -> str:
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise SliceRequestInvalid(str(exc)) from None
     if args.distribute_model and not device.startswith("cuda"):
         raise DeviceUnavailable("distribute_model spreads the model over GPUs, and the server has none (device cpu)")
     if args.distribute_model and args.slicer == "builtin":
         raise SliceRequestInvalid("distribute_model is slicegpt's (accelerate); slicer='builtin' does not offer it")
     return device
+
+
+def _check_slicer(plan: SweepPlan) -> None:
+    if plan.slicer == "builtin" and plan.args.varied_seqlen:
+        raise SliceRequestInvalid(
+            "varied_seqlen calibrates on rows of unequal length, which slicegpt pads and masks; slicebridge's "
+            "maker takes equal-length rows: use slicer='official' (slicegpt in the server's env) for it"
+        )
 
 
 def _check_sizes(plan: SweepPlan) -> None:
@@ -205,7 +241,9 @@ def _check_sizes(plan: SweepPlan) -> None:
 
 def _check_outputs(plan: SweepPlan) -> None:
     """Every output writable and, without overwrite, new; base files already there must be the same. A missing
-    output_dir is made only when the first checkpoint is written (``ensure_output_dir``)."""
+    output_dir is made only when the first checkpoint is written."""
+    if plan.output_dir.exists() and not plan.output_dir.is_dir():
+        raise OutputError(f"output_dir {plan.output_dir} is a file, not a directory")
     if not plan.output_dir.exists():
         ancestor = next(parent for parent in plan.output_dir.parents if parent.exists())
         if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):

@@ -3,11 +3,13 @@
 A sweep is planned and checked before any work (``slice_plan``); its calibration text is read,
 split and counted in samples; the dense model comes from the warm cache or is loaded into it
 once (``slice_official`` when slicegpt is importable, else ``slice_builtin``); then each sparsity
-is sliced from it and saved in run_slicegpt's ``--save-dir`` layout, its ``.pt`` and ``.json``
-published together. Each sliced model enters the warm cache as if it had been loaded from its
-new files, so ``convert``/``export`` asked in the same request (and later requests naming
-those files) start from it. A sparsity that fails (out of memory, ...) is reported and leaves
-nothing on disk; the sparsities done are kept and the sweep goes on.
+is sliced from it and saved in run_slicegpt's ``--save-dir`` layout (its ``.json``, then its
+``.pt``, each atomically, no more readable than the dense model's files). When ``convert`` or
+``export`` is asked, the sliced model enters the warm cache as if it had been loaded from its new
+files, so they start from it; the dense model stays the most recently used entry. A sparsity
+that fails (out of memory, ...) is reported and removes the outputs it had made new (files it
+replaced under ``overwrite`` stay replaced); the sparsities done are kept and the sweep goes
+on. A request that slices nothing also removes the base files and the output directory it made.
 """
 
 from __future__ import annotations
@@ -71,15 +73,22 @@ class SliceService:
         plan = plan_sweep(args)
         plan.calibration = read_calibration(plan)
         ctx.check_cancelled()
-        warm, hit = self._warm_dense(plan, ctx)
+        key = DenseKey.of(plan)
+        warm, hit = self._warm_dense(plan, key, ctx)
+        outputs = _Outputs(plan)
         done, failed = [], []
-        for sparsity in args.sparsities:
-            try:
-                done.append(self._slice_one(plan, warm, float(sparsity), ctx))
-            except Cancelled:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one sparsity failing does not lose the others
-                failed.append(_failure(float(sparsity), exc))
+        try:
+            for sparsity in args.sparsities:
+                try:
+                    done.append(self._slice_one(plan, warm, float(sparsity), outputs, ctx))
+                except Cancelled:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one sparsity failing does not lose the others
+                    failed.append(_failure(float(sparsity), exc))
+                self.cache.touch(key)  # the sweep's own sliced models are evicted before its dense model
+        finally:
+            if not done:
+                outputs.undo_base()
         return protocol.SliceResult(
             output_dir=str(plan.output_dir),
             slicer=plan.slicer,
@@ -100,7 +109,7 @@ class SliceService:
             },
         )
 
-    def _warm_dense(self, plan: SweepPlan, ctx: RequestContext):
+    def _warm_dense(self, plan: SweepPlan, key: DenseKey, ctx: RequestContext):
         def load():
             ctx.progress("load dense", 0, 1, "models")
             if plan.slicer == "official":
@@ -112,10 +121,13 @@ class SliceService:
             ctx.progress("load dense", 1, 1, "models")
             return warm
 
-        return self.cache.get_or_load(DenseKey.of(plan), load, lambda warm: warm.nbytes)
+        return self.cache.get_or_load(key, load, lambda warm: warm.nbytes)
 
-    def _slice_one(self, plan: SweepPlan, warm, sparsity: float, ctx: RequestContext) -> protocol.SlicedCheckpoint:
-        """Slice, save, measure and (when asked) convert and export one sparsity; on failure remove what it wrote."""
+    def _slice_one(
+        self, plan: SweepPlan, warm, sparsity: float, outputs: _Outputs, ctx: RequestContext
+    ) -> protocol.SlicedCheckpoint:
+        """Slice, save, measure and (when asked) convert and export one sparsity; on failure remove the outputs
+        it made new."""
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -125,27 +137,28 @@ class SliceService:
             timings[name] = now - clock
             clock = now
 
-        written: list[Path] = []
+        new = outputs.new_ones(sparsity)
         try:
             state, slicing_config, official = warm.slice(
                 plan, sparsity, lambda done, total: ctx.progress(f"slice {sparsity}", done, total, "layers")
             )
             lap("slice")
-            loaded = self._save(plan, sparsity, state, slicing_config, official, written)
+            loaded = self._save(plan, sparsity, state, slicing_config, official, outputs)
             lap("save")
-            ppl = warm.sliced_perplexity(plan, official or loaded.model) if plan.args.eval_ppl else None
+            ppl = warm.perplexity(plan, official or loaded.model) if plan.args.eval_ppl else None
             lap("ppl")
-            extra = self._artifacts(plan, sparsity, loaded, written, ctx)
+            extra = self._artifacts(plan, sparsity, loaded, ctx)
             lap("artifacts")
         except BaseException:
-            _remove(written)
+            _remove(new)
             raise
         params = parameter_counts(loaded.model, plan.base_config)
         timings["total"] = sum(timings.values())
+        checkpoint = loaded.checkpoint.checkpoint_path
         return protocol.SlicedCheckpoint(
             sparsity=sparsity,
-            checkpoint=str(written[0]),
-            slicing_config=str(written[1]),
+            checkpoint=str(checkpoint),
+            slicing_config=str(checkpoint.with_suffix(".json")),
             hidden_size=plan.width(sparsity),
             actual_ratio=actual_ratio(params),
             params=params,
@@ -154,40 +167,43 @@ class SliceService:
             **extra,
         )
 
-    def _save(self, plan: SweepPlan, sparsity: float, state, slicing_config: str, official, written: list[Path]):
-        """Publish the .pt and .json together, copy the base files, and put the sliced model in the warm cache."""
+    def _save(self, plan: SweepPlan, sparsity: float, state, slicing_config: str, official, outputs: _Outputs):
+        """Publish the .json and the .pt, copy the base files, and (for convert or export) put the sliced model
+        in the warm cache."""
         import torch
 
         from slicebridge.model import portable
+        from slicebridge.model.binfile import narrow_permissions
         from slicebridge.model.checkpoint import read_checkpoint
         from slicebridge.model.slicing import copy_base_files
         from slicebridge.server.loaders import _portable_from_official
 
         stem = make_directories(plan.output_dir) / plan.stems[sparsity]
         pt, config_path = stem.with_name(stem.name + ".pt"), stem.with_name(stem.name + ".json")
-        with atomic_file(pt, plan.args.overwrite) as pt_tmp, atomic_file(config_path, plan.args.overwrite) as json_tmp:
-            torch.save(state, pt_tmp)
-            json_tmp.write_text(slicing_config)
-        written += [pt, config_path]
-        copy_base_files(plan.base_dir, plan.output_dir)
+        with atomic_file(config_path, plan.args.overwrite) as tmp:
+            tmp.write_text(slicing_config)
+            narrow_permissions(tmp, outputs.max_mode)
+        with atomic_file(pt, plan.args.overwrite) as tmp:
+            torch.save(state, tmp)
+            narrow_permissions(tmp, outputs.max_mode)
+        for name in copy_base_files(plan.base_dir, plan.output_dir):
+            narrow_permissions(plan.output_dir / name, outputs.max_mode)
         checkpoint = read_checkpoint(
             pt, base_dir=plan.output_dir, sparsity=sparsity, round_interval=plan.args.round_interval
         )
         config = checkpoint.sliced_config()
-        if official is not None:
-            model = _portable_from_official(official.model, config)
-        else:
-            model = portable.build_model(state, config)
+        model = _portable_from_official(official.model, config) if official else portable.build_model(state, config)
         model = model.to(device=plan.device).eval()
         official_model = official.model if official is not None else None
         loaded = LoadedCheckpoint(
             model, checkpoint, plan.slicer, plan.device, 0.0, official_model, plan.model_name if official else None
         )
-        key = CacheKey.for_file(str(pt), str(plan.output_dir), plan.slicer, plan.device, checkpoint.dtype)
-        self.cache.put(key, loaded, loaded.nbytes)
+        if plan.args.convert or plan.args.export:
+            key = CacheKey.for_file(str(pt), str(plan.output_dir), plan.slicer, plan.device, checkpoint.dtype)
+            self.cache.put(key, loaded, loaded.nbytes)
         return loaded
 
-    def _artifacts(self, plan: SweepPlan, sparsity: float, loaded, written: list[Path], ctx) -> dict[str, Any]:
+    def _artifacts(self, plan: SweepPlan, sparsity: float, loaded, ctx) -> dict[str, Any]:
         """The .bin and the export directory, made from the warm sliced model, as convert and export make them."""
         common = {
             "slicegpt_model": str(loaded.checkpoint.checkpoint_path),
@@ -203,13 +219,37 @@ class SliceService:
         if plan.args.convert:
             output = stem.with_name(stem.name + ".bin")
             result = self.convert.convert(protocol.ConvertArgs(output=str(output), **common), ctx)
-            written.append(output)
             extra["bin"] = protocol.to_wire(result)
         if plan.args.export:
             result = self.convert.export(protocol.ExportArgs(output=str(stem), **common), ctx)
-            written.append(stem)
             extra["export"] = protocol.to_wire(result)
         return extra
+
+
+class _Outputs:
+    """What a sweep writes, as it found it: which outputs are new, which base files it copies, the widest
+    permissions the outputs may have (what every one of the dense model's files allows)."""
+
+    def __init__(self, plan: SweepPlan):
+        from slicebridge.model.binfile import widest_mode
+        from slicebridge.model.slicing import base_files
+
+        self.plan = plan
+        self.made_dir = not plan.output_dir.exists()
+        sources = base_files(plan.base_dir) + sorted(plan.base_dir.glob("*.safetensors"))
+        self.max_mode = widest_mode(sources)
+        same = not self.made_dir and plan.output_dir.resolve() == plan.base_dir.resolve()
+        self.new_base = [] if same else [p.name for p in sources if not (plan.output_dir / p.name).exists()]
+
+    def new_ones(self, sparsity: float) -> list[Path]:
+        """The outputs of ``sparsity`` that do not exist yet (what a failure of it removes)."""
+        return [path for path, _ in self.plan.outputs(sparsity) if not (path.exists() or path.is_symlink())]
+
+    def undo_base(self) -> None:
+        """Remove the base files this request copied, and the output directory if it made it and it is empty."""
+        _remove([self.plan.output_dir / name for name in self.new_base if not name.endswith(".safetensors")])
+        if self.made_dir and self.plan.output_dir.is_dir() and not any(self.plan.output_dir.iterdir()):
+            self.plan.output_dir.rmdir()
 
 
 def read_calibration(plan: SweepPlan) -> Calibration:
@@ -229,8 +269,7 @@ def read_calibration(plan: SweepPlan) -> Calibration:
         from slicebridge.server.slice_official import load_named_dataset
 
         dataset = load_named_dataset(args.cal_dataset)
-        train = dataset["train"]
-        calibration = Calibration(args.cal_dataset, list(train[train.column_names[0]]), list(dataset["test"]["text"]))
+        calibration = Calibration(args.cal_dataset, *named_dataset_texts(args.cal_dataset, dataset))
         calibration.dataset = dataset
     else:
         text = cal.read_calibration(args.calibration)
@@ -249,11 +288,28 @@ def read_calibration(plan: SweepPlan) -> Calibration:
         seed=args.seed,
         varied_seqlen=args.varied_seqlen,
     )
-    calibration.ids, calibration.samples = ids, int(ids.shape[0])
-    cal.check_enough(calibration.samples, args.cal_nsamples, args.cal_max_seqlen)
+    calibration.ids, calibration.samples = ids, int(ids.shape[0])  # too few samples: sampling raised
     if args.eval_ppl:
         perplexity_windows(calibration.held_out, tokenizer, args.ppl_eval_seqlen)
     return calibration
+
+
+def named_dataset_texts(name: str, dataset) -> tuple[list[str], list[str]]:
+    """The train split's texts and the held-out ones (test split, else validation) of a DatasetDict, by each
+    split's first column (as prepare_dataloader reads it: ptb's is ``sentence``)."""
+    from slicebridge.model.calibration import CalibrationError
+
+    held_out = next((split for split in ("test", "validation") if split in dataset), None)
+    if "train" not in dataset or held_out is None:
+        raise CalibrationError(f"the {name} dataset has splits {list(dataset)}; calibrating needs train and test")
+    texts = []
+    for split in ("train", held_out):
+        column = dataset[split].column_names[0]
+        values = dataset[split][column]
+        if not all(isinstance(value, str) for value in values[:100]):
+            raise CalibrationError(f"the {name} dataset's {split} split holds no text in its column {column!r}")
+        texts.append(list(values))
+    return texts[0], texts[1]
 
 
 def copied_files(plan: SweepPlan) -> list[str]:
