@@ -64,6 +64,8 @@ PUBLIC_ERRORS: dict[str, tuple[str, ...]] = {
     "slicebridge.model.seed_bin": ("NotASeedModel",),
     "slicebridge.model.calibration": ("CalibrationError",),
     "slicebridge.client.slicing": ("SweepIncomplete",),
+    "slicebridge.client.pool": ("PoolError",),
+    "slicebridge.client.ray_pool": ("RayUnavailable",),
 }
 ERROR_MODULES: dict[str, str] = {name: module for module, names in PUBLIC_ERRORS.items() for name in names}
 

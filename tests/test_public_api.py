@@ -66,6 +66,8 @@ ERROR_TREE = {
     "NotASeedModel": ("SlicebridgeError", "ValueError"),
     "CalibrationError": ("SlicebridgeError",),
     "SweepIncomplete": ("SlicebridgeError",),
+    "PoolError": ("SlicebridgeError",),
+    "RayUnavailable": ("PoolError",),
 }
 # Exception classes that are not slicebridge errors, on purpose.
 NOT_SLICEBRIDGE_ERRORS = {
@@ -96,6 +98,7 @@ def test_the_client_exports():
         "upgrade",
         "slice",
         "bridge_for",
+        "pool",
         "close",
         "ServerKeepsDying",
     ]

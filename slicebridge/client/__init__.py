@@ -12,6 +12,10 @@ or starts one owned by this process; later calls reuse it, so a loop over many
 checkpoints pays start-up and model loading once. If the server dies, the next call
 starts a fresh one, up to three times, then raises ``ServerKeepsDying``.
 ``Bridge(env=...)`` gives the same with an explicit lifetime.
+
+``pool(env, devices=[...])`` is a ``Pool``: one server per device (``"cpu"`` twice is two CPU
+servers; ``"all"`` every GPU the env's server sees), each with its own warm cache, that a batch is
+spread over (``client.pool``'s module; ``slicebridge convert|export|slice --devices``).
 """
 
 from __future__ import annotations
@@ -19,12 +23,17 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from slicebridge.bridge.envs import find_env
 from slicebridge.bridge.errors import ServerKeepsDying
 from slicebridge.client.bridge import Bridge, default_env
+
+# Imported first, so that the function ``pool`` defined below, not the module of that name, is ``client.pool``
+# (importing a submodule binds its name in the package once, on its first import: this one).
+from slicebridge.client.pool import Pool
 
 __all__ = [
     "Bridge",
@@ -35,6 +44,7 @@ __all__ = [
     "upgrade",
     "slice",
     "bridge_for",
+    "pool",
     "close",
     "ServerKeepsDying",
 ]
@@ -59,6 +69,19 @@ def bridge_for(env: str | os.PathLike | None = None) -> Bridge:
                 atexit.register(close)
             _bridges[spec] = _by_python[resolved.python] = bridge
         return bridge
+
+
+def pool(env: str | os.PathLike | None = None, devices: str | Sequence[str] = ("cpu",), **options) -> Pool:
+    """A pool of warm servers of ``env``, one per device (``["cuda:0", "cuda:1"]``, ``["cpu", "cpu"]``,
+    ``"all"``), not yet started: ``with client.pool(...) as pool:`` starts them and stops them after.
+
+        with client.pool(env="slicegpt", devices="all") as pool:
+            results = pool.run(items, job)     # see slicebridge.client.pool
+
+    Options: ``debug_ops``. Its servers are its own (never the env's detached one), and unlike
+    ``bridge_for``'s bridge it is not shared: each call makes a new pool.
+    """
+    return Pool(os.fspath(env) if env is not None else None, devices, **options)
 
 
 def _call(env, method: str, *args, **kwargs) -> Any:

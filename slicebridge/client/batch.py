@@ -1,8 +1,10 @@
 """Many checkpoints in one command: expand paths, globs and sweep dirs; run each; summarise.
 
-Every checkpoint goes through the same warm server; one that fails is reported and the
-rest go on. The summary has one row per checkpoint (checkpoint, output, seconds, actual
-ratio, verify result, error), and the command's exit status is non-zero if any failed.
+Every checkpoint goes through the same warm server (``run_batch``), or through a pool of them
+(``run_batch_on``: each checkpoint one item of ``client.pool``, kept where its model is warm); one
+that fails is reported and the rest go on. The summary has one row per checkpoint (checkpoint,
+output, seconds, actual ratio, verify result, error; on a pool, the server that ran it), and the
+command's exit status is non-zero if any failed.
 
 Outputs are planned before anything runs: checkpoints whose derived output names are equal
 (run_slicegpt names its files after the model, so every run dir of a sweep holds the same
@@ -19,10 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from slicebridge.errors import SlicebridgeError
 from slicebridge.model import atomic
 from slicebridge.model.guards import OutputCollision, job_inputs, output_over_input
+
+if TYPE_CHECKING:
+    from slicebridge.client.pool import Job, Pool, WorkResult
 
 
 @dataclass
@@ -37,6 +43,7 @@ class BatchRow:
     cache_hit: bool | None = None
     verify: str = "-"  # "pass", "FAIL" or "-"
     error: str = ""
+    member: str = ""  # the pool's server that ran it ("cpu#1", "cuda:0"); "" without a pool
 
     @property
     def ok(self) -> bool:
@@ -134,11 +141,49 @@ def run_batch(checkpoints: list[Path], outputs: list[Path], one: Callable[[Path,
         try:
             row = one(checkpoint, output)
         except SlicebridgeError as exc:  # fails this checkpoint, not the batch (remote errors are ones too)
-            kind = getattr(exc, "error_type", "") or type(exc).__name__  # a remote type with no local class
-            row = BatchRow(str(checkpoint), str(output), error=f"{kind}: {_first_line(exc)}")
+            row = _failed_row(checkpoint, output, exc)
         row.seconds = time.perf_counter() - started
         rows.append(row)
     return rows
+
+
+def run_batch_on(
+    pool: Pool,
+    checkpoints: list[Path],
+    outputs: list[Path],
+    job: Job,
+    options: dict[str, Any],
+    on_row: Callable[[BatchRow], None] | None = None,
+) -> list[BatchRow]:
+    """``run_batch`` spread over a pool: each checkpoint is one item keyed by its real path (so a model
+    stays where it is warm), run as ``job(bridge, device, {"checkpoint", "output", **options})``, which
+    returns its ``BatchRow``. Rows in the checkpoints' order; ``on_row`` sees each as it ends."""
+    from slicebridge.client.pool import WorkItem
+
+    pairs = list(zip(checkpoints, outputs, strict=True))
+    items = [
+        WorkItem(os.path.realpath(checkpoint), {"checkpoint": str(checkpoint), "output": str(output), **options})
+        for checkpoint, output in pairs
+    ]
+
+    def row_of(result: WorkResult) -> BatchRow:
+        checkpoint, output = pairs[result.index]
+        if isinstance(result.error, SlicebridgeError):  # it failed this checkpoint, not the batch
+            row = _failed_row(checkpoint, output, result.error)
+        elif result.error is not None:  # a bug, raised as run_batch raises it
+            raise result.error
+        else:
+            row = result.value
+        row.seconds, row.member = result.seconds, result.member
+        return row
+
+    results = pool.run(items, job, on_result=(lambda result: on_row(row_of(result))) if on_row else None)
+    return [row_of(result) for result in results]
+
+
+def _failed_row(checkpoint: Path, output: Path, exc: SlicebridgeError) -> BatchRow:
+    kind = getattr(exc, "error_type", "") or type(exc).__name__  # a remote type with no local class
+    return BatchRow(str(checkpoint), str(output), error=f"{kind}: {_first_line(exc)}")
 
 
 def _first_line(exc: Exception) -> str:
@@ -147,8 +192,10 @@ def _first_line(exc: Exception) -> str:
 
 
 def summary_table(rows: list[BatchRow]) -> str:
-    header = ("checkpoint", "output", "seconds", "family", "actual ratio", "loader", "verify", "result")
-    table = [header]
+    """One line per row; a ``server`` column when a pool ran them."""
+    pooled = any(row.member for row in rows)
+    server = ["server"] if pooled else []
+    table = [("checkpoint", "output", "seconds", "family", "actual ratio", "loader", "verify", *server, "result")]
     for row in rows:
         table.append(
             (
@@ -159,10 +206,11 @@ def summary_table(rows: list[BatchRow]) -> str:
                 f"{row.actual_ratio:.4f}" if row.actual_ratio is not None else "-",
                 _loader_cell(row),
                 row.verify,
+                *([row.member or "-"] if pooled else []),
                 "ok" if row.ok else f"FAILED: {row.error}" if row.error else "FAILED",
             )
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in table]
     lines.insert(1, "-" * len(lines[0]))
     failed = sum(not r.ok for r in rows)

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--overwrite", action="store_true", help="replace existing outputs")
         job.add_argument("--overwrite-flag", default="--overwrite", help=argparse.SUPPRESS)  # make: OVERWRITE=1
         job.add_argument("--verify", action="store_true", help="verify each output in this env afterwards")
+        _add_devices(job, "the checkpoints are spread over them")
         _add_env(job)
         _add_output_flags(job)
 
@@ -201,8 +202,18 @@ def _add_slice_parser(commands) -> None:
     job.add_argument("--convert", action="store_true", help="also write {name}_{sparsity}.bin")
     job.add_argument("--export", action="store_true", help="also write {name}_{sparsity}/ (Hugging Face dir)")
     job.add_argument("--verify", action="store_true", help="verify every artifact here (alone, it implies --convert)")
+    _add_devices(job, "each slices a share of the sparsities, loading the dense model once")
     _add_env(job)
     _add_output_flags(job)
+
+
+def _add_devices(parser: argparse.ArgumentParser, spread: str) -> None:
+    parser.add_argument(
+        "--devices",
+        default=None,
+        help=f"one warm server per device (cuda:0,cuda:1 | all | cpu,cpu): {spread}; "
+        "without it, one server (on CPU, more servers help only when cores allow)",
+    )
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -313,49 +324,36 @@ def _progress(args, label: str):
     return ProgressPrinter(label, quiet=args.quiet or args.json)
 
 
+# What a convert / export job needs of the command line, as plain data (a pool's item carries it).
+_JOB_OPTIONS = ("command", "base_model", "sparsity", "round_interval", "loader", "dtype", "overwrite", "overwrite_flag")
+
+
 def cmd_job(args) -> int:
-    """convert / export: one or many checkpoints through one warm server."""
+    """convert / export: one or many checkpoints through one warm server, or (--devices) a pool of them."""
     from slicebridge import client
-    from slicebridge.client.batch import BatchRow, expand_checkpoints, rows_as_dicts, run_batch, summary_table
+    from slicebridge.client.batch import expand_checkpoints, rows_as_dicts, run_batch, run_batch_on, summary_table
 
     specs = list(args.slicegpt_model) + list(args.checkpoints)
     if not specs:
         raise UsageError(f"{args.command}: name at least one checkpoint (or --slicegpt_model)")
+    devices = _devices(args)
     checkpoints = expand_checkpoints(specs, args.sparsity)
     outputs = _planned_outputs(args, checkpoints)
-    client.bridge_for(args.env)  # a missing env or a server that cannot start fails the command now
+    options = {name: getattr(args, name) for name in _JOB_OPTIONS} | {"verify": args.verify}
+    if devices is not None:
+        with client.pool(args.env, devices=devices) as pool:  # every server starts now, or the command fails
+            rows = run_batch_on(pool, checkpoints, outputs, pooled_job, options, _row_lines(args, len(checkpoints)))
+    else:
+        client.bridge_for(args.env)  # a missing env or a server that cannot start fails the command now
 
-    def one(checkpoint, output):
-        bridge = client.bridge_for(args.env)  # a fresh server if the last one died
-        progress = _progress(args, checkpoint.name)
-        try:
-            result = _run_job(bridge, args, checkpoint, output, progress)
-            row = BatchRow(
-                str(checkpoint),
-                result.output,
-                actual_ratio=result.actual_ratio,
-                loader=result.loader,
-                cache_hit=result.cache_hit,
-                family=result.family,
-                official_name=result.official_name,
-            )
-            if args.verify:
-                report = bridge.verify(
-                    result.output,
-                    checkpoint,
-                    base_model=args.base_model,
-                    sparsity=args.sparsity,
-                    round_interval=args.round_interval,
-                    on_event=progress,
-                )
-                row.verify = "pass" if report.passed else "FAIL"
-                if not report.passed:
-                    row.error = "; ".join(report.failures)
-            return row
-        finally:
-            progress.close()
+        def one(checkpoint, output):
+            progress = _progress(args, checkpoint.name)
+            try:  # bridge_for: a fresh server if the last one died
+                return job_row(client.bridge_for(args.env), options, checkpoint, output, args.device, progress)
+            finally:
+                progress.close()
 
-    rows = run_batch(checkpoints, outputs, one)
+        rows = run_batch(checkpoints, outputs, one)
     if args.json:
         _print_json(rows_as_dicts(rows))
     else:
@@ -363,65 +361,137 @@ def cmd_job(args) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
-def _run_job(bridge, args, checkpoint, output, progress):
+def job_row(bridge, options: dict, checkpoint, output, device: str, progress=None, verify_device: str = "auto"):
+    """One convert / export (``options``: ``_JOB_OPTIONS`` and verify) and its verification on the same
+    bridge, as the summary's ``BatchRow``."""
+    from slicebridge.client.batch import BatchRow
+
+    result = _run_job(bridge, options, checkpoint, output, device, progress)
+    row = BatchRow(
+        str(checkpoint),
+        result.output,
+        actual_ratio=result.actual_ratio,
+        loader=result.loader,
+        cache_hit=result.cache_hit,
+        family=result.family,
+        official_name=result.official_name,
+    )
+    if options["verify"]:
+        report = bridge.verify(
+            result.output,
+            checkpoint,
+            base_model=options["base_model"],
+            sparsity=options["sparsity"],
+            round_interval=options["round_interval"],
+            device=verify_device,
+            on_event=progress,
+        )
+        row.verify = "pass" if report.passed else "FAIL"
+        if not report.passed:
+            row.error = "; ".join(report.failures)
+    return row
+
+
+def pooled_job(bridge, device: str, payload: dict):
+    """``job_row`` as a pool's job (``batch.run_batch_on``'s payload); the server computes on the member's device."""
+    return job_row(bridge, payload, payload["checkpoint"], payload["output"], device, verify_device=device)
+
+
+def _run_job(bridge, options: dict, checkpoint, output, device: str, progress):
     """One convert / export; an existing output is reported with the flag that replaces it where the
     command came from (``OVERWRITE=1`` under make, which passes ``--overwrite-flag``)."""
     from slicebridge.model.atomic import OutputExists
 
     try:
-        return getattr(bridge, args.command)(
+        return getattr(bridge, options["command"])(
             checkpoint,
             output,
-            base_model=args.base_model,
-            sparsity=args.sparsity,
-            round_interval=args.round_interval,
-            loader=args.loader,
-            device=args.device,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
+            base_model=options["base_model"],
+            sparsity=options["sparsity"],
+            round_interval=options["round_interval"],
+            loader=options["loader"],
+            device=device,
+            dtype=options["dtype"],
+            overwrite=options["overwrite"],
             on_event=progress,
         )
     except OutputExists:
-        raise OutputExists(f"{output} already exists; pass {args.overwrite_flag} to replace it") from None
+        raise OutputExists(f"{output} already exists; pass {options['overwrite_flag']} to replace it") from None
+
+
+def _devices(args) -> list[str] | str | None:
+    """``--devices`` as a pool's devices (None without it); then ``--device`` stays auto."""
+    if args.devices is None:
+        return None
+    from slicebridge.client.pool import PoolError, parse_devices
+
+    if args.device != "auto":
+        raise UsageError(f"--device {args.device} and --devices {args.devices}: give one of them")
+    try:
+        return parse_devices(args.devices)
+    except PoolError as exc:
+        raise UsageError(f"--devices {args.devices}: {exc}") from None
+
+
+def _row_lines(args, total: int):
+    """A pool's progress: one line on stderr per checkpoint done (None with --quiet or --json)."""
+    if args.quiet or args.json:
+        return None
+    done = []
+
+    def line(row) -> None:
+        done.append(row)
+        name, verdict = os.path.basename(row.checkpoint), "ok" if row.ok else "FAILED"
+        print(f"[{len(done)}/{total}] {name}: {verdict} on {row.member} in {row.seconds:.2f}s", file=sys.stderr)
+
+    return line
 
 
 def cmd_slice(args) -> int:
-    """slice: one sweep through the env's warm server; the summary table (or JSON), exit 1 unless all went well."""
+    """slice: one sweep through the env's warm server, or (--devices) split over a pool of them; the summary
+    table (or JSON), exit 1 unless all went well."""
     from slicebridge import client
     from slicebridge.client.slicing import SweepIncomplete
     from slicebridge.model.atomic import OutputExists
 
+    devices = _devices(args)
+    options = dict(
+        cal_dataset=args.cal_dataset,
+        cal_nsamples=args.cal_nsamples,
+        cal_batch_size=args.cal_batch_size,
+        cal_max_seqlen=args.cal_max_seqlen,
+        varied_seqlen=args.varied_seqlen,
+        seed=args.seed,
+        round_interval=args.round_interval,
+        final_orientation=args.final_orientation,
+        model_name=args.model,
+        slicer=args.slicer,
+        dtype=args.dtype,
+        distribute_model=args.distribute_model,
+        eval_ppl=not args.no_ppl,
+        ppl_eval_seqlen=args.ppl_eval_seqlen,
+        ppl_eval_batch_size=args.ppl_eval_batch_size,
+        held_out=args.held_out,
+        overwrite=args.overwrite,
+        convert=args.convert,
+        export=args.export,
+        verify=args.verify,
+    )
     progress = _progress(args, "slice")
     try:
-        sweep = client.slice(
-            args.model_path,
-            args.sparsity,
-            args.calibration,
-            args.save_dir,
-            env=args.env,
-            cal_dataset=args.cal_dataset,
-            cal_nsamples=args.cal_nsamples,
-            cal_batch_size=args.cal_batch_size,
-            cal_max_seqlen=args.cal_max_seqlen,
-            varied_seqlen=args.varied_seqlen,
-            seed=args.seed,
-            round_interval=args.round_interval,
-            final_orientation=args.final_orientation,
-            model_name=args.model,
-            slicer=args.slicer,
-            device=args.device,
-            dtype=args.dtype,
-            distribute_model=args.distribute_model,
-            eval_ppl=not args.no_ppl,
-            ppl_eval_seqlen=args.ppl_eval_seqlen,
-            ppl_eval_batch_size=args.ppl_eval_batch_size,
-            held_out=args.held_out,
-            overwrite=args.overwrite,
-            convert=args.convert,
-            export=args.export,
-            verify=args.verify,
-            on_event=progress,
-        )
+        if devices is None:
+            sweep = client.slice(
+                args.model_path,
+                args.sparsity,
+                args.calibration,
+                args.save_dir,
+                env=args.env,
+                device=args.device,
+                on_event=progress,
+                **options,
+            )
+        else:
+            sweep = _slice_on_pool(args, devices, options)
     except SweepIncomplete as exc:
         sweep = exc.sweep
         print(f"slicebridge: error: {exc}", file=sys.stderr)
@@ -434,6 +504,26 @@ def cmd_slice(args) -> int:
     else:
         print(sweep.table())
     return 0 if sweep.ok else 1
+
+
+def _slice_on_pool(args, devices: list[str] | str, options: dict):
+    """The sweep split over a pool of servers (one line on stderr per share done)."""
+    from slicebridge import client
+    from slicebridge.client.slicing import slice_on_pool
+
+    def share_line(share: list[float], result) -> None:
+        if not (args.quiet or args.json):
+            verdict = "done" if result.ok else f"FAILED ({result.error})"
+            sparsities = ", ".join(f"{sparsity:g}" for sparsity in share)
+            print(f"[slice] {sparsities} on {result.member}: {verdict} in {result.seconds:.2f}s", file=sys.stderr)
+
+    pool = client.pool(args.env, devices=devices)
+    try:  # the servers start once the sweep's arguments are found sound
+        return slice_on_pool(
+            pool, args.model_path, args.sparsity, args.calibration, args.save_dir, on_share=share_line, **options
+        )
+    finally:
+        pool.close()
 
 
 def _planned_outputs(args, checkpoints) -> list:

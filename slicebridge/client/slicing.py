@@ -20,22 +20,37 @@ its ``.sweep`` holds what was done (those checkpoints stay on disk).
 What needs no server is checked before the request: the sparsities (numbers in (0, 1), no
 duplicates, at least one), ``round_interval`` (at least 1), the output directory, and the
 calibration (exactly one of a local text and a dataset name).
+
+On a pool of servers (``slice_on_pool``, ``slicebridge slice --devices``) the sweep is split: each
+member slices a contiguous share of the sparsities in one ``slice`` request, so each loads the dense
+model once, and verifies its share's artifacts on its own bridge; the shares merge into one
+``SliceSweep``. A share whose server died is retried once on another member, then reported as
+failed sparsities, the others kept.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import numbers
+import os
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slicebridge.bridge import protocol
 from slicebridge.bridge.channel import EventCallback
 from slicebridge.bridge.errors import BadRequest, ServerDied
 from slicebridge.client.verification import VerifyReport
 from slicebridge.errors import SlicebridgeError
-from slicebridge.model.atomic import remove_orphaned_partials
+from slicebridge.model.atomic import remove_orphaned_partials, resolve
+
+if TYPE_CHECKING:
+    from slicebridge.client.bridge import Bridge
+    from slicebridge.client.pool import Pool, WorkResult
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +139,8 @@ class SliceSweep:
     def _title(self) -> str:
         r, cal = self.result, self.result.calibration
         dense = "warm (cached)" if r.dense.get("cache_hit") else f"loaded in {r.timings.get('load', 0):.2f}s"
+        if r.dense.get("servers", 1) > 1:  # a sweep split over a pool
+            dense = f"{dense} by each of {r.dense['servers']} servers, {r.dense['loads']} loads in all"
         return (
             f"slice {self.base_model} ({r.family}, {r.model_name}) with the {r.slicer} slicer on {r.device} in "
             f"{r.dtype} -> {r.output_dir}\ndense model {dense}; calibration {cal.get('source', '?')}: "
@@ -228,6 +245,148 @@ def _verify(
         report = VerifyReport(artifact["output"], kind, checkpoint.checkpoint, failures=[failure])
     log.info("verified %s: %s", report.artifact, "pass" if report.passed else "FAIL")
     return report
+
+
+def slice_on_pool(
+    pool: Pool,
+    base_model: str | os.PathLike,
+    sparsities: list[float],
+    calibration: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    on_share: Callable[[list[float], WorkResult], None] | None = None,
+    **options,
+) -> SliceSweep:
+    """``client.slice`` split over a pool: each member slices a contiguous share of the sparsities in one
+    request on its own device; one merged ``SliceSweep`` (``SweepIncomplete`` unless all went well).
+
+    Options are ``Bridge.slice``'s but ``device`` (each member's own; an ``on_event`` is called from the
+    members' threads); ``on_share`` sees each share's sparsities and ``WorkResult`` as it ends. What
+    ``client.slice`` refuses before any server starts is refused here too; if every share failed, the
+    first share's error is raised.
+    """
+    from slicebridge.client.pool import WorkItem
+
+    cal_dataset, round_interval = options.get("cal_dataset"), options.get("round_interval", 8)
+    floats = check_sweep(sparsities, output_dir, calibration, cal_dataset, round_interval)
+    if options.pop("device", "auto") != "auto":
+        raise _refused("a sweep on a pool computes on each server's own device: name the devices of the pool instead")
+    started = time.perf_counter()
+    pool.start()
+    shares = contiguous_shares(floats, len(pool.members))
+    paths = {
+        "base_model": str(resolve(base_model, follow_final=False)),
+        "output_dir": str(resolve(output_dir, follow_final=False)),
+    }
+    if calibration is not None:
+        options["calibration"] = str(resolve(calibration, follow_final=False))
+    before = sorted(os.listdir(paths["output_dir"])) if os.path.isdir(paths["output_dir"]) else []
+    common = {**paths, "before": before, "options": options}
+    items = [WorkItem(os.path.realpath(base_model), {**common, "sparsities": share}) for share in shares]
+    report = (lambda result: on_share(shares[result.index], result)) if on_share else None
+    results = pool.run(items, slice_share, report)
+    sweep = merged_sweep(paths["base_model"], shares, results, bool(options.get("verify")), started)
+    if not sweep.ok:
+        raise SweepIncomplete(sweep)
+    return sweep
+
+
+def contiguous_shares(sparsities: list[float], members: int) -> list[list[float]]:
+    """``sparsities`` cut in order into ``min(members, len)`` runs whose lengths differ by at most one."""
+    count = max(1, min(members, len(sparsities)))
+    size, extra = divmod(len(sparsities), count)
+    bounds = [index * size + min(index, extra) for index in range(count + 1)]
+    return [sparsities[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+def slice_share(bridge: Bridge, device: str, payload: dict) -> SliceSweep:
+    """A pool's job: one ``slice`` request for a share of a sweep on the member's device; what it did,
+    complete or not (a share that failed as a whole raises)."""
+    _remove_earlier_attempt(payload)
+    try:
+        return bridge.slice(
+            payload["base_model"], payload["sparsities"], payload["output_dir"], device=device, **payload["options"]
+        )
+    except SweepIncomplete as exc:
+        return exc.sweep
+
+
+def _remove_earlier_attempt(payload: dict) -> None:
+    """A retried share starts clean: the outputs of its sparsities that were not in the output directory when
+    the sweep began (``before``) were published by its attempt whose server died; they are removed, so that
+    the retry makes them again rather than be refused because they exist."""
+    directory = Path(payload["output_dir"])
+    if not directory.is_dir():
+        return
+    before = set(payload["before"])
+    suffixes = (".pt", ".json", ".bin", "")  # run_slicegpt's files, convert's and export's: {name}_{sparsity}...
+    endings = tuple(f"_{sparsity}{suffix}" for sparsity in payload["sparsities"] for suffix in suffixes)
+    for path in sorted(directory.iterdir()):
+        if path.name not in before and path.name.endswith(endings):
+            log.warning("removing %s, made by an attempt of this share whose server died", path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def merged_sweep(
+    base_model: str, shares: list[list[float]], results: list[WorkResult], verify: bool, started: float
+) -> SliceSweep:
+    """One sweep of the shares' sweeps; a share that failed as a whole is one ``SliceFailure`` per sparsity of it."""
+    for result in results:
+        if result.error is not None and not isinstance(result.error, SlicebridgeError):
+            raise result.error  # a bug, not a failed share
+    done = [result for result in results if result.ok]
+    if not done:
+        raise results[0].error
+    lost = [
+        protocol.SliceFailure(sparsity, _error_type(result.error), _first_line(str(result.error)))
+        for result in results
+        if not result.ok
+        for sparsity in shares[result.index]
+    ]
+    sweep = SliceSweep(base_model, _merged_result(done, lost, time.perf_counter() - started), verified=verify)
+    for result in done:
+        sweep.verification.update(result.value.verification)
+    return sweep
+
+
+def _merged_result(done: list[WorkResult], lost: list[protocol.SliceFailure], seconds: float) -> protocol.SliceResult:
+    """The shares' results as one: the checkpoints in the sweep's order, the dense loads of every server."""
+    parts = [result.value.result for result in done]
+    loads: dict[str, int] = {}  # by server: its count covers its whole life, so its latest one
+    for result, part in zip(done, parts, strict=True):
+        loads[result.member] = max(loads.get(result.member, 0), part.dense.get("loads", 0))
+    first = parts[0]
+    return protocol.SliceResult(
+        output_dir=first.output_dir,
+        slicer=first.slicer,
+        family=first.family,
+        model_name=first.model_name,
+        device=", ".join(dict.fromkeys(part.device for part in parts)),
+        dtype=first.dtype,
+        dense={
+            "cache_hit": all(part.dense.get("cache_hit") for part in parts),
+            "load_seconds": max(part.dense.get("load_seconds", 0.0) for part in parts),
+            "loads": sum(loads.values()),
+            "servers": len(loads),
+        },
+        calibration=first.calibration,
+        baseline_ppl=first.baseline_ppl,
+        checkpoints=[checkpoint for part in parts for checkpoint in part.checkpoints],
+        failed=[failure for part in parts for failure in part.failed] + lost,
+        copied=list(dict.fromkeys(name for part in parts for name in part.copied)),
+        timings={
+            "load": max(part.timings.get("load", 0.0) for part in parts),
+            "baseline_ppl": max(part.timings.get("baseline_ppl", 0.0) for part in parts),
+            "total": seconds,
+        },
+    )
+
+
+def _error_type(exc: BaseException) -> str:
+    return getattr(exc, "error_type", "") or type(exc).__name__
 
 
 def _remove_orphaned_partials_in(directory: Path) -> None:

@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -375,6 +376,9 @@ def _check_crcs(path: Path) -> None:
         verify_archive_crcs(path)
 
 
+_SAFE_GLOBALS_LOCK = threading.Lock()  # torch's safe_globals is process-wide state: one allowlisted load at a time
+
+
 def load(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False) -> dict:
     """Load a ``.bin``. By default only slicebridge's two rebuild functions may run.
 
@@ -392,7 +396,7 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bo
     if trust_pickle:
         return torch.load(path, map_location=map_location, weights_only=False, pickle_module=pickle_module_for("auto"))
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_CALLS)):
+        with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(list(ALLOWED_CALLS)):
             contents = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         match = _UNSUPPORTED_GLOBAL.search(str(exc))
