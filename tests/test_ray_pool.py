@@ -4,8 +4,9 @@ Two Ray nodes of one CPU each (Ray's own ``Cluster`` helper: a head and a worker
 raylet, on loopback) stand for two machines: a batch is spread over one actor per node, an item goes
 where its key is warm, conversions equal a local bridge's, an input that is not there fails its item
 naming the node, and an actor killed under an item costs that item one retry on the other actor.
-``address="local"`` starts a private instance and leaves no process behind. Skipped without Ray
-(``slicebridge[ray]``); CI installs it.
+``address="local"`` starts a private instance and leaves no process behind, and ``slicebridge convert
+--ray local`` gives the rows and files of a run without Ray. Skipped without Ray (``slicebridge[ray]``);
+CI installs it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
 from helpers.paths import SHARED_FIXTURES  # noqa: E402
-from helpers.run import run_python  # noqa: E402
+from helpers.run import run_cli, run_python  # noqa: E402
 from helpers.waiting import wait_for  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
@@ -222,6 +223,33 @@ def test_address_local_starts_a_private_instance_and_leaves_nothing_behind(slice
     assert (run["before"], run["during"], run["after"], run["ok"]) == (False, True, False, True), run
     assert run["started"] >= 3 and run["left"] == [] and not run["temp_dir_left"], run
     assert not pid_alive(run["server"])
+
+
+def test_cli_convert_on_a_local_ray_gives_the_rows_and_files_of_a_run_without_it(slicegpt_env, tmp_path):
+    checkpoints = [str(SHARED_FIXTURES / fixture / "sliced" / name) for fixture, name in CHECKPOINTS.values()]
+
+    def convert(*extra: str) -> list[dict]:
+        out = tmp_path / ("ray" if extra else "one")
+        flags = ["--output-dir", str(out), "--json", "--env", str(slicegpt_env)]
+        done = run_cli("convert", *checkpoints, *flags, *extra, env={"RAY_ADDRESS": ""}, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    one, on_ray = convert(), convert("--ray", "local")
+    same = ("checkpoint", "family", "actual_ratio", "loader", "official_name", "verify", "error", "ok")
+    assert [{key: row[key] for key in same} for row in on_ray] == [{key: row[key] for key in same} for row in one]
+    assert [row["family"] for row in one] == list(CHECKPOINTS)
+    assert {row["member"] for row in one} == {""} and all(row["member"].endswith("/cpu#0") for row in on_ray)
+    for mine, theirs in zip(on_ray, one, strict=True):
+        assert Path(mine["output"]).name == Path(theirs["output"]).name
+        assert records(Path(mine["output"])) == records(Path(theirs["output"]))
+
+    both = run_cli("convert", *checkpoints, "--ray", "local", "--devices", "cpu,cpu", "--env", str(slicegpt_env))
+    assert both.returncode == 2 and both.stdout == ""
+    assert (
+        both.stderr.splitlines()[-1]
+        == "slicebridge convert: error: argument --devices: not allowed with argument --ray"
+    )
 
 
 def test_without_ray_the_pool_says_how_to_get_it_and_importing_slicebridge_never_imports_ray():

@@ -15,7 +15,9 @@ starts a fresh one, up to three times, then raises ``ServerKeepsDying``.
 
 ``pool(env, devices=[...])`` is a ``Pool``: one server per device (``"cpu"`` twice is two CPU
 servers; ``"all"`` every GPU the env's server sees), each with its own warm cache, that a batch is
-spread over (``client.pool``'s module; ``slicebridge convert|export|slice --devices``).
+spread over (``client.pool``'s module; ``slicebridge convert|export|slice --devices``);
+``pool(env, ray="auto")`` is a ``RayPool``: the same on the nodes of a Ray cluster (``client.ray_pool``;
+``slicebridge convert|export --ray``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slicebridge.bridge.envs import find_env
 from slicebridge.bridge.errors import ServerKeepsDying
@@ -33,7 +35,10 @@ from slicebridge.client.bridge import Bridge, default_env
 
 # Imported first, so that the function ``pool`` defined below, not the module of that name, is ``client.pool``
 # (importing a submodule binds its name in the package once, on its first import: this one).
-from slicebridge.client.pool import Pool
+from slicebridge.client.pool import Pool, PoolError
+
+if TYPE_CHECKING:
+    from slicebridge.client.ray_pool import RayPool
 
 __all__ = [
     "Bridge",
@@ -71,17 +76,35 @@ def bridge_for(env: str | os.PathLike | None = None) -> Bridge:
         return bridge
 
 
-def pool(env: str | os.PathLike | None = None, devices: str | Sequence[str] = ("cpu",), **options) -> Pool:
+def pool(
+    env: str | os.PathLike | None = None,
+    devices: str | Sequence[str] | None = None,
+    *,
+    ray: str | None = None,
+    **options,
+) -> Pool | RayPool:
     """A pool of warm servers of ``env``, one per device (``["cuda:0", "cuda:1"]``, ``["cpu", "cpu"]``,
-    ``"all"``), not yet started: ``with client.pool(...) as pool:`` starts them and stops them after.
+    ``"all"``; default one ``"cpu"``), not yet started: ``with client.pool(...) as pool:`` starts them and
+    stops them after. With ``ray`` (a Ray address, ``"auto"`` or ``"local"``) and no ``devices``, a
+    ``RayPool``: one server per GPU of each node of that Ray cluster (``slicebridge.client.ray_pool``).
 
         with client.pool(env="slicegpt", devices="all") as pool:
             results = pool.run(items, job)     # see slicebridge.client.pool
 
-    Options: ``debug_ops``. Its servers are its own (never the env's detached one), and unlike
-    ``bridge_for``'s bridge it is not shared: each call makes a new pool.
+    Options: ``debug_ops`` (and ``devices_per_node`` on Ray). Its servers are its own (never the env's
+    detached one), and unlike ``bridge_for``'s bridge it is not shared: each call makes a new pool.
     """
-    return Pool(os.fspath(env) if env is not None else None, devices, **options)
+    if ray is None:
+        return Pool(
+            os.fspath(env) if env is not None else None, devices if devices is not None else ("cpu",), **options
+        )
+    if devices is not None:
+        raise PoolError(
+            f"devices={devices!r} and ray={ray!r}: give one of them (on Ray, each node's GPUs are its servers)"
+        )
+    from slicebridge.client.ray_pool import RayPool
+
+    return RayPool(env, address=ray, **options)
 
 
 def _call(env, method: str, *args, **kwargs) -> Any:

@@ -1,7 +1,8 @@
 """Many checkpoints in one command: expand paths, globs and sweep dirs; run each; summarise.
 
 Every checkpoint goes through the same warm server (``run_batch``), or through a pool of them
-(``run_batch_on``: each checkpoint one item of ``client.pool``, kept where its model is warm); one
+(``run_batch_on``: each checkpoint one item of ``client.pool``, here or on Ray, kept where its model
+is warm; an item names its inputs, which a Ray node checks it can see before it runs it); one
 that fails is reported and the rest go on. The summary has one row per checkpoint (checkpoint,
 output, seconds, actual ratio, verify result, error; on a pool, the server that ran it), and the
 command's exit status is non-zero if any failed.
@@ -29,6 +30,7 @@ from slicebridge.model.guards import OutputCollision, job_inputs, output_over_in
 
 if TYPE_CHECKING:
     from slicebridge.client.pool import Job, Pool, WorkResult
+    from slicebridge.client.ray_pool import RayPool
 
 
 @dataclass
@@ -148,21 +150,27 @@ def run_batch(checkpoints: list[Path], outputs: list[Path], one: Callable[[Path,
 
 
 def run_batch_on(
-    pool: Pool,
+    pool: Pool | RayPool,
     checkpoints: list[Path],
     outputs: list[Path],
     job: Job,
     options: dict[str, Any],
     on_row: Callable[[BatchRow], None] | None = None,
 ) -> list[BatchRow]:
-    """``run_batch`` spread over a pool: each checkpoint is one item keyed by its real path (so a model
-    stays where it is warm), run as ``job(bridge, device, {"checkpoint", "output", **options})``, which
-    returns its ``BatchRow``. Rows in the checkpoints' order; ``on_row`` sees each as it ends."""
+    """``run_batch`` spread over a pool (a ``Pool`` or a ``RayPool``): each checkpoint is one item keyed by
+    its real path (so a model stays where it is warm), run as ``job(bridge, device, {"checkpoint", "output",
+    "inputs", **options})``, which returns its ``BatchRow``; ``inputs`` are the checkpoint and
+    ``options["base_model"]`` if given (absolute paths, for a Ray node to check). Rows in the checkpoints'
+    order; ``on_row`` sees each as it ends."""
     from slicebridge.client.pool import WorkItem
 
     pairs = list(zip(checkpoints, outputs, strict=True))
+    base_model = [str(options["base_model"])] if options.get("base_model") is not None else []
     items = [
-        WorkItem(os.path.realpath(checkpoint), {"checkpoint": str(checkpoint), "output": str(output), **options})
+        WorkItem(
+            os.path.realpath(checkpoint),
+            {"checkpoint": str(checkpoint), "output": str(output), "inputs": [str(checkpoint), *base_model], **options},
+        )
         for checkpoint, output in pairs
     ]
 

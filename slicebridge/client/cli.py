@@ -8,6 +8,8 @@
     slicebridge convert CKPT... [--output-dir D] [--verify]   checkpoints -> portable .bin files
     slicebridge convert --slicegpt_model P --base_model B --output O   (the seed script's flags)
     slicebridge export CKPT... [--output-dir D]  checkpoints -> pickle-free Hugging Face dirs
+    slicebridge convert|export CKPT... --devices cuda:0,cuda:1 | --ray ADDRESS|auto|local
+                                                 the batch on a pool of servers here, or on a Ray cluster
     slicebridge slice --model-path DENSE --save-dir D --sparsity 0.2 0.25 --calibration T [--verify]
                                                  slice a dense model at each sparsity (run_slicegpt's flags)
     slicebridge verify ARTIFACT --checkpoint CKPT   forward passes here vs the server; exit 1 on fail
@@ -113,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--overwrite", action="store_true", help="replace existing outputs")
         job.add_argument("--overwrite-flag", default="--overwrite", help=argparse.SUPPRESS)  # make: OVERWRITE=1
         job.add_argument("--verify", action="store_true", help="verify each output in this env afterwards")
-        _add_devices(job, "the checkpoints are spread over them")
+        pools = job.add_mutually_exclusive_group()
+        _add_devices(pools, "the checkpoints are spread over them")
+        pools.add_argument(
+            "--ray",
+            default=None,
+            metavar="ADDRESS|auto|local",
+            help="run the batch on a Ray cluster (auto: the one Ray finds; local: a private one for this run), "
+            "one warm server per GPU of each node; paths must be on storage every node shares",
+        )
         _add_env(job)
         _add_output_flags(job)
 
@@ -207,7 +217,7 @@ def _add_slice_parser(commands) -> None:
     _add_output_flags(job)
 
 
-def _add_devices(parser: argparse.ArgumentParser, spread: str) -> None:
+def _add_devices(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, spread: str) -> None:
     parser.add_argument(
         "--devices",
         default=None,
@@ -329,19 +339,22 @@ _JOB_OPTIONS = ("command", "base_model", "sparsity", "round_interval", "loader",
 
 
 def cmd_job(args) -> int:
-    """convert / export: one or many checkpoints through one warm server, or (--devices) a pool of them."""
+    """convert / export: one or many checkpoints through one warm server, or (--devices, --ray) a pool of them."""
     from slicebridge import client
     from slicebridge.client.batch import expand_checkpoints, rows_as_dicts, run_batch, run_batch_on, summary_table
+    from slicebridge.model.atomic import resolve
 
     specs = list(args.slicegpt_model) + list(args.checkpoints)
     if not specs:
         raise UsageError(f"{args.command}: name at least one checkpoint (or --slicegpt_model)")
-    devices = _devices(args)
+    pool = _job_pool(args)
     checkpoints = expand_checkpoints(specs, args.sparsity)
     outputs = _planned_outputs(args, checkpoints)
     options = {name: getattr(args, name) for name in _JOB_OPTIONS} | {"verify": args.verify}
-    if devices is not None:
-        with client.pool(args.env, devices=devices) as pool:  # every server starts now, or the command fails
+    if args.base_model is not None:  # absolute here: a Ray node's working directory is not this one
+        options["base_model"] = str(resolve(args.base_model, follow_final=False))
+    if pool is not None:
+        with pool:  # every server starts now, or the command fails
             rows = run_batch_on(pool, checkpoints, outputs, pooled_job, options, _row_lines(args, len(checkpoints)))
     else:
         client.bridge_for(args.env)  # a missing env or a server that cannot start fails the command now
@@ -431,6 +444,21 @@ def _devices(args) -> list[str] | str | None:
         return parse_devices(args.devices)
     except PoolError as exc:
         raise UsageError(f"--devices {args.devices}: {exc}") from None
+
+
+def _job_pool(args):
+    """The pool a convert / export runs on, not yet started: ``--devices``' servers here, or ``--ray``'s on a
+    Ray cluster (``RayPool``); None without either (argparse refuses both)."""
+    from slicebridge import client
+
+    devices = _devices(args)
+    if args.ray is None:
+        return None if devices is None else client.pool(args.env, devices=devices)
+    if args.device != "auto":
+        raise UsageError(
+            f"--device {args.device} and --ray {args.ray}: give one of them (on Ray, each GPU is a server)"
+        )
+    return client.pool(args.env, ray=args.ray)
 
 
 def _row_lines(args, total: int):
@@ -646,4 +674,7 @@ COMMANDS = {
 }
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module's own name, not __main__: a job sent to Ray nodes (pooled_job) must be importable there.
+    from slicebridge.client.cli import main as module_main
+
+    sys.exit(module_main())
