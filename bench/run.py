@@ -46,10 +46,13 @@ BENCHMARKS = [
     "verify_1b",
     "crc_check",
     "slice_sweep",
+    "pool",
 ]
 ROW_ORDER = [
     "convert_many",
     "slice_sweep",
+    "pool_cpu",
+    "ray_overhead",
     "convert_1b",
     "convert_1b_peak_rss",
     "export_1b",

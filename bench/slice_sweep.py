@@ -97,7 +97,7 @@ dense_ppl = ppl(dense_model(dense, torch.float32))
 lap("dense_ppl")
 outcome = slice_dense(dense, None, sparsity=a["sparsity"], round_interval=a["round_interval"],
                       model_name=a["model_name"], calibration_ids=ids, seed=a["seed"], dtype=torch.float32,
-                      final_orientation=a["final_orientation"])
+                      final_orientation=a["final_orientation"], center_embeddings=True)
 lap("slice")
 out = Path(a["output_dir"])
 out.mkdir(parents=True, exist_ok=True)

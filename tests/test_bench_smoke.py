@@ -6,6 +6,7 @@ ratios, a target and a verdict, and that the markdown table names every row.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from helpers.paths import REPO, slicegpt_env_path
 EXPECTED_ROWS = {
     "convert_many",
     "slice_sweep",
+    "pool_cpu",
     "convert_1b",
     "convert_1b_peak_rss",
     "export_1b",
@@ -27,7 +29,7 @@ EXPECTED_ROWS = {
     "crc_check",
     "startup",
     "cache_memory",
-}
+} | ({"ray_overhead"} if importlib.util.find_spec("ray") is not None else set())  # skipped, with a note, without Ray
 
 
 def test_bench_smoke_writes_every_row(tmp_path):
@@ -71,6 +73,13 @@ def test_bench_smoke_writes_every_row(tmp_path):
     # The sweep slices what the fresh processes slice (same perplexities), reading the dense model once a sweep.
     assert rows["slice_sweep"]["absolute"]["n_sparsities"] == 3
     assert any("match the server's" in note for note in rows["slice_sweep"]["notes"]), rows["slice_sweep"]["notes"]
+    # The pool had two servers and ran every item; Ray's per-item figure is there when Ray is.
+    assert sum(rows["pool_cpu"]["absolute"]["items_per_member_last_pass"].values()) == 2
+    assert len(rows["pool_cpu"]["absolute"]["items_per_member_last_pass"]) == 2
+    if "ray_overhead" in EXPECTED_ROWS:
+        assert math.isfinite(rows["ray_overhead"]["absolute"]["overhead_per_item_ms"])
+    else:
+        assert any("ray_overhead skipped" in note for note in rows["pool_cpu"]["notes"])
     for name in ("ping_ipc", "ping_tcp"):
         assert all(math.isfinite(rows[name]["absolute"][k]) for k in ("p50_s", "p90_s", "p99_s"))
 
