@@ -239,19 +239,7 @@ class _Batch:
             return None
 
     def _choose(self, member: Member) -> int | None:
-        """The item ``member`` takes now: warm here, else warm nowhere else, else the first it may run."""
-        others = [other for other in self.members if other is not member and other.retired is None]
-        mine = [index for index in self.pending if self.avoid.get(index) != member.name or not others]
-        held_elsewhere = {key for other in others for key in other.warm}
-        for wanted in (
-            lambda index: self.items[index].key in member.warm,
-            lambda index: self.items[index].key not in held_elsewhere,
-            lambda index: True,
-        ):
-            for index in mine:
-                if wanted(index):
-                    return index
-        return None
+        return choose_item(member, self.members, self.pending, self.avoid, self.items)
 
     def _done(self, member: Member, index: int, value: Any, error: BaseException | None, seconds: float) -> None:
         """Record an attempt: a result, or (its member's server died under it, first time) the item again."""
@@ -345,3 +333,21 @@ def _check_device(member: Member) -> None:
         if not seen:
             which = "no CUDA devices; name cpu"
         raise PoolError(f"{member.device}: the env's server sees {which}, or all")
+
+
+def choose_item(member, members: list, pending, avoid: dict[int, str], items: list[WorkItem]) -> int | None:
+    """The pending item ``member`` takes now: one whose model it holds warm, else one no other live member
+    holds warm, else the first it may run (an item retried after a death avoids the member it died on while
+    another is alive). Members have ``name``, ``warm`` (keys) and ``retired``; the local and the Ray pool share it."""
+    others = [other for other in members if other is not member and other.retired is None]
+    mine = [index for index in pending if avoid.get(index) != member.name or not others]
+    held_elsewhere = {key for other in others for key in other.warm}
+    for wanted in (
+        lambda index: items[index].key in member.warm,
+        lambda index: items[index].key not in held_elsewhere,
+        lambda index: True,
+    ):
+        for index in mine:
+            if wanted(index):
+                return index
+    return None

@@ -46,7 +46,7 @@ from typing import Any
 from slicebridge.bridge.envs import PythonEnv
 from slicebridge.bridge.errors import RemoteError, ServerDied, ServerKeepsDying, remote_error
 from slicebridge.client.bridge import Bridge, default_env
-from slicebridge.client.pool import Job, PoolError, WorkItem, WorkResult
+from slicebridge.client.pool import Job, PoolError, WorkItem, WorkResult, choose_item
 from slicebridge.errors import InputNotFound, SlicebridgeError
 
 log = logging.getLogger(__name__)
@@ -406,19 +406,7 @@ class _RayBatch:
         return self.results
 
     def _choose(self, member: RayMember) -> int | None:
-        """The item ``member`` takes now: warm here, else warm nowhere else, else the first it may run."""
-        others = [other for other in self.members if other is not member and other.retired is None]
-        mine = [index for index in self.pending if self.avoid.get(index) != member.name or not others]
-        held_elsewhere = {key for other in others for key in other.warm}
-        for wanted in (
-            lambda index: self.items[index].key in member.warm,
-            lambda index: self.items[index].key not in held_elsewhere,
-            lambda index: True,
-        ):
-            for index in mine:
-                if wanted(index):
-                    return index
-        return None
+        return choose_item(member, self.members, self.pending, self.avoid, self.items)
 
     def _send(self, member: RayMember, index: int) -> None:
         self.pending.remove(index)
