@@ -122,26 +122,23 @@ def test_the_official_path_gives_the_checkpoint_run_slicegpt_gives_by_hand(
 
     by_hand = tmp_path / "by_hand"
     _run_slicegpt_by_hand(official_env, base, result.model_name, calibration, sparsity, by_hand, tmp_path)
+    report = _compare_through_slicegpt(official_env, result.model_name, served, by_hand, sparsity, key)
+    # and the shapes are those of the official fixture's own run
+    assert report["shapes_like_fixture"], report
+
+
+def _compare_through_slicegpt(official_env, model_name, dir_a, dir_b, sparsity, key) -> dict:
+    """Both save dirs' checkpoints through slicegpt's loader: same keys, shapes and SlicingConfig, logits
+    within fp32 NMSE 1e-6 (``helpers/compare_sliced_runs.py``); its report."""
+    command = [official_python(official_env), str(COMPARE), model_name, str(dir_a), str(dir_b), str(sparsity)]
     compared = subprocess.run(
-        [
-            official_python(official_env),
-            str(COMPARE),
-            result.model_name,
-            str(served),
-            str(by_hand),
-            str(sparsity),
-            str(fixture_of(key) / "reference.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*command, str(fixture_of(key) / "reference.pt")], capture_output=True, text=True, timeout=300
     )
     assert compared.returncode == 0, compared.stderr[-3000:]
     report = json.loads(compared.stdout.strip().splitlines()[-1])
     assert report["same_shapes"] and report["same_keys"] and report["same_slicing_config"], report
     assert report["nmse"] <= 1e-6, report
-    # and the shapes are those of the official fixture's own run
-    assert report["shapes_like_fixture"], report
+    return report
 
 
 def _tokenizer_the_script_runs_with(base, copy):
@@ -395,24 +392,8 @@ def test_both_slicers_give_the_same_model(bridges, bases, calibration, official_
     made = {}
     for slicer in ("official", "builtin"):
         made[slicer] = run_slice(bridges[slicer], base, tmp_path / slicer, calibration, [sparsity], slicer=slicer)
-    compared = subprocess.run(
-        [
-            official_python(official_env),
-            str(COMPARE),
-            made["official"].model_name,
-            str(tmp_path / "official"),
-            str(tmp_path / "builtin"),
-            str(sparsity),
-            str(fixture_of(key) / "reference.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert compared.returncode == 0, compared.stderr[-3000:]
-    report = json.loads(compared.stdout.strip().splitlines()[-1])
-    assert report["same_keys"] and report["same_shapes"] and report["same_slicing_config"], report
-    assert report["nmse"] <= 1e-6, report
+    made_dirs = (tmp_path / "official", tmp_path / "builtin")
+    _compare_through_slicegpt(official_env, made["official"].model_name, *made_dirs, sparsity, key)
     ppl = [made[s].checkpoints[0].ppl for s in ("official", "builtin")]
     assert math.isclose(*ppl, rel_tol=1e-3), ppl
     assert math.isclose(made["official"].baseline_ppl, made["builtin"].baseline_ppl, rel_tol=1e-4)
