@@ -101,7 +101,7 @@ class SliceService:
             baseline_ppl=warm.baseline_ppl,
             checkpoints=done,
             failed=failed,
-            copied=copied_files(plan) if done else [],
+            copied=outputs.copied if done else [],
             timings={
                 "load": 0.0 if hit else warm.load_seconds,
                 "baseline_ppl": 0.0 if hit else warm.baseline_seconds,
@@ -236,10 +236,11 @@ class _Outputs:
 
         self.plan = plan
         self.made_dir = not plan.output_dir.exists()
-        sources = base_files(plan.base_dir) + sorted(plan.base_dir.glob("*.safetensors"))
-        self.max_mode = widest_mode(sources)
-        same = not self.made_dir and plan.output_dir.resolve() == plan.base_dir.resolve()
-        self.new_base = [] if same else [p.name for p in sources if not (plan.output_dir / p.name).exists()]
+        copies = base_files(plan.base_dir)
+        self.max_mode = widest_mode(copies + sorted(plan.base_dir.glob("*.safetensors")))
+        same = plan.output_dir.resolve() == plan.base_dir.resolve()
+        self.copied = [] if same else [path.name for path in copies]  # what run_slicegpt's layout copies in
+        self.new_base = [name for name in self.copied if not (plan.output_dir / name).exists()]
 
     def new_ones(self, sparsity: float) -> list[Path]:
         """The outputs of ``sparsity`` that do not exist yet (what a failure of it removes)."""
@@ -247,7 +248,7 @@ class _Outputs:
 
     def undo_base(self) -> None:
         """Remove the base files this request copied, and the output directory if it made it and it is empty."""
-        _remove([self.plan.output_dir / name for name in self.new_base if not name.endswith(".safetensors")])
+        _remove([self.plan.output_dir / name for name in self.new_base])
         if self.made_dir and self.plan.output_dir.is_dir() and not any(self.plan.output_dir.iterdir()):
             self.plan.output_dir.rmdir()
 
@@ -310,13 +311,6 @@ def named_dataset_texts(name: str, dataset) -> tuple[list[str], list[str]]:
             raise CalibrationError(f"the {name} dataset's {split} split holds no text in its column {column!r}")
         texts.append(list(values))
     return texts[0], texts[1]
-
-
-def copied_files(plan: SweepPlan) -> list[str]:
-    from slicebridge.model.slicing import base_files
-
-    same = plan.output_dir.resolve() == plan.base_dir.resolve()
-    return [] if same else [path.name for path in base_files(plan.base_dir)]
 
 
 def _failure(sparsity: float, exc: BaseException) -> protocol.SliceFailure:
