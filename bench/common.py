@@ -92,19 +92,47 @@ class Row:
     breakdown: dict = field(default_factory=dict)  # where the time / memory went
     analysis: list = field(default_factory=list)  # sentences: what bounds it, what would move it
     notes: list = field(default_factory=list)
+    bound: dict = field(default_factory=dict)  # the physical bound, from against_bound(); empty: none stated
+
+    def against_bound(
+        self,
+        what: str,
+        samples: list[float],
+        target: dict,
+        definition: str = "measured / bound",
+        invert: bool = False,
+        **values: float,
+    ) -> Row:
+        """State the bound: what the machine allows for this row's work, measured in the same run (``samples``,
+        in the row's unit, paired with the subject's repeats). ``target`` is ``{"text", "conditions": [{"metric",
+        "op", "value"}, ...]}`` over ``ratio`` (the subject's ratio to the bound) and the named ``values``
+        (e.g. ``p99_ratio=...``); no conditions: report only. ``judge()`` then says whether it is met."""
+        ratio = ratio_summary(self.subject["samples"], samples, invert=invert)
+        ratio["definition"] = definition
+        self.bound = {"what": what, "measured": summary(samples), "ratio": ratio, "values": values, "target": target}
+        return self
 
     def judge(self) -> Row:
         op, value = self.target.get("op"), self.target.get("value")
         metric = self.target.get("metric", "ratio")
-        if op is None:
-            self.met = None
-            return self
-        measured = self.ratio["value"] if metric == "ratio" else self.absolute[metric]
-        self.met = bool(measured <= value) if op == "<=" else bool(measured >= value)
+        self.met = (
+            None
+            if op is None
+            else _holds(self.ratio["value"] if metric == "ratio" else self.absolute[metric], op, value)
+        )
+        if self.bound:
+            measured = {"ratio": self.bound["ratio"]["value"], **self.bound["values"]}
+            conditions = self.bound["target"].get("conditions", [])
+            verdicts = [_holds(measured[c["metric"]], c["op"], c["value"]) for c in conditions]
+            self.bound["met"] = all(verdicts) if verdicts else None
         return self
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _holds(measured: float, op: str, value: float) -> bool:
+    return bool(measured <= value) if op == "<=" else bool(measured >= value)
 
 
 # ------------------------------------------------------------------------------ context

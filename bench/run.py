@@ -169,6 +169,20 @@ def _met_text(row: dict) -> str:
     return {True: "yes", False: "**NO**", None: "—"}[row["met"]]
 
 
+def _bound_cells(row: dict) -> str:
+    """The table's bound columns: the bound measured, the ratio to it, its target, met."""
+    bound = row.get("bound")
+    if not bound:
+        return "none stated | | | |"
+    ratio = bound["ratio"]
+    values = "".join(f"; {k} {v:.3g}" for k, v in bound["values"].items() if isinstance(v, (int, float)))
+    met = {True: "yes", False: "**NO**", None: "—"}[bound.get("met")]
+    return (
+        f"{bound['what']}: {fmt_summary(bound['measured'], row['unit'])} | {_ratio_text(bound)}{values} "
+        f"({ratio['definition']}) | {bound['target']['text']} | {met} |"
+    )
+
+
 def render_markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -190,18 +204,19 @@ def render_markdown(results: dict) -> str:
             else ""
         ),
         "",
-        "| row | measured | baseline (same run) | ratio | target | met |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| row | measured | baseline (same run) | ratio | target | met | bound (same run) | × bound | bound target "
+        "| met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     rows = results["rows"]
     for row in rows:
         if row.get("error"):
-            lines.append(f"| {row['name']} | error: {row['error'].splitlines()[-1][:80]} | | | | ERROR |")
+            lines.append(f"| {row['name']} | error: {row['error'].splitlines()[-1][:80]} | | | | ERROR | | | | |")
             continue
         lines.append(
             f"| {row['name']}: {row['what']} | {_measured_text(row)} | {row['baseline']}: "
             f"{fmt_summary(row['baseline_measured'], row['unit'])} | {_ratio_text(row)} "
-            f"({row['ratio']['definition']}) | {row['target']['text']} | {_met_text(row)} |"
+            f"({row['ratio']['definition']}) | {row['target']['text']} | {_met_text(row)} | {_bound_cells(row)}"
         )
     lines.append("")
     for row in rows:
@@ -216,6 +231,13 @@ def render_markdown(results: dict) -> str:
             f"- baseline: {row['baseline']}",
             f"- ratio: {_ratio_text(row)} = {row['ratio']['definition']}; target {row['target']['text']}",
         ]
+        if row.get("bound"):
+            bound = row["bound"]
+            lines.append(
+                f"- bound: {bound['what']}: {fmt_summary(bound['measured'], row['unit'])}; ratio {_ratio_text(bound)}"
+                f" = {bound['ratio']['definition']}; target {bound['target']['text']}: "
+                + {True: "met", False: "**MISSED**", None: "report"}[bound.get("met")]
+            )
         if row["absolute"]:
             lines.append("- absolute: " + _compact(row["absolute"]))
         if row["breakdown"]:
