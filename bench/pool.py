@@ -110,7 +110,7 @@ def _pool_cpu(ctx: Context, single: Pool, double: Pool) -> Row:
         },
     ).judge()
     row.notes.append(
-        f"this machine has {cpus} CPUs and the two servers share them (each torch with its own threads): what "
+        f"this machine has {cpus} CPUs and the two servers share them (each with cores // 2 threads): what "
         "overlaps is the part of a convert that is not compute (reading, writing, messaging), so the speed-up is "
         "bounded by min(2, cores) and falls to ≤ 1× for compute-bound items; on N GPUs each server has its own device"
     )

@@ -28,7 +28,9 @@ from helpers.waiting import interrupt_main_when, wait_for
 
 from slicebridge import client
 from slicebridge.bridge import protocol
+from slicebridge.bridge.launcher import split_by_user, thread_shares, usable_cores
 from slicebridge.client import slicing
+from slicebridge.client.bridge import Bridge
 from slicebridge.client.pool import MAX_MEMBERS, Pool, PoolError, WorkItem, member_names, parse_devices
 from slicebridge.model.dense import make_dense_preset
 from slicebridge.model.errors import CheckpointError
@@ -204,7 +206,8 @@ def test_cli_convert_on_two_servers_gives_the_rows_of_one(slicegpt_env, made, tm
         assert archive(Path(mine["output"])) == archive(Path(theirs["output"]))
 
 
-def test_cli_slice_on_two_servers_loads_the_dense_model_once_on_each(slicegpt_env, bridge, made, tmp_path):
+def test_cli_slice_on_two_servers_loads_the_dense_model_once_on_each(slicegpt_env, made, tmp_path):
+    """The one-server sweep computes with a pool member's CPU threads: on CPU, a sweep's numbers depend on them."""
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
     done = run_cli(
         "slice",
@@ -227,9 +230,11 @@ def test_cli_slice_on_two_servers_loads_the_dense_model_once_on_each(slicegpt_en
     sweep = json.loads(done.stdout)
     assert [checkpoint["sparsity"] for checkpoint in sweep["checkpoints"]] == [0.2, 0.3, 0.4, 0.5]
     assert sweep["ok"] and sweep["failed"] == [] and sweep["dense"]["loads"] == 2 and sweep["dense"]["servers"] == 2
-    alone = bridge.slice(
-        made["dense"], [0.2, 0.3, 0.4, 0.5], tmp_path / "alone", calibration=made["calibration"], **SMALL
-    )
+    share = None if split_by_user() else thread_shares(["cpu", "cpu"], usable_cores())[0]
+    with Bridge(str(slicegpt_env), attach=False, threads=share) as one:
+        alone = one.slice(
+            made["dense"], [0.2, 0.3, 0.4, 0.5], tmp_path / "alone", calibration=made["calibration"], **SMALL
+        )
     for checkpoint in alone.checkpoints:  # the same files as one request on one server
         ours = torch.load(tmp_path / "split" / Path(checkpoint.checkpoint).name, weights_only=True)
         theirs = torch.load(checkpoint.checkpoint, weights_only=True)
@@ -274,6 +279,7 @@ def test_a_share_whose_server_dies_is_sliced_again_elsewhere(slicegpt_env, made,
     assert not list(out.glob(".*partial"))
 
 
+@pytest.mark.gpu
 def test_all_devices_of_a_machine(slicegpt_env):
     with Pool(str(slicegpt_env), "all") as everything:
         seen = everything.members[0].bridge.server_hello.cuda_devices
@@ -283,3 +289,35 @@ def test_all_devices_of_a_machine(slicegpt_env):
             assert [member.name for member in everything.members] == ["cpu#0"]
             with pytest.raises(PoolError, match="cuda:1: the env's server sees no CUDA devices; name cpu, or all"):
                 Pool(str(slicegpt_env), ["cuda:1"]).start()
+
+
+def placed_job(bridge, device, payload):
+    result = bridge.convert(payload["checkpoint"], payload["output"], device=device)
+    return result.device, result.placement
+
+
+def test_a_member_may_be_a_device_group_one_model_spread_over_its_devices(slicegpt_env, made, tmp_path):
+    assert parse_devices("cuda:0+cuda:1, cuda:2 + cuda:3") == ["cuda:0+cuda:1", "cuda:2+cuda:3"]
+    assert parse_devices([["cuda:0", "cuda:1"], "cpu"]) == ["cuda:0+cuda:1", "cpu"]
+    for bad, words in (
+        ("cuda:0+cuda:0", "'cuda:0\\+cuda:0': a device group names each of its GPUs once"),
+        ("cuda+cuda:1,cuda:2+", "'cuda\\+cuda:1', 'cuda:2\\+': a pool's devices are cpu, cuda or cuda:N, groups of"),
+        ([["cuda:0", "gpu:1"]], "'cuda:0\\+gpu:1'"),
+    ):
+        with pytest.raises(PoolError, match=words):
+            parse_devices(bad)
+    assert member_names(["cuda:0+cuda:1", "cuda:2+cuda:3", "cuda:2+cuda:3", "cpu+cpu"]) == [
+        "cuda:0+cuda:1",
+        "cuda:2+cuda:3#0",
+        "cuda:2+cuda:3#1",
+        "cpu+cpu#0",
+    ]
+    a, b, _ = made["runs"]
+    items = [convert_item(run, tmp_path / f"{run.name}.bin") for run in (a, b)]
+    with Pool(str(slicegpt_env), "cpu+cpu") as spread:
+        results = spread.run(items, placed_job)
+    assert [result.member for result in results] == ["cpu+cpu#0"] * 2 and all(result.ok for result in results)
+    for result in results:
+        device, placement = result.value
+        assert device == "cpu+cpu" and placement["by"] == "slicebridge", placement
+        assert list(placement["devices"]) == ["cpu#0", "cpu#1"] and placement["devices"]["cpu#1"].endswith("head")

@@ -5,8 +5,10 @@ raylet, on loopback) stand for two machines: a batch is spread over one actor pe
 where its key is warm, conversions equal a local bridge's, an input that is not there fails its item
 naming the node, and an actor killed under an item costs that item one retry on the other actor.
 ``address="local"`` starts a private instance and leaves no process behind, and ``slicebridge convert
---ray local`` gives the rows and files of a run without Ray. Skipped without Ray (``slicebridge[ray]``);
-CI installs it.
+--ray local`` gives the rows and files of a run without Ray. A slicing sweep on Ray (``slicebridge slice
+--ray``, ``client.slice(ray=...)``) gives each actor a share of the sparsities and makes a local sweep's
+files, and a calibration text no node sees fails the sweep naming the node. Skipped without Ray
+(``slicebridge[ray]``); CI installs it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # Ray's nodes on loopback only (with this switch off Ray takes 127.0.0.1 as a node's address, not the
 # machine's outward one), and no usage reports.
@@ -34,11 +37,14 @@ from helpers.run import run_cli, run_python  # noqa: E402
 from helpers.waiting import wait_for  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from slicebridge.bridge.errors import EnvNotFound, RemoteError, remote_error  # noqa: E402
+from slicebridge import Bridge, client  # noqa: E402
+from slicebridge.bridge.errors import BadRequest, EnvNotFound, RemoteError, remote_error  # noqa: E402
 from slicebridge.client.pool import PoolError, WorkItem  # noqa: E402
 from slicebridge.client.ray_pool import RayPool, arrived, plan_members, portable  # noqa: E402
 from slicebridge.errors import InputNotFound  # noqa: E402
+from slicebridge.model.dense import make_dense_preset  # noqa: E402
 from slicebridge.model.errors import NotASliceGPTCheckpoint, SparsityMismatch  # noqa: E402
+from slicebridge.model.sample_text import embedded_text  # noqa: E402
 from slicebridge.processes import pid_alive  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -50,6 +56,8 @@ CHECKPOINTS = {
     "llama": ("slicegpt-llama-tiny", "Meta-Llama-3-tiny_0.25.pt"),
     "opt": ("slicegpt-opt-tiny", "opt-tiny_0.2.pt"),
 }
+
+SMALL = dict(cal_nsamples=4, cal_batch_size=2, cal_max_seqlen=32, ppl_eval_seqlen=32, dtype="fp32")  # a quick sweep
 
 
 def whoami(bridge, device, payload):
@@ -88,6 +96,15 @@ def cluster():
 def pool(cluster, slicegpt_env):
     with RayPool(str(slicegpt_env), address=cluster.address, debug_ops=True) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny dense preset and a calibration text, to slice."""
+    root = tmp_path_factory.mktemp("dense")
+    calibration = root / "cal.txt"
+    calibration.write_text(embedded_text(), encoding="utf-8")
+    return make_dense_preset(root / "tiny", "tiny"), calibration
 
 
 def records(path: Path) -> dict[str, bytes]:
@@ -250,6 +267,58 @@ def test_cli_convert_on_a_local_ray_gives_the_rows_and_files_of_a_run_without_it
         both.stderr.splitlines()[-1]
         == "slicebridge convert: error: argument --devices: not allowed with argument --ray"
     )
+
+
+def test_cli_slice_on_ray_gives_each_actor_a_share_and_makes_a_local_sweeps_files(
+    cluster, slicegpt_env, dense, tmp_path, monkeypatch
+):
+    """The local sweep computes with one CPU thread, as each actor's server does (its node's one CPU): on CPU,
+    a sweep's numbers depend on its thread count."""
+    model, calibration = dense
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
+    done = run_cli(
+        "slice",
+        *("--model-path", str(model), "--save-dir", str(tmp_path / "ray"), "--sparsity", "0.2", "0.3"),
+        *("--calibration", str(calibration), "--ray", cluster.address, "--json", "--env", str(slicegpt_env)),
+        *flags,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    sweep = json.loads(done.stdout)
+    assert [checkpoint["sparsity"] for checkpoint in sweep["checkpoints"]] == [0.2, 0.3]
+    assert sweep["ok"] and sweep["failed"] == [] and (sweep["dense"]["servers"], sweep["dense"]["loads"]) == (2, 2)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with Bridge(str(slicegpt_env), attach=False, debug_ops=True) as local:
+        alone = local.slice(model, [0.2, 0.3], tmp_path / "alone", calibration=calibration, **SMALL)
+
+    names = sorted(path.name for path in (tmp_path / "alone").iterdir())
+    assert sorted(path.name for path in (tmp_path / "ray").iterdir()) == names
+    for name in names:
+        ours, theirs = tmp_path / "ray" / name, tmp_path / "alone" / name
+        if name.endswith(".pt"):
+            ours, theirs = torch.load(ours, weights_only=True), torch.load(theirs, weights_only=True)
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours), name
+        else:
+            assert ours.read_bytes() == theirs.read_bytes(), name
+    assert [checkpoint["ppl"] for checkpoint in sweep["checkpoints"]] == [c.ppl for c in alone.checkpoints]
+
+
+def test_a_sweep_on_ray_whose_calibration_no_node_sees_fails_naming_the_node(
+    pool, cluster, slicegpt_env, dense, tmp_path
+):
+    model, _ = dense
+    gone, out = tmp_path / "gone.txt", tmp_path / "out"
+    on_ray = dict(env=str(slicegpt_env), ray=cluster.address, **SMALL)
+
+    with pytest.raises(InputNotFound) as raised:
+        client.slice(model, [0.2, 0.3], gone, out, **on_ray)
+
+    nodes = {member.node for member in pool.members}  # the same two nodes as the sweep's own actors
+    assert any(f"the input {gone} is not there on the Ray node {node}:" in str(raised.value) for node in nodes)
+    assert not out.exists()
+    with pytest.raises(BadRequest, match="on Ray, events stay on the nodes that slice: pass on_share"):
+        client.slice(model, [0.2, 0.3], dense[1], out, on_event=print, **on_ray)
 
 
 def test_without_ray_the_pool_says_how_to_get_it_and_importing_slicebridge_never_imports_ray():

@@ -17,6 +17,14 @@ A detached server is started under a lock per env, and every detached server pro
 the runtime dir can be found through ``/proc`` (its command line names its connection
 file), also one whose connection file was refused or lost. Servers are only signalled
 after their start time is checked (a pid may have been reused).
+
+A server started with ``threads=N`` computes with N CPU threads: ``OMP_NUM_THREADS`` and
+``MKL_NUM_THREADS`` are N in its environment, so torch starts with N (the server holds torch to it,
+``server.main``). An explicit ``threads`` wins over those variables in the user's environment;
+without it the server inherits them, or, when they are unset, torch takes its own default (one thread
+per physical core of the machine, whatever the process's CPU affinity). Servers
+started side by side (a pool) share the cores through ``thread_shares``; a pool leaves the split to
+the user when either variable is set (``split_by_user``).
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ log = logging.getLogger(__name__)
 BOOT_ERROR_MARKER = "SLICEBRIDGE-BOOT-ERROR"
 LOGS_KEPT = 10  # logs of servers that are gone, newest first
 _BOOT_IMPORT = "from slicebridge.server.main import main"
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch reads for its CPU threads at start
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _STAGED_PARTS = ("*.py", "bridge/**/*.py", "server/**/*.py", "model/**/*.py")  # the top modules are stdlib-only
 _BOOT_SCRIPT = f"""
@@ -110,8 +119,9 @@ def stage_server_code() -> Path:
     return target
 
 
-def server_environ(env: PythonEnv) -> dict:
-    """The environment variables for the server: ours minus anything that points Python elsewhere."""
+def server_environ(env: PythonEnv, threads: int | None = None) -> dict:
+    """The environment variables for the server: ours minus anything that points Python elsewhere,
+    and its CPU thread count when ``threads`` is given."""
     environ = python_free_environ()
     bin_dir = str(Path(env.python).parent)
     environ["PATH"] = bin_dir + os.pathsep + environ.get("PATH", "")
@@ -121,7 +131,36 @@ def server_environ(env: PythonEnv) -> dict:
     # OpenMP's threads spin while they wait by default: with the client (or anyone) holding a core,
     # MKL's eigh in slicing then runs hundreds of times slower (make bench: 20 eighs 25-34 s, not 0.1 s).
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is not None:
+        environ.update(dict.fromkeys(_THREAD_VARIABLES, str(threads)))
     return environ
+
+
+def usable_cores() -> int:
+    """The physical cores this process may run on: its CPU affinity, hyperthread siblings counted once
+    (each CPU once where the topology cannot be read)."""
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def thread_shares(devices: list[str], cores: int) -> list[int]:
+    """The CPU threads of each of the servers started side by side for ``devices``: the CPU servers
+    split the cores between them; a GPU server, whose CPU work is loading, copying and saving, gets an
+    even share of them among all the servers (all the cores when it is the only one)."""
+    host_only = [set(device.split("+")) == {"cpu"} for device in devices]  # cpu, or a group of cpu alone
+    on_cpu = sum(host_only)
+    return [max(1, cores // (on_cpu if alone else len(devices))) for alone in host_only]
+
+
+def split_by_user() -> bool:
+    """Whether the user set the thread count of every process (``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``)."""
+    return any(os.environ.get(name) for name in _THREAD_VARIABLES)
 
 
 @dataclass
@@ -254,15 +293,19 @@ def start_server(
     max_message_bytes: int | None = None,
     debug_ops: bool | None = None,
     ready_timeout: float = 120.0,
+    threads: int | None = None,
 ) -> ServerProcess:
     """Start a server in ``env`` and wait until it listens.
 
     An owned server (``detached=False``) watches this process and exits when it is gone.
     A detached one starts in its own session, keeps its connection file in the runtime
-    dir's ``servers/`` for other clients, and runs until stopped.
+    dir's ``servers/`` for other clients, and runs until stopped. ``threads``: its CPU threads
+    (None: as the environment says).
     """
     if transport not in ("ipc", "tcp"):
         raise ValueError(f"transport must be 'ipc' or 'tcp', not {transport!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a whole number of at least 1 (or None), not {threads!r}")
     settings.check_all()
     if transport == "tcp" and not ip.startswith("127.") and ip not in ("::1", "localhost"):
         if not settings.allow_remote():
@@ -307,7 +350,7 @@ def start_server(
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
-            env=server_environ(env),
+            env=server_environ(env, threads),
             cwd=str(run_dir),
             start_new_session=True,  # Ctrl-C in the user's terminal must not reach the server
             close_fds=True,

@@ -417,6 +417,7 @@ class HelloResult:
     cuda_devices: list  # names of visible CUDA devices
     started_at: float
     detached: bool
+    threads: int | None = None  # torch's CPU threads (None: no torch, or a server from before it was reported)
 
 
 @dataclass
@@ -511,6 +512,7 @@ class ConvertResult:
     format_version: int
     family: str = ""  # the model family: llama | opt | phi2 | phi3
     official_name: str | None = None  # the model name slicegpt's adapter was given (official loader)
+    placement: dict | None = None  # on a device group (device "cuda:0+cuda:1"): by, devices, official (see loaders)
 
 
 @dataclass
@@ -547,6 +549,7 @@ class ExportResult:
     verification: dict  # the in-server check written into the model card
     family: str = ""  # the model family: llama | opt | phi2 | phi3
     official_name: str | None = None  # the model name slicegpt's adapter was given (official loader)
+    placement: dict | None = None  # on a device group (device "cuda:0+cuda:1"): by, devices, official (see loaders)
 
 
 @dataclass
@@ -588,6 +591,7 @@ class ReferenceResult:
     versions: dict  # torch, transformers, slicegpt of the server
     family: str = ""  # the model family: llama | opt | phi2 | phi3
     official_name: str | None = None  # the model name slicegpt's adapter was given (official loader)
+    placement: dict | None = None  # on a device group (device "cuda:0+cuda:1"): by, devices, official (see loaders)
 
 
 @dataclass

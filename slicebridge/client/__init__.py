@@ -17,7 +17,7 @@ starts a fresh one, up to three times, then raises ``ServerKeepsDying``.
 servers; ``"all"`` every GPU the env's server sees), each with its own warm cache, that a batch is
 spread over (``client.pool``'s module; ``slicebridge convert|export|slice --devices``);
 ``pool(env, ray="auto")`` is a ``RayPool``: the same on the nodes of a Ray cluster (``client.ray_pool``;
-``slicebridge convert|export --ray``).
+``slicebridge convert|export|slice --ray``).
 """
 
 from __future__ import annotations
@@ -230,6 +230,7 @@ def slice(
     output_dir: str | os.PathLike | None = None,
     *,
     env: str | None = None,
+    ray: str | None = None,
     **options,
 ):
     """Slice a dense model at every sparsity in one request, as run_slicegpt does; returns a ``SliceSweep``.
@@ -245,8 +246,19 @@ def slice(
     convert, export, verify, on_event). Arguments that are wrong whatever the server are refused
     before any server starts. ``SweepIncomplete`` if a sparsity failed or an artifact failed
     verification; its ``.sweep`` holds what was done, which stays on disk.
+
+    With ``ray`` (a Ray address, ``"auto"`` or ``"local"``) the sweep runs on a ``RayPool`` of that cluster,
+    started for it and stopped after: each member (one per GPU of each node) slices a contiguous share
+    of the sparsities, loading the dense model once (``slicing.slice_on_pool``, whose ``on_share`` it
+    takes instead of ``on_event``); every path must be on storage that the nodes share.
     """
-    from slicebridge.client.slicing import check_sweep
+    from slicebridge.client.slicing import check_sweep, slice_on_pool
 
     check_sweep(sparsities, output_dir, calibration, options.get("cal_dataset"), options.get("round_interval", 8))
-    return _call(env, "slice", base_model, sparsities, output_dir, calibration=calibration, **options)
+    if ray is None:
+        return _call(env, "slice", base_model, sparsities, output_dir, calibration=calibration, **options)
+    cluster = pool(env, ray=ray)
+    try:
+        return slice_on_pool(cluster, base_model, sparsities, calibration, output_dir, **options)
+    finally:
+        cluster.close()

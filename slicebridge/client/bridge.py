@@ -53,6 +53,8 @@ class Bridge:
         debug_ops: serve the diagnostic operations (``sleep``, ``fail``); default from
             ``SLICEBRIDGE_DEBUG_OPS=1``.
         max_restarts: fresh servers started after deaths before giving up with ``ServerKeepsDying``.
+        threads: CPU threads of a server this bridge starts (None: ``OMP_NUM_THREADS`` if set, else
+            torch's default); its ``hello`` reports them.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class Bridge:
         max_message_bytes: int | None = None,
         debug_ops: bool | None = None,
         max_restarts: int = 3,
+        threads: int | None = None,
     ):
         self.env: PythonEnv | None = env if isinstance(env, PythonEnv) else None
         if self.env is not None:
@@ -80,6 +83,7 @@ class Bridge:
         self.ready_timeout = ready_timeout
         self.max_message_bytes = max_message_bytes
         self.debug_ops = debug_ops
+        self.threads = threads
         self.server: ServerProcess | None = None
         self.channel: Channel | None = None
         self.server_hello: protocol.HelloResult | None = None
@@ -115,6 +119,7 @@ class Bridge:
                     max_message_bytes=self.max_message_bytes,
                     debug_ops=self.debug_ops,
                     ready_timeout=self.ready_timeout,
+                    threads=self.threads,
                 )
         self.channel = Channel(self.server, heartbeat_timeout=self.heartbeat_timeout)
         try:

@@ -12,6 +12,8 @@
                                                  the batch on a pool of servers here, or on a Ray cluster
     slicebridge slice --model-path DENSE --save-dir D --sparsity 0.2 0.25 --calibration T [--verify]
                                                  slice a dense model at each sparsity (run_slicegpt's flags)
+    slicebridge slice ... --devices cpu,cpu | --ray ADDRESS|auto|local
+                                                 the sweep's sparsities shared out over a pool or a Ray cluster
     slicebridge verify ARTIFACT --checkpoint CKPT   forward passes here vs the server; exit 1 on fail
     slicebridge info PATH...                    widths, parameter counts, actual ratio, dtype
     slicebridge upgrade SEED.bin OUT.bin --trust-pickle   a .bin made the seed's way -> a portable one
@@ -108,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--sparsity", type=float, default=None, help="default: from the checkpoint's file name")
         job.add_argument("--round-interval", "--round_interval", dest="round_interval", type=int, default=None)
         job.add_argument("--loader", choices=["auto", "official", "builtin"], default="auto")
-        job.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in the server)")
+        job.add_argument(
+            "--device", default="auto", help="auto, cpu, cuda, cuda:N, or a group cuda:0+cuda:1 (one model over both)"
+        )
         job.add_argument(
             "--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's own"
         )
@@ -212,7 +216,16 @@ def _add_slice_parser(commands) -> None:
     job.add_argument("--convert", action="store_true", help="also write {name}_{sparsity}.bin")
     job.add_argument("--export", action="store_true", help="also write {name}_{sparsity}/ (Hugging Face dir)")
     job.add_argument("--verify", action="store_true", help="verify every artifact here (alone, it implies --convert)")
-    _add_devices(job, "each slices a share of the sparsities, loading the dense model once")
+    pools = job.add_mutually_exclusive_group()
+    _add_devices(pools, "each slices a share of the sparsities, loading the dense model once")
+    pools.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS|auto|local",
+        help="slice on a Ray cluster (auto: the one Ray finds; local: a private one for this run), one warm "
+        "server per GPU of each node, each slicing a share of the sparsities; paths must be on storage every "
+        "node shares",
+    )
     _add_env(job)
     _add_output_flags(job)
 
@@ -221,7 +234,7 @@ def _add_devices(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGr
     parser.add_argument(
         "--devices",
         default=None,
-        help=f"one warm server per device (cuda:0,cuda:1 | all | cpu,cpu): {spread}; "
+        help=f"one warm server per device (cuda:0,cuda:1 | all | cpu,cpu | cuda:0+cuda:1,cuda:2+cuda:3): {spread}; "
         "without it, one server (on CPU, more servers help only when cores allow)",
     )
 
@@ -476,13 +489,13 @@ def _row_lines(args, total: int):
 
 
 def cmd_slice(args) -> int:
-    """slice: one sweep through the env's warm server, or (--devices) split over a pool of them; the summary
-    table (or JSON), exit 1 unless all went well."""
+    """slice: one sweep through the env's warm server, or (--devices, --ray) split over a pool of them; the
+    summary table (or JSON), exit 1 unless all went well."""
     from slicebridge import client
     from slicebridge.client.slicing import SweepIncomplete
     from slicebridge.model.atomic import OutputExists
 
-    devices = _devices(args)
+    pool = _job_pool(args)
     options = dict(
         cal_dataset=args.cal_dataset,
         cal_nsamples=args.cal_nsamples,
@@ -507,7 +520,7 @@ def cmd_slice(args) -> int:
     )
     progress = _progress(args, "slice")
     try:
-        if devices is None:
+        if pool is None:
             sweep = client.slice(
                 args.model_path,
                 args.sparsity,
@@ -519,7 +532,7 @@ def cmd_slice(args) -> int:
                 **options,
             )
         else:
-            sweep = _slice_on_pool(args, devices, options)
+            sweep = _slice_on_pool(args, pool, options)
     except SweepIncomplete as exc:
         sweep = exc.sweep
         print(f"slicebridge: error: {exc}", file=sys.stderr)
@@ -534,9 +547,8 @@ def cmd_slice(args) -> int:
     return 0 if sweep.ok else 1
 
 
-def _slice_on_pool(args, devices: list[str] | str, options: dict):
-    """The sweep split over a pool of servers (one line on stderr per share done)."""
-    from slicebridge import client
+def _slice_on_pool(args, pool, options: dict):
+    """The sweep split over a pool of servers, here or on Ray (one line on stderr per share done)."""
     from slicebridge.client.slicing import slice_on_pool
 
     def share_line(share: list[float], result) -> None:
@@ -545,7 +557,6 @@ def _slice_on_pool(args, devices: list[str] | str, options: dict):
             sparsities = ", ".join(f"{sparsity:g}" for sparsity in share)
             print(f"[slice] {sparsities} on {result.member}: {verdict} in {result.seconds:.2f}s", file=sys.stderr)
 
-    pool = client.pool(args.env, devices=devices)
     try:  # the servers start once the sweep's arguments are found sound
         return slice_on_pool(
             pool, args.model_path, args.sparsity, args.calibration, args.save_dir, on_share=share_line, **options

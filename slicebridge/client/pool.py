@@ -5,7 +5,9 @@
 
 Each member is a ``Bridge`` to a server of its own (started by the pool, never the env's detached
 one), with its own warm cache. ``devices`` lists one device per member (``"cpu"`` twice is two CPU
-servers) or is ``"all"``: every CUDA device the env's server sees, or one ``"cpu"`` if it sees none.
+servers) or is ``"all"``: every CUDA device the env's server sees, or one ``"cpu"`` if it sees none. A
+member may be a device group, ``"cuda:0+cuda:1"`` (or ``["cuda:0", "cuda:1"]``): one server whose models
+are spread over those devices (``model.placement``), for a model larger than one GPU.
 
 ``run`` gives each member a worker thread. An idle member takes the next item: one whose key it
 holds warm (it ran an item with that key), else one whose key no other member holds warm, else the
@@ -18,7 +20,9 @@ other) and then reported failed, while the member's bridge starts a fresh server
 member whose server keeps dying takes no more items. Ctrl-C (or an error raised by ``on_result``)
 kills the pool's servers, so that no work goes on behind the caller; the next ``run`` starts fresh ones.
 
-On CPU, each server computes with the cores it can get: more servers than cores share them.
+On CPU, each server computes with its share of the cores (``launcher.thread_shares``: the CPU servers
+split them); a user-set ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` is left to every server instead. On CPU a
+sweep's numbers depend on the thread count, so a pool's files equal a one-server run's only at the same count.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 
 from slicebridge.bridge.envs import PythonEnv, find_env
 from slicebridge.bridge.errors import ServerDied, ServerKeepsDying
+from slicebridge.bridge.launcher import split_by_user, thread_shares, usable_cores
 from slicebridge.client.bridge import Bridge, default_env
 from slicebridge.errors import SlicebridgeError
 
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_MEMBERS = 64
 _WAIT_STEP_S = 0.1
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|(cpu|cuda:\d+)(\+(cpu|cuda:\d+))+")  # a device, or a group of them
 
 
 class PoolError(SlicebridgeError):
@@ -83,28 +88,38 @@ class Member:
     retired: BaseException | None = None  # why it takes no more items (its server keeps dying)
 
 
-def parse_devices(devices: str | Sequence[str]) -> list[str] | str:
-    """``"all"``, or the devices as a list (a string is split at commas); a ``PoolError`` for a bad one."""
+def parse_devices(devices: str | Sequence[str | Sequence[str]]) -> list[str] | str:
+    """``"all"``, or the devices as a list (a string is split at commas); a ``PoolError`` for a bad one. A member
+    may be a device group, one model spread over its devices: ``"cuda:0+cuda:1"`` or ``["cuda:0", "cuda:1"]``."""
     if isinstance(devices, str):
         if devices.strip() == "all":
             return "all"
         devices = devices.split(",")
-    listed = [str(device).strip() for device in devices]
+    groups = [device if isinstance(device, (list, tuple)) else str(device).split("+") for device in devices]
+    listed = ["+".join(str(part).strip() for part in group) for group in groups]
     if not listed:
         raise PoolError("a pool needs at least one device (cpu, cuda:N or all)")
     bad = [device for device in listed if not _DEVICE.fullmatch(device)]
     if bad:
-        raise PoolError(f"{', '.join(map(repr, bad))}: a pool's devices are cpu, cuda or cuda:N (or all)")
+        raise PoolError(
+            f"{', '.join(map(repr, bad))}: a pool's devices are cpu, cuda or cuda:N, groups of cpu and cuda:N "
+            "joined by + for a model spread over them (cuda:0+cuda:1), or all"
+        )
+    split = {device: device.split("+") for device in listed}
+    twice = [device for device, parts in split.items() if any(parts.count(p) > 1 for p in set(parts) - {"cpu"})]
+    if twice:
+        raise PoolError(f"{', '.join(map(repr, twice))}: a device group names each of its GPUs once")
     if len(listed) > MAX_MEMBERS:
         raise PoolError(f"{len(listed)} devices: a pool has at most {MAX_MEMBERS} servers")
     return listed
 
 
 def member_names(devices: list[str]) -> list[str]:
-    """``cuda:1`` for a device named once; ``cpu#0``, ``cpu#1`` (and ``cuda:0#1`` ...) otherwise."""
+    """``cuda:1`` for a device named once; ``cpu#0``, ``cpu#1`` (and ``cuda:0#1`` ...) otherwise; a group is named
+    as a device is (``cuda:0+cuda:1``; ``cpu+cpu#0``: a group on the host alone is numbered as ``cpu`` is)."""
     names = []
     for position, device in enumerate(devices):
-        if device == "cpu" or devices.count(device) > 1:
+        if set(device.split("+")) == {"cpu"} or devices.count(device) > 1:
             names.append(f"{device}#{devices[:position].count(device)}")
         else:
             names.append(device)
@@ -156,8 +171,15 @@ class Pool:
                 raise PoolError(f"the env's server sees {found} CUDA devices: a pool has at most {MAX_MEMBERS}")
             devices = [f"cuda:{index}" for index in range(found)] or ["cpu"]
             log.info("devices=all: %s", ", ".join(devices))
+        # Each server computes with its share of the cores (launcher.thread_shares), unless the user set the count.
+        shares = [None] * len(devices) if split_by_user() else thread_shares(devices, usable_cores())
+        if first is not None and shares[0] is not None and len(devices) > 1:
+            first.close()  # it started with every core, which a lone member keeps; one of several gets its share
+            first = None
         bridges = [first] if first is not None else []
-        bridges += [Bridge(env, attach=False, debug_ops=self.debug_ops) for _ in devices[len(bridges) :]]
+        bridges += [
+            Bridge(env, attach=False, debug_ops=self.debug_ops, threads=share) for share in shares[len(bridges) :]
+        ]
         named = zip(member_names(devices), devices, bridges, strict=True)
         return [Member(name, device, bridge) for name, device, bridge in named]
 
@@ -323,16 +345,17 @@ def _on_each(members: list[Member], call: Callable[[Bridge], Any]) -> None:
 
 
 def _check_device(member: Member) -> None:
-    """A ``cuda:N`` member needs an N-th CUDA device in its server."""
-    if not member.device.startswith("cuda"):
-        return
+    """A ``cuda:N`` member, or a group naming ``cuda:N``, needs an N-th CUDA device in its server."""
     seen = member.bridge.server_hello.cuda_devices
-    index = int(member.device.partition(":")[2] or 0)
-    if index >= len(seen):
-        which = f"{len(seen)} CUDA device{'s' * (len(seen) != 1)} ({', '.join(seen)}); name one of them"
-        if not seen:
-            which = "no CUDA devices; name cpu"
-        raise PoolError(f"{member.device}: the env's server sees {which}, or all")
+    for device in member.device.split("+"):
+        if not device.startswith("cuda"):
+            continue
+        if int(device.partition(":")[2] or 0) >= len(seen):
+            which = f"{len(seen)} CUDA device{'s' * (len(seen) != 1)} ({', '.join(seen)}); name one of them"
+            if not seen:
+                which = "no CUDA devices; name cpu"
+            named = device if device == member.device else f"{device} (of {member.device})"
+            raise PoolError(f"{named}: the env's server sees {which}, or all")
 
 
 def choose_item(member, members: list, pending, avoid: dict[int, str], items: list[WorkItem]) -> int | None:

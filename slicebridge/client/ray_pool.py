@@ -8,8 +8,9 @@ that GPU alone, so its device is ``cuda:0`` and its name ``host/cuda:N``), or ``
 them (default 1) on a node without GPUs (``host/cpu#N``); ``devices_per_node`` also caps the GPUs used
 per node. An actor holds a ``Bridge`` to a server of its own on its node, in the env that ``env``
 names there (``find_env`` resolves it on each node: a conda env name may be another prefix on each),
-and its server gets the actor's share of the node's CPUs as ``OMP_NUM_THREADS``. Ray is needed in the
-base env only, on every node (``pip install 'slicebridge[ray]'``); the slicegpt env needs nothing new.
+and its server gets the actor's share of the node's CPUs as its thread count (``Bridge(threads=...)``).
+Ray is needed in the base env only, on every node (``pip install 'slicebridge[ray]'``); the slicegpt env
+needs nothing new.
 
 ``address`` is a Ray address (``"auto"``: the cluster Ray finds, as ``ray.init`` does) or ``"local"``:
 a private single-node Ray instance that the pool starts and shuts down with itself. A process that
@@ -146,8 +147,7 @@ class MemberActor:
 
     def __init__(self, env_spec: str, node: str, index: int, threads: int, debug_ops: bool):
         self.node, self.index = node, index
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # this process is the actor's alone; its server inherits it
-        self.bridge = Bridge(env_spec, attach=False, debug_ops=debug_ops)
+        self.bridge = Bridge(env_spec, attach=False, debug_ops=debug_ops, threads=threads)
         self.device = "cpu"
 
     def start(self) -> tuple[str, str, int, BaseException | CarriedError | None]:

@@ -21,11 +21,13 @@ What needs no server is checked before the request: the sparsities (numbers in (
 duplicates, at least one), ``round_interval`` (at least 1), the output directory, and the
 calibration (exactly one of a local text and a dataset name).
 
-On a pool of servers (``slice_on_pool``, ``slicebridge slice --devices``) the sweep is split: each
-member slices a contiguous share of the sparsities in one ``slice`` request, so each loads the dense
-model once, and verifies its share's artifacts on its own bridge; the shares merge into one
-``SliceSweep``. A share whose server died is retried once on another member, then reported as
-failed sparsities, the others kept.
+On a pool of servers (``slice_on_pool``, ``slicebridge slice --devices``) or on the nodes of a Ray
+cluster (``client.slice(..., ray=...)``, ``slicebridge slice --ray``) the sweep is split: each member
+slices a contiguous share of the sparsities in one ``slice`` request, so each loads the dense model
+once, and verifies its share's artifacts on its own bridge; the shares merge into one ``SliceSweep``.
+A share whose server (or Ray actor) died is retried once on another member, then reported as failed
+sparsities, the others kept. On Ray the paths are on storage every node shares: a member first checks
+that its node sees the dense model and the calibration text, and fails its share naming the node if not.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from slicebridge.model.atomic import remove_orphaned_partials, resolve
 if TYPE_CHECKING:
     from slicebridge.client.bridge import Bridge
     from slicebridge.client.pool import Pool, WorkResult
+    from slicebridge.client.ray_pool import RayPool
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +251,7 @@ def _verify(
 
 
 def slice_on_pool(
-    pool: Pool,
+    pool: Pool | RayPool,
     base_model: str | os.PathLike,
     sparsities: list[float],
     calibration: str | os.PathLike | None = None,
@@ -257,20 +260,24 @@ def slice_on_pool(
     on_share: Callable[[list[float], WorkResult], None] | None = None,
     **options,
 ) -> SliceSweep:
-    """``client.slice`` split over a pool: each member slices a contiguous share of the sparsities in one
-    request on its own device; one merged ``SliceSweep`` (``SweepIncomplete`` unless all went well).
+    """``client.slice`` split over a pool (a ``Pool`` or a ``RayPool``): each member slices a contiguous share
+    of the sparsities in one request on its own device; one merged ``SliceSweep`` (``SweepIncomplete``
+    unless all went well).
 
     Options are ``Bridge.slice``'s but ``device`` (each member's own; an ``on_event`` is called from the
-    members' threads); ``on_share`` sees each share's sparsities and ``WorkResult`` as it ends. What
-    ``client.slice`` refuses before any server starts is refused here too; if every share failed, the
-    first share's error is raised.
+    members' threads, and is refused on Ray, whose members run on their nodes); ``on_share`` sees each
+    share's sparsities and ``WorkResult`` as it ends. What ``client.slice`` refuses before any server
+    starts is refused here too; if every share failed, the first share's error is raised.
     """
     from slicebridge.client.pool import WorkItem
+    from slicebridge.client.ray_pool import RayPool
 
     cal_dataset, round_interval = options.get("cal_dataset"), options.get("round_interval", 8)
     floats = check_sweep(sparsities, output_dir, calibration, cal_dataset, round_interval)
     if options.pop("device", "auto") != "auto":
         raise _refused("a sweep on a pool computes on each server's own device: name the devices of the pool instead")
+    if isinstance(pool, RayPool) and options.get("on_event") is not None:
+        raise _refused("on Ray, events stay on the nodes that slice: pass on_share, which sees each share as it ends")
     started = time.perf_counter()
     pool.start()
     shares = contiguous_shares(floats, len(pool.members))
@@ -281,7 +288,8 @@ def slice_on_pool(
     if calibration is not None:
         options["calibration"] = str(resolve(calibration, follow_final=False))
     before = sorted(os.listdir(paths["output_dir"])) if os.path.isdir(paths["output_dir"]) else []
-    common = {**paths, "before": before, "options": options}
+    inputs = [paths["base_model"], *([options["calibration"]] if calibration is not None else [])]
+    common = {**paths, "before": before, "inputs": inputs, "options": options}  # a Ray node checks the inputs
     items = [WorkItem(os.path.realpath(base_model), {**common, "sparsities": share}) for share in shares]
     report = (lambda result: on_share(shares[result.index], result)) if on_share else None
     results = pool.run(items, slice_share, report)

@@ -13,8 +13,9 @@ What SliceGPT leaves of a decoder-only model, in every family it slices:
 
 This module holds what does not depend on the family: the norm, rotary position helpers, the
 masks and positions, attention over a cache, the blocks most families share (self-attention with
-q/k/v projections, the two-shortcut decoder layer), the decoder stack's forward pass, the causal-LM
-head with generation support, and building a model from a state dict without random init.
+q/k/v projections, the two-shortcut decoder layer), the decoder stack's forward pass (on one device, or
+spread over several: the hidden states follow the layers' devices), the causal-LM head with generation
+support, and building a model from a state dict without random init.
 The family modules (``modeling_sliced_<family>.py``) define only what is theirs: their MLPs, the
 names and biases of their projections, their position embeddings and any block of another shape.
 
@@ -341,6 +342,21 @@ def causal_attention_mask(
     return allowed
 
 
+def to_layer_device(
+    layer: nn.Module, hidden_states: torch.Tensor, rotary: CosSin | None, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, CosSin | None, torch.Tensor | None]:
+    """A layer's inputs on the device of its weights, where a model spread over several devices put it (nothing
+    moves on one device; a layer whose weights accelerate offloaded, on the meta device, is left to its hooks)."""
+    device = next(layer.parameters()).device
+    if device == hidden_states.device or device.type == "meta":
+        return hidden_states, rotary, attention_mask
+    if rotary is not None:
+        rotary = (rotary[0].to(device), rotary[1].to(device))
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    return hidden_states.to(device), rotary, attention_mask
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token cross entropy: position t predicts ``labels[t + 1]`` (computed in float32)."""
     vocab_size = logits.shape[-1]
@@ -594,6 +610,7 @@ class SlicedDecoderModel(SlicedPreTrainedModel):
         for layer in self.layers:
             if all_hidden_states is not None:
                 all_hidden_states += (hidden_states,)
+            hidden_states, rotary, mask = to_layer_device(layer, hidden_states, rotary, mask)
             hidden_states, key_values = layer(hidden_states, rotary, mask, active_cache)
             legacy_layers.append(key_values)
         hidden_states = self.norm(hidden_states)
@@ -686,7 +703,15 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
                 hidden_states = hidden_states[:, -logits_to_keep:, :]
         else:
             hidden_states = hidden_states[:, logits_to_keep, :]
+        head_device = self.lm_head.weight.device
+        if head_device != hidden_states.device and head_device.type != "meta":  # the head on another device
+            hidden_states = hidden_states.to(head_device)
         logits = self.lm_head(hidden_states)
+        # Spread over several devices, the logits come back where the inputs are (as accelerate's device maps have
+        # it): generation appends the next token to the ids, and the loss reads the labels, on that device.
+        input_device = (input_ids if input_ids is not None else inputs_embeds).device
+        if logits.device != input_device:
+            logits = logits.to(input_device)
 
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         output = CausalLMOutputWithPast(

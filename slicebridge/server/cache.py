@@ -1,8 +1,9 @@
 """The warm model cache: a checkpoint is loaded once and reused until evicted.
 
 Entries are keyed by what determines the loaded model (the checkpoint file's real
-path, size and mtime, the base model dir, the loader and the device), so a
-checkpoint rewritten on disk is loaded again. Least recently used entries are
+path, size and mtime, the base model dir, the loader and the device, or the device group a model is
+spread over: ``cuda:0+cuda:1`` is another entry than ``cuda:0``), so a checkpoint rewritten on disk is
+loaded again. Least recently used entries are
 evicted when the total size of the cached models' tensors exceeds the budget
 (``SLICEBRIDGE_CACHE_BYTES``, default: half of the host memory). It is one budget for models on
 the host and on a GPU alike: GPU memory itself is not tracked. An entry larger than the whole
@@ -31,7 +32,7 @@ class CacheKey:
     mtime_ns: int
     base_model: str
     loader: str
-    device: str
+    device: str  # cpu, cuda:N or a group (cuda:0+cuda:1)
     dtype: str
 
     @classmethod

@@ -26,7 +26,7 @@ from slicebridge.server.cache import CacheKey, ModelCache
 from slicebridge.server.loaders import (
     LoadedCheckpoint,
     load_checkpoint,
-    resolve_device,
+    resolve_devices,
     resolve_dtype,
     resolve_loader,
 )
@@ -74,10 +74,11 @@ class ConvertService:
     def load(self, args, ctx: RequestContext) -> tuple[LoadedCheckpoint, bool]:
         """The checkpoint ``args`` names (``slicegpt_model``, ``base_model``, ``sparsity``, ``round_interval``,
         ``loader``, ``device``, ``dtype`` where the request has one), from the cache or loaded into it; and
-        whether it was a cache hit. One rule for both loaders: the checkpoint's dtype unless ``dtype`` says."""
+        whether it was a cache hit. One rule for both loaders: the checkpoint's dtype unless ``dtype`` says.
+        ``device`` may be a group (``cuda:0+cuda:1``): the model is spread over it, and cached as such."""
         from slicebridge.model.checkpoint import read_checkpoint
 
-        loader, device = resolve_loader(args.loader), resolve_device(args.device)
+        loader, device = resolve_loader(args.loader), resolve_devices(args.device)
         # The reader is cheap (tensors are memory-mapped) and validates sparsity and
         # round_interval, so it runs on every request, cached or not.
         checkpoint = read_checkpoint(
@@ -144,6 +145,7 @@ class ConvertService:
             round_interval=checkpoint.round_interval,
             timings=run.timings(),
             official_name=loaded.official_name,
+            placement=loaded.placement,
         )
 
     def export(self, args: protocol.ExportArgs, ctx: RequestContext) -> protocol.ExportResult:
@@ -185,6 +187,7 @@ class ConvertService:
             verification=verification,
             family=checkpoint.family.key,
             official_name=loaded.official_name,
+            placement=loaded.placement,
         )
 
     def reference(self, args: protocol.ReferenceArgs, ctx: RequestContext) -> protocol.ReferenceResult:
@@ -208,7 +211,7 @@ class ConvertService:
             logits = forward_logits(
                 model,
                 [ids.to_torch() for ids in args.inputs],
-                loaded.device,
+                loaded.input_device,
                 lambda index: ctx.progress("reference", index, count, "inputs"),
             )
         ctx.progress("reference", count, count, "inputs")
@@ -223,6 +226,7 @@ class ConvertService:
             versions={k: versions.get(k) for k in ("torch", "transformers", "slicegpt")},
             family=family,
             official_name=loaded.official_name,
+            placement=loaded.placement,
         )
 
     def cache_info(self, args: protocol.CacheInfoArgs, ctx: RequestContext) -> protocol.CacheInfoResult:
@@ -248,6 +252,7 @@ def convert_result(
     round_interval: int | None,
     timings: dict[str, float],
     official_name: str | None = None,
+    placement: dict | None = None,
 ) -> protocol.ConvertResult:
     """What ``convert`` and ``upgrade`` report about the ``.bin`` they wrote (``summary``: ``save_bin``'s)."""
     return protocol.ConvertResult(
@@ -266,6 +271,7 @@ def convert_result(
         format_version=summary["format_version"],
         family=family_of(model.config).key,
         official_name=official_name,
+        placement=placement,
     )
 
 
@@ -285,8 +291,8 @@ def _check_against_official(loaded: LoadedCheckpoint) -> dict:
     ids = list(inputs.values())
     comparison = compare(
         inputs,
-        forward_logits(loaded.model, ids, loaded.device),
-        forward_logits(loaded.official_model, ids, loaded.device),
+        forward_logits(loaded.model, ids, loaded.input_device),
+        forward_logits(loaded.official_model, ids, loaded.input_device),
         [next(m.parameters()).dtype for m in (loaded.model, loaded.official_model)],
     )
     return {

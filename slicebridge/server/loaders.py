@@ -21,6 +21,12 @@ validated, so bad input gets the same clear errors whichever loader is used. The
 result says which loader was used. Either way the model keeps the checkpoint's dtype (the
 official loader builds fp16 modules whatever the checkpoint holds: they are cast back and
 given the checkpoint's tensors again, so an fp32 checkpoint stays fp32, exactly).
+
+A device group (``cuda:0+cuda:1``) spreads one model over its devices (``model.placement``: embeddings
+first, the layers in runs balanced by bytes, the head last). The official model, when loaded, is spread
+by ``slicegpt.gpu_utils.distribute_model`` where that is what the group asks for (every GPU the server
+sees: it balances over all of them), else by accelerate's ``dispatch_model`` on slicebridge's plan. The
+results' ``placement`` says what went where, and how.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +51,7 @@ from slicebridge.server import faults
 log = logging.getLogger(__name__)
 
 LOADERS = ("auto", "official", "builtin")
+_GROUP_DEVICE = re.compile(r"cpu|cuda:\d+")
 
 
 class LoaderUnavailable(HandlerError):
@@ -69,6 +77,12 @@ class LoadedCheckpoint:
     load_seconds: float
     official_model: Any = None  # the slicegpt model object, when loaded officially
     official_name: str | None = None  # the model name the official adapter was given
+    placement: dict | None = None  # on a device group: what went where, and how (None on one device)
+
+    @property
+    def input_device(self) -> str:
+        """Where the model takes its inputs: its device, or the first of its group."""
+        return self.device.split("+")[0]
 
     @property
     def nbytes(self) -> int:
@@ -96,8 +110,14 @@ def resolve_loader(requested: str, what: str = "loader") -> str:
 
 
 def resolve_device(requested: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` for ``auto | cpu | cuda | cuda:N``, checked against the server's GPUs."""
     import torch
 
+    if "+" in requested:
+        raise ValueError(
+            f"device={requested!r} is a device group, which convert, export and verify take (one model spread over "
+            "several devices); this request runs on one device: auto, cpu, cuda or cuda:N"
+        )
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
@@ -109,6 +129,28 @@ def resolve_device(requested: str) -> str:
         return requested
     if requested != "cpu":
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {requested!r}")
+    return requested
+
+
+def resolve_devices(requested: str) -> str:
+    """One device as ``resolve_device`` has it, or a device group ``cuda:0+cuda:1`` (two or more devices, each
+    ``cpu`` or ``cuda:N`` and checked the same way; ``cpu`` may repeat, a GPU may not): one model over them all."""
+    if "+" not in requested:
+        return resolve_device(requested)
+    parts = requested.split("+")
+    if not all(_GROUP_DEVICE.fullmatch(part) for part in parts):
+        raise ValueError(
+            f"device={requested!r}: a device group joins two or more devices, each cpu or cuda:N, with + "
+            "(as cuda:0+cuda:1)"
+        )
+    twice = sorted({part for part in parts if part != "cpu" and parts.count(part) > 1})
+    if twice:
+        raise ValueError(f"device={requested!r} names {twice[0]} twice: each GPU of a group holds its own share")
+    for part in parts:
+        try:
+            resolve_device(part)
+        except DeviceUnavailable as exc:
+            raise DeviceUnavailable(f"in the device group {requested!r}: {exc}") from None
     return requested
 
 
@@ -134,21 +176,59 @@ def load_checkpoint(
     progress("load", 1, 3)
     faults.at("load")
     config = checkpoint.sliced_config()  # a layout the family's model cannot rebuild is refused whichever loader
-    official_model = official_name = None
+    adapter = official_model = official_name = placement = None
     if loader == "official":
         official_name = official_model_name(checkpoint.family, checkpoint.base_config, checkpoint.model_stem)
-        official_model = _load_official(checkpoint, official_name)
+        adapter = _load_official(checkpoint, official_name)
+        official_model = adapter.model
         model = _portable_from_official(official_model, config)
     else:
         model = portable.build_model(checkpoint.load_tensors(), config)
     progress("load", 2, 3)
-    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
-    if official_model is not None:
-        official_model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    if "+" in device:
+        placement = _place_on_group(model, adapter, device.split("+"), getattr(torch, dtype))
+    else:
+        model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
+        if official_model is not None:
+            official_model.to(device=device, dtype=getattr(torch, dtype)).eval()
     progress("load", 3, 3)
     seconds = time.perf_counter() - started
     log.info("loaded %s with the %s loader on %s in %.2fs", checkpoint.checkpoint_path.name, loader, device, seconds)
-    return LoadedCheckpoint(model, checkpoint, loader, device, seconds, official_model, official_name)
+    return LoadedCheckpoint(model, checkpoint, loader, device, seconds, official_model, official_name, placement)
+
+
+def _place_on_group(model, adapter, devices: list[str], dtype) -> dict:
+    """Spread the portable model (and the official one, when loaded) over a device group; what went where."""
+    from slicebridge.model import placement
+
+    model.to(dtype=dtype).eval()
+    ours = placement.place(model, devices)
+    placed = {"by": "slicebridge", "devices": ours.describe()}
+    if adapter is not None:
+        adapter.model.to(dtype=dtype).eval()
+        placed["official"] = _place_official(adapter, ours)
+    return placed
+
+
+def _place_official(adapter, ours) -> dict:
+    """The official model over the group: ``distribute_model`` when the group is every GPU the server sees (what it
+    balances over), else accelerate's ``dispatch_model`` on our plan (in a group led by a GPU, a ``cpu`` is then
+    accelerate's host offload: weights kept on the host, computed on that GPU)."""
+    import torch
+
+    from slicebridge.model import placement
+
+    if ours.devices == [f"cuda:{index}" for index in range(torch.cuda.device_count())]:
+        from slicegpt import gpu_utils
+
+        gpu_utils.distribute_model(adapter)
+        by = "slicegpt.gpu_utils.distribute_model"
+    else:
+        from accelerate import dispatch_model
+
+        dispatch_model(adapter.model, placement.hf_device_map(adapter.model, ours), main_device=ours.devices[0])
+        by = "accelerate.dispatch_model on slicebridge's plan"
+    return {"by": by, "devices": placement.describe_device_map(adapter.model.hf_device_map)}
 
 
 # ---------------------------------------------------------------------------------- official
@@ -192,6 +272,7 @@ def _checked_torch_load(staged_checkpoint: Path, state_dict: dict):
 
 
 def _load_official(checkpoint, model_name: str):
+    """slicegpt's model adapter, its model in the checkpoint's dtype holding the checkpoint's exact values."""
     from slicegpt import hf_utils
 
     if checkpoint.sparsity is None:
@@ -217,7 +298,8 @@ def _load_official(checkpoint, model_name: str):
                 with _checked_torch_load(pt_path, state_dict):
                     model_adapter, _tokenizer = hf_utils.load_sliced_model(model_name, location, **kwargs)
                 log.info("slicegpt.load_sliced_model took the %s form", style)
-                return _in_checkpoint_dtype(model_adapter.model, state_dict, checkpoint.dtype)
+                _in_checkpoint_dtype(model_adapter.model, state_dict, checkpoint.dtype)
+                return model_adapter
             except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
                 attempts.append(f"{style}: {type(exc).__name__}: {exc}")
         raise OfficialLoaderFailed(
@@ -228,8 +310,8 @@ def _load_official(checkpoint, model_name: str):
         )
 
 
-def _in_checkpoint_dtype(official_model, state_dict: dict, dtype: str):
-    """The official model in the checkpoint's dtype, holding the checkpoint's exact values."""
+def _in_checkpoint_dtype(official_model, state_dict: dict, dtype: str) -> None:
+    """Put the official model in the checkpoint's dtype, holding the checkpoint's exact values."""
     import torch
 
     wanted = getattr(torch, dtype)
@@ -240,7 +322,6 @@ def _in_checkpoint_dtype(official_model, state_dict: dict, dtype: str):
             wanted,
         )
         official_model.to(wanted).load_state_dict(state_dict)
-    return official_model
 
 
 def _portable_from_official(official_model, config):

@@ -1,5 +1,11 @@
 """Entry point of the server process: logging, its own log's size cap, connection file,
-handlers, event loop."""
+handlers, event loop, and its CPU threads.
+
+The launcher gives a server its thread count as ``OMP_NUM_THREADS`` (and ``MKL_NUM_THREADS``) in its
+environment, which torch reads when it starts; the warm-up, which a client's first ``hello`` waits for,
+first holds torch to it with ``torch.set_num_threads`` (whatever thread pool this torch was built with),
+and ``hello`` reports the count torch then uses.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +41,25 @@ def main(conn_path: str) -> None:
         ).start()
     if info.debug_ops:
         faults.install_from_environment()
-    ServerLoop(Path(conn_path), info, build_handlers(), runtime_facts=runtime_facts, on_out_of_memory=free_memory).run()
+    ServerLoop(Path(conn_path), info, build_handlers(), runtime_facts=describe_self, on_out_of_memory=free_memory).run()
+
+
+def describe_self() -> dict:
+    """``hello``'s facts (run once, at warm-up): the threads are set first, then reported with the rest."""
+    threads = hold_threads()
+    return {**runtime_facts(), "threads": threads}
+
+
+def hold_threads() -> int | None:
+    """Set torch's CPU threads to ``OMP_NUM_THREADS`` when that is a count; the count torch uses (None: no torch)."""
+    try:
+        import torch
+    except Exception:  # not installed, or broken: runtime_facts says which
+        return None
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        torch.set_num_threads(int(wanted))
+    return torch.get_num_threads()
 
 
 def cap_own_log(path: str, max_bytes: int) -> None:
