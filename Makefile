@@ -3,6 +3,7 @@
 #   make demo    build both envs, run the main job on a small embedded model
 #   make bench   build both envs, run the benchmarks into bench/results/
 #   make families  the family matrix (family x operation x loader, NMSE vs the official logits)
+#   make gpu-dry-run  the GPU check's dry run on the CPU (on the GPU machine: bash bench/gpu_check.sh)
 #   make convert SLICEGPT_MODEL=... [BASE_MODEL=...] [OUTPUT=...] [ENV=slicegpt]
 #   make convert SWEEP=dir [OUTPUT_DIR=...] [ENV=slicegpt]
 #                convert through a detached warm server that later make calls reuse
@@ -24,7 +25,7 @@ SB       := $(BASE)/bin/slicebridge
 
 export SLICEBRIDGE_TEST_SLICEGPT_ENV := $(abspath $(SLICEGPT))
 
-.PHONY: envs test demo bench families convert slice stop clean-envs
+.PHONY: envs test demo bench families gpu-dry-run convert slice stop clean-envs
 
 envs: $(BASE)/.ready $(SLICEGPT)/.ready
 
@@ -55,6 +56,11 @@ bench: envs
 
 families: envs
 	$(BASE)/bin/python bench/family_matrix.py --env $(SLICEGPT)
+
+# The GPU check (bench/gpu_check.sh) on the CPU with tiny models: the tests run it too. On the GPU machine,
+# which has no network, run bench/gpu_check.sh itself: it makes its envs from bench/gpu_prepare.sh's wheels.
+gpu-dry-run: envs
+	bash bench/gpu_check.sh --cpu-dry-run $(OUTPUT_DIR)
 
 convert: envs
 	@if [ -z "$(SLICEGPT_MODEL)$(SWEEP)" ]; then \

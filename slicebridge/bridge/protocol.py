@@ -691,6 +691,8 @@ class CacheInfoResult:
     budget_bytes: int
     hits: int
     misses: int
+    # per CUDA device the server's torch has used: allocated, max_allocated (the peak since start), reserved bytes
+    devices: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -603,6 +603,9 @@ class ServerLoop:
     def _out_of_memory(self, ctx: RequestContext, exc: BaseException) -> None:
         where = "GPU" if type(exc).__name__ == "OutOfMemoryError" or "CUDA" in str(exc) else "host"
         tb = traceback.format_exc()
+        # Still inside the except clause, the exception keeps the failed request's frames alive, and with them what
+        # it had allocated (a model half moved to the GPU): clear their locals, so that freeing below frees it.
+        traceback.clear_frames(exc.__traceback__)
         del exc
         try:
             self.on_out_of_memory()

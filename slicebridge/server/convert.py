@@ -22,6 +22,7 @@ from slicebridge.model.atomic import check_output
 from slicebridge.model.facts import actual_ratio, parameter_counts
 from slicebridge.model.guards import job_inputs, refuse_output_over_inputs
 from slicebridge.model.portable import family_of
+from slicebridge.server import runtime_info
 from slicebridge.server.cache import CacheKey, ModelCache
 from slicebridge.server.loaders import (
     LoadedCheckpoint,
@@ -235,7 +236,12 @@ class ConvertService:
             for key, size in self.cache.entries()
         ]
         return protocol.CacheInfoResult(
-            entries, self.cache.used_bytes, self.cache.budget_bytes, self.cache.hits, self.cache.misses
+            entries,
+            self.cache.used_bytes,
+            self.cache.budget_bytes,
+            self.cache.hits,
+            self.cache.misses,
+            devices=runtime_info.cuda_memory(),
         )
 
 

@@ -51,6 +51,22 @@ def cuda_devices() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
+def cuda_memory() -> dict:
+    """What torch's CUDA allocator holds on each device, once this process has used CUDA (else nothing, and no
+    device is initialised to say so): ``{"cuda:N": {"allocated", "max_allocated", "reserved"}}`` in bytes."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return {}
+    return {
+        f"cuda:{index}": {
+            "allocated": torch.cuda.memory_allocated(index),
+            "max_allocated": torch.cuda.max_memory_allocated(index),
+            "reserved": torch.cuda.memory_reserved(index),
+        }
+        for index in range(torch.cuda.device_count())
+    }
+
+
 def python_facts() -> dict:
     return {
         "python": sys.version.split()[0],
