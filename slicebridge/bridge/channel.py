@@ -26,7 +26,7 @@ import zmq
 from slicebridge.bridge import protocol
 from slicebridge.bridge.errors import RequestTimeout, ServerDied, remote_error
 from slicebridge.bridge.launcher import ServerProcess
-from slicebridge.bridge.transport import Codec, Dropped, admit
+from slicebridge.bridge.transport import Codec, Dropped, admit, recv_frames, send_frames
 from slicebridge.processes import process_start_time
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Channel:
         admit(self.socket, info.key)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, info.max_message_bytes + 65536)
+        self.socket.setsockopt(zmq.RCVTIMEO, _POLL_MS)  # a receive waits this long at most (see _wait)
         self.socket.connect(info.endpoint)
         self.closed = False
 
@@ -59,7 +60,7 @@ class Channel:
             self.closed = True
 
     def send(self, message: protocol.Message) -> None:
-        self.socket.send_multipart(self.codec.pack(message), copy=False)
+        send_frames(self.socket, self.codec.pack(message))
 
     def request(
         self, op: str, args: Any = None, on_event: EventCallback | None = None, timeout: float | None = None
@@ -95,23 +96,22 @@ class Channel:
             if now - last_turn > 2 * self.heartbeat_interval:  # this process was paused, not the server
                 last_heard, next_heartbeat = now, now
             last_turn = now
-            if self.socket.poll(_POLL_MS):
-                message = self._receive()
-                if message is not None:
-                    last_heard = time.monotonic()
-                    if message.request_id == request_id:
-                        if message.kind == protocol.RESULT:
-                            return message.body
-                        if message.kind == protocol.ERROR:
-                            body = message.body if isinstance(message.body, dict) else {}
-                            raise remote_error(
-                                str(body.get("error_type", "RemoteError")),
-                                str(body.get("message", "")),
-                                str(body.get("traceback", "")),
-                            )
-                        if message.kind in (protocol.PROGRESS, protocol.LOG) and on_event is not None:
-                            on_event(message.kind, message.body)
-                    continue
+            message = self._receive()  # waits up to _POLL_MS: a blocking receive, no poll before it
+            if message is not None:
+                last_heard = time.monotonic()
+                if message.request_id == request_id:
+                    if message.kind == protocol.RESULT:
+                        return message.body
+                    if message.kind == protocol.ERROR:
+                        body = message.body if isinstance(message.body, dict) else {}
+                        raise remote_error(
+                            str(body.get("error_type", "RemoteError")),
+                            str(body.get("message", "")),
+                            str(body.get("traceback", "")),
+                        )
+                    if message.kind in (protocol.PROGRESS, protocol.LOG) and on_event is not None:
+                        on_event(message.kind, message.body)
+                continue
             now = time.monotonic()
             if not self.server.alive():
                 code = self.server.exit_code()
@@ -135,7 +135,11 @@ class Channel:
                 next_heartbeat = now + self.heartbeat_interval
 
     def _receive(self) -> protocol.Message | None:
-        frames = self.socket.recv_multipart(copy=True)  # large tensors come through shared memory
+        """The next message from the server; None when none came within _POLL_MS or it was dropped."""
+        try:
+            frames = recv_frames(self.socket)  # bytes: large tensors come through shared memory
+        except zmq.Again:
+            return None
         try:
             return self.codec.unpack(frames, protocol.SERVER_KINDS)
         except Dropped as dropped:

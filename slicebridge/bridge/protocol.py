@@ -143,9 +143,15 @@ def _torch():
     return torch
 
 
+# Values that hold nothing to walk: the conversions below return them at once.
+_PLAIN_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def received_tensors(value: Any) -> Any:
     """A decoded value with its tensor frames turned into torch tensors (numpy arrays when this
     interpreter has no torch): maps, lists and dataclass fields are walked, nothing is copied."""
+    if type(value) in _PLAIN_TYPES:
+        return value
     if isinstance(value, TensorFrame):
         try:
             return value.to_torch()
@@ -157,7 +163,9 @@ def received_tensors(value: Any) -> Any:
         return [received_tensors(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
-            setattr(value, f.name, received_tensors(getattr(value, f.name)))
+            item = getattr(value, f.name)
+            if type(item) not in _PLAIN_TYPES:
+                setattr(value, f.name, received_tensors(item))
     return value
 
 
@@ -191,6 +199,9 @@ class Message:
     ts: float = field(default_factory=time.time)
 
 
+_SHM_KEY = msgpack.packb("shm")
+
+
 def encode(
     message: Message,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -217,7 +228,7 @@ def encode(
         return msgpack.ExtType(_TENSOR_EXT, struct.pack("<I", len(frames) - 1))
 
     body = msgpack.packb(message.body, default=default, use_bin_type=True)
-    total = len(body) + sum(f.nbytes for f in frames)
+    total = len(body) + sum(f.nbytes for f in frames) if frames else len(body)
     if total > max_bytes:
         raise MessageTooLarge(
             f"message of {total} bytes exceeds the bridge's maximum of {max_bytes} bytes "
@@ -246,7 +257,10 @@ def encode(
 
 def shared_names(header_frames: list) -> list[str]:
     """The shared-memory buffers an encoded message refers to (to discard it unsent)."""
-    header = msgpack.unpackb(bytes(header_frames[0]), raw=False)
+    header_bytes = bytes(header_frames[0])
+    if _SHM_KEY not in header_bytes:  # no "shm" anywhere in it: none (a message without is not decoded)
+        return []
+    header = msgpack.unpackb(header_bytes, raw=False)
     return [spec["shm"] for spec in header["tensors"] if "shm" in spec]
 
 
@@ -268,15 +282,42 @@ def decode(
         raise ProtocolError("header is not a map")
     if header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
-    kind, msg_id, rid, ts, specs = (header.get(k) for k in ("kind", "id", "rid", "ts", "tensors"))
+    get = header.get
+    kind, msg_id, rid, ts, specs = get("kind"), get("id"), get("rid"), get("ts"), get("tensors")
     if not (isinstance(kind, str) and isinstance(msg_id, str) and isinstance(rid, str)):
         raise ProtocolError("header lacks kind, id or rid")
     if (
         not isinstance(ts, (int, float))
         or not isinstance(specs, list)
-        or not all(isinstance(spec, dict) for spec in specs)
+        or (specs and not all(isinstance(spec, dict) for spec in specs))
     ):
         raise ProtocolError("header lacks ts or tensors")
+    tensors = _tensors(specs, buffers, max_bytes, take_shared) if specs or buffers else []
+
+    def ext_hook(code, data):
+        if code != _TENSOR_EXT or len(data) != 4:
+            raise ProtocolError(f"unknown extension type {code}")
+        (index,) = struct.unpack("<I", data)
+        if index >= len(tensors):
+            raise ProtocolError(f"tensor reference {index} out of range")
+        return tensors[index]
+
+    raw_body = get("body")
+    if not isinstance(raw_body, bytes):
+        raise ProtocolError("header body is not bytes")
+    try:
+        body = msgpack.unpackb(raw_body, raw=False, ext_hook=ext_hook, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed body: {exc}") from None
+    return Message(kind=kind, request_id=rid, body=body, msg_id=msg_id, ts=float(ts))
+
+
+def _tensors(
+    specs: list, buffers: list, max_bytes: int, take_shared: Callable[[str, int], Any] | None
+) -> list[TensorFrame]:
+    """The tensors a header's specs announce, from the inline frames and shared memory, checked."""
     shared = [spec for spec in specs if "shm" in spec]
     if len(specs) - len(shared) != len(buffers):
         raise ProtocolError(f"header announces {len(specs) - len(shared)} inline tensors, {len(buffers)} frames came")
@@ -295,25 +336,7 @@ def decode(
             tensors.append(_tensor_from_spec(spec, take_shared(spec["shm"], nbytes)))
         else:
             tensors.append(_tensor_from_spec(spec, next(inline)))
-
-    def ext_hook(code, data):
-        if code != _TENSOR_EXT or len(data) != 4:
-            raise ProtocolError(f"unknown extension type {code}")
-        (index,) = struct.unpack("<I", data)
-        if index >= len(tensors):
-            raise ProtocolError(f"tensor reference {index} out of range")
-        return tensors[index]
-
-    raw_body = header.get("body")
-    if not isinstance(raw_body, bytes):
-        raise ProtocolError("header body is not bytes")
-    try:
-        body = msgpack.unpackb(raw_body, raw=False, ext_hook=ext_hook, strict_map_key=True)
-    except ProtocolError:
-        raise
-    except Exception as exc:
-        raise ProtocolError(f"malformed body: {exc}") from None
-    return Message(kind=kind, request_id=rid, body=body, msg_id=msg_id, ts=float(ts))
+    return tensors
 
 
 def _tensor_from_spec(spec: Any, buffer: Any) -> TensorFrame:
@@ -337,8 +360,10 @@ def to_wire(value: Any) -> Any:
     ``dataclasses.asdict`` deep-copies every value, tensors included: a full copy of every
     tensor on every message (150 ms of a 256 MB echo's 380 ms, measured by make bench).
     """
+    if type(value) in _PLAIN_TYPES:
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: to_wire(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, dict):
         return {k: to_wire(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -728,17 +753,19 @@ OPERATIONS: dict[str, Operation] = {
 # --------------------------------------------------------------------------- typed (de)serialisation
 
 
-def from_wire(cls: type, data: Any) -> Any:
+def from_wire(cls: type, data: Any, ignore_unknown: bool = False) -> Any:
     """Build dataclass ``cls`` from a decoded map, checking every field's type.
 
-    Raises ``TypeError`` (for a request: a BadRequest reply) naming the field at fault.
+    Raises ``TypeError`` (for a request: a BadRequest reply) naming the field at fault. A field
+    ``cls`` does not have is refused, or left out with ``ignore_unknown`` (a result from a newer
+    server, which may carry fields this client does not know yet).
     """
     if not isinstance(data, dict):
         raise TypeError(f"{cls.__name__}: expected a map, got {type(data).__name__}")
     hints, fields = _field_types(cls)
     names = hints.keys()
     unknown = sorted(set(data) - names)
-    if unknown:
+    if unknown and not ignore_unknown:
         raise TypeError(f"{cls.__name__}: unknown field(s) {', '.join(map(str, unknown))}")
     values = {}
     for f in fields:
@@ -746,7 +773,7 @@ def from_wire(cls: type, data: Any) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise TypeError(f"{cls.__name__}: missing field {f.name!r}")
             continue
-        value = _nested(data[f.name], hints[f.name])
+        value = _nested(data[f.name], hints[f.name], ignore_unknown)
         if not _matches(value, hints[f.name]):
             raise TypeError(
                 f"{cls.__name__}.{f.name}: expected {_type_name(hints[f.name])}, got {type(value).__name__}"
@@ -755,7 +782,7 @@ def from_wire(cls: type, data: Any) -> Any:
     return cls(**values)
 
 
-def _nested(value: Any, annotation: Any) -> Any:
+def _nested(value: Any, annotation: Any, ignore_unknown: bool) -> Any:
     """A map where the field holds a dataclass (or a list of them) built as that dataclass, checked."""
     item = (
         typing.get_args(annotation)[0]
@@ -763,23 +790,35 @@ def _nested(value: Any, annotation: Any) -> Any:
         else None
     )
     if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-        return from_wire(annotation, value)
+        return from_wire(annotation, value, ignore_unknown)
     if item is not None and dataclasses.is_dataclass(item) and isinstance(value, list):
-        return [from_wire(item, v) if isinstance(v, dict) else v for v in value]
+        return [from_wire(item, v, ignore_unknown) if isinstance(v, dict) else v for v in value]
     return value
 
 
 def result_from_wire(cls: type, data: Any) -> Any:
     """Build a result dataclass from a reply. Replies are signed by the server, so the fast
     path skips the per-field checks; anything that does not fit gets them (and their errors).
-    A result with nested dataclasses always takes the checked path, which builds them."""
-    hints, _ = _field_types(cls)
-    if isinstance(data, dict) and not any(map(_holds_dataclasses, hints.values())):
+    A result with nested dataclasses always takes the checked path, which builds them. Fields
+    this client does not know (a newer server's) are left out, so that the result still arrives."""
+    if isinstance(data, dict) and _flat(cls):
         try:
             return cls(**data)
         except TypeError:
             pass
-    return from_wire(cls, data)
+    return from_wire(cls, data, ignore_unknown=True)
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _flat(cls: type) -> bool:
+    """Whether no field of dataclass ``cls`` holds a dataclass (its replies take the fast path)."""
+    hints, _ = _field_types(cls)
+    return not any(map(_holds_dataclasses, hints.values()))
 
 
 @functools.cache

@@ -38,7 +38,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -49,12 +49,13 @@ from slicebridge.bridge.connection import (
     write_connection_file,
 )
 from slicebridge.bridge.errors import SlicebridgeError
-from slicebridge.bridge.transport import Codec, Dropped, Gatekeeper
+from slicebridge.bridge.transport import Codec, Dropped, Gatekeeper, recv_frames, send_frames
 from slicebridge.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
 _OUTBOX = "inproc://slicebridge-outbox"
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # pyzmq's enums cost µs per use
 _POLL_MS = 100
 _OWNER_CHECK_S = 0.5
 _PROGRESS_MIN_INTERVAL_S = 0.05
@@ -155,6 +156,14 @@ class _ForwardLogs(logging.Handler):
                 pass
 
 
+class _Caller(NamedTuple):
+    """Whom to answer: all that an immediate operation, or an error before a request is queued, needs
+    (a ping costs no ``RequestContext``, whose Event alone takes 2 µs to make)."""
+
+    request_id: str
+    identity: bytes
+
+
 @dataclasses.dataclass
 class _Job:
     ctx: RequestContext
@@ -206,7 +215,7 @@ class ServerLoop:
         self._runtime_facts = runtime_facts
         self._facts: dict | None = None
         self._facts_ready = threading.Event()
-        self._pending_hellos: list[RequestContext] = []
+        self._pending_hellos: list[_Caller] = []
         self.info = info
         self.handlers = handlers
         self.state = ServerState(info)
@@ -347,9 +356,9 @@ class ServerLoop:
         # the EVENTS check (no exception) says whether more are waiting. At most a batch is
         # read before the loop flushes the outbox again: a flood never holds up the replies.
         for _ in range(_RECEIVE_BATCH):
-            frames = self.router.recv_multipart(copy=True)
+            frames = recv_frames(self.router)
             self._handle(frames[0], frames[1:])
-            if not self.router.get(zmq.EVENTS) & zmq.POLLIN:
+            if not self.router.getsockopt(_EVENTS) & _POLLIN:
                 return
 
     def _handle(self, identity: bytes, rest: list) -> None:
@@ -371,12 +380,11 @@ class ServerLoop:
             self._accept_request(identity, message)
 
     def _accept_request(self, identity: bytes, message: protocol.Message) -> None:
-        ctx = RequestContext(message.request_id, identity, "?", self._send_from_worker, self.state)
+        caller = _Caller(message.request_id, identity)
         body = message.body
         if not isinstance(body, dict) or not isinstance(body.get("op"), str):
-            return self._send_error(ctx, "BadRequest", "a request needs an 'op' name and 'args' map")
+            return self._send_error(caller, "BadRequest", "a request needs an 'op' name and 'args' map")
         op_name = body["op"]
-        ctx.op = op_name
         operation = protocol.OPERATIONS.get(op_name)
         if (
             operation is None
@@ -389,17 +397,18 @@ class ServerLoop:
                 if (o.immediate or n in self.handlers) and (self.info.debug_ops or not o.diagnostic)
             )
             return self._send_error(
-                ctx, "BadRequest", f"unknown operation {op_name!r}; this server knows {', '.join(known)}"
+                caller, "BadRequest", f"unknown operation {op_name!r}; this server knows {', '.join(known)}"
             )
         try:
             args = protocol.from_wire(operation.args, body.get("args", {}))
         except TypeError as exc:
-            return self._send_error(ctx, "BadRequest", str(exc))
+            return self._send_error(caller, "BadRequest", str(exc))
         self.state.counters["requests"] += 1
         if operation.immediate:
-            return self._answer_immediately(ctx, op_name)
+            return self._answer_immediately(caller, op_name)
         if self._stopping.is_set():
-            return self._send_error(ctx, "RequestCancelled", "the server is shutting down")
+            return self._send_error(caller, "RequestCancelled", "the server is shutting down")
+        ctx = RequestContext(message.request_id, identity, op_name, self._send_from_worker, self.state)
         with self._jobs_cv:
             self._jobs.append(_Job(ctx, args))
             self.state.queued = len(self._jobs)
@@ -413,14 +422,14 @@ class ServerLoop:
             self._facts = {"error": f"{type(exc).__name__}: {exc}"}
         self._facts_ready.set()
 
-    def _answer_hello(self, ctx: RequestContext) -> None:
+    def _answer_hello(self, ctx: _Caller) -> None:
         facts = self._facts or {}
         if "error" in facts:
             return self._send_error(ctx, "ServerBroken", f"the server cannot describe itself: {facts['error']}")
         result = {**facts, "started_at": self.state.started_at, "detached": self.info.detached}
         self._send_now(ctx.identity, protocol.Message(protocol.RESULT, ctx.request_id, result))
 
-    def _answer_immediately(self, ctx: RequestContext, op_name: str) -> None:
+    def _answer_immediately(self, ctx: _Caller, op_name: str) -> None:
         state = self.state
         if op_name == "hello":
             if self._facts_ready.is_set():
@@ -523,7 +532,7 @@ class ServerLoop:
         """Send ``[identity, *packed]``; a reply its client cannot take has its buffers removed."""
         names = self.codec.shared_names(frames[1:])
         try:
-            self.router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_frames(self.router, frames, _NOBLOCK)
         except zmq.ZMQError:  # EHOSTUNREACH: the client is gone; EAGAIN: it does not read
             self.codec.discard_names(names)
             self.state.counters["undeliverable"] += 1
@@ -532,7 +541,7 @@ class ServerLoop:
         if names:
             self._client(bytes(frames[0])).buffers.extend(names)
 
-    def _send_from_worker(self, ctx: RequestContext, kind: str, body: Any) -> None:
+    def _send_from_worker(self, ctx: RequestContext | _Caller, kind: str, body: Any) -> None:
         """Send from the worker thread, through the inproc outbox to the I/O thread."""
         frames = self.codec.pack(protocol.Message(kind, ctx.request_id, body))
         sock = getattr(self._thread_sockets, "push", None)
@@ -541,9 +550,9 @@ class ServerLoop:
             sock.setsockopt(zmq.LINGER, 5000)
             sock.connect(_OUTBOX)
             self._thread_sockets.push = sock
-        sock.send_multipart([ctx.identity, *frames], copy=False)
+        send_frames(sock, [ctx.identity, *frames])
 
-    def _send_error(self, ctx: RequestContext, error_type: str, message: str, tb: str = "") -> None:
+    def _send_error(self, ctx: RequestContext | _Caller, error_type: str, message: str, tb: str = "") -> None:
         body = protocol.to_wire(protocol.ErrorInfo(error_type, message, tb))
         self.state.counters["errors"] += 1
         if threading.current_thread() is threading.main_thread():

@@ -40,10 +40,10 @@ class Signer:
             key = key.encode("ascii")
         if not key:
             raise ValueError("an empty signing key is not allowed")
-        self._key = key
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)  # each message is signed by a copy of it
 
     def sign(self, frames: Iterable) -> bytes:
-        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        mac = self._keyed.copy()
         for frame in frames:
             mac.update(frame)
         return mac.hexdigest().encode("ascii")
