@@ -133,6 +133,23 @@ def test_from_wire_checks_field_types():
         protocol.from_wire(protocol.PingResult, {})
 
 
+def test_a_newer_servers_result_fields_are_left_out_and_the_result_arrives():
+    """A client reading a newer server's reply (a field added since, at any depth) still gets its result;
+    a request with a field the server does not know stays refused (test above)."""
+    checkpoint = protocol.SlicedCheckpoint(0.25, "m_0.25.pt", "m_0.25.json", 48, 0.2, {}, None, {})
+    sweep = protocol.to_wire(
+        protocol.SliceResult("out", "builtin", "llama", "m", "cpu", "float32", {}, {}, None, [checkpoint], [], [], {})
+    )
+    sweep["added_later"] = {"x": 1}
+    sweep["checkpoints"][0]["added_later"] = 1
+    result = protocol.result_from_wire(protocol.SliceResult, sweep)
+    assert result.checkpoints == [checkpoint] and not hasattr(result, "added_later")
+    ping = protocol.result_from_wire(protocol.PingResult, {"pid": 7, "ts": 1.0, "busy": False, "queued": 0, "new": 1})
+    assert ping == protocol.PingResult(7, 1.0, False, 0)
+    with pytest.raises(TypeError, match="unknown field"):
+        protocol.from_wire(protocol.SlicedCheckpoint, sweep["checkpoints"][0])
+
+
 def test_signer_never_shows_its_key():
     key = new_key()
     assert key not in repr(Signer(key))
