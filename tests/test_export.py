@@ -18,7 +18,7 @@ from helpers import family_check
 from helpers.paths import FIXTURE, REPO, slicegpt_env_path
 
 import slicebridge
-from slicebridge.model import portable
+from slicebridge.model import export, portable
 from slicebridge.model.atomic import OutputExists
 from slicebridge.model.binfile import tokenizer_files
 from slicebridge.model.checkpoint import read_checkpoint
@@ -258,6 +258,29 @@ def test_config_and_safetensors_layout(export_dir, portable_model):
     stored = safetensors.torch.load_file(str(export_dir / "model.safetensors"))
     for name, tensor in portable_model.state_dict().items():
         assert torch.equal(stored[name], tensor), name
+
+
+def test_weights_are_written_byte_for_byte_as_save_file_writes_them(tmp_path):
+    """Every dtype safetensors and torch share, in an order that is neither safetensors' nor by name, with
+    scalars and empty tensors; a tensor that is a view into a memory-mapped file is written from the mapping."""
+    generator = torch.Generator().manual_seed(0)
+    dtypes = [torch.float16, torch.bool, torch.float64, torch.uint8, torch.bfloat16, torch.int64, torch.int8]
+    dtypes += [torch.float32, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.uint64]
+    dtypes += [torch.float8_e5m2, torch.float8_e4m3fn]
+    tensors = {
+        f"layers.{(index * 7 + shape_index * 3) % 11}.{dtype}.{shape_index}": (
+            torch.randn(shape, generator=generator) * 10
+        ).to(dtype)
+        for index, dtype in enumerate(dtypes)
+        for shape_index, shape in enumerate([(3, 5), (), (0,), (7,)])
+    }
+    torch.save(tensors["layers.0.torch.float16.0"], tmp_path / "mapped.pt")
+    tensors["mapped"] = torch.load(tmp_path / "mapped.pt", mmap=True, weights_only=True)
+    safetensors.torch.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    export._save_safetensors(tensors, tmp_path / "ours.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    with pytest.raises(ExportError, match="complex64"):
+        export._save_safetensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "complex.safetensors")
 
 
 def test_provenance_json_and_model_card(export_dir, sharded_dir):
@@ -517,7 +540,7 @@ def test_existing_output_is_refused_and_left_untouched(portable_model, tmp_path)
 @pytest.mark.parametrize("failing_call", [1, 3])
 def test_failure_midway_leaves_nothing(portable_model, tmp_path, monkeypatch, failing_call):
     calls = []
-    real_save = safetensors.torch.save_file
+    real_save = export._save_safetensors
 
     def failing_save(*args: Any, **kwargs: Any) -> None:
         calls.append(1)
@@ -525,7 +548,7 @@ def test_failure_midway_leaves_nothing(portable_model, tmp_path, monkeypatch, fa
             raise RuntimeError("simulated failure while writing weights")
         real_save(*args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(export, "_save_safetensors", failing_save)
     with pytest.raises(RuntimeError, match="simulated failure"):
         export_fixture(portable_model, tmp_path / "out", max_shard_size=SMALL_SHARD if failing_call > 1 else 5 << 30)
     assert os.listdir(tmp_path) == []
@@ -541,7 +564,7 @@ def test_failed_overwrite_keeps_the_previous_export(portable_model, export_dir, 
     def failing_save(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("simulated failure while writing weights")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(export, "_save_safetensors", failing_save)
     with pytest.raises(RuntimeError):
         export_fixture(portable_model, out, overwrite=True)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before

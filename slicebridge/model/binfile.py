@@ -16,23 +16,31 @@ is installed there. So the file loads without slicegpt and across transformers
 versions, with ``torch.load(p, weights_only=False)``, with
 ``torch.load(p, pickle_module=dill)``, and with :func:`load`, which uses torch's
 ``weights_only`` unpickler with only those two functions allowed: a file that
-references anything else is refused before any of it runs.
+references anything else is refused before any of it runs. ``import slicebridge``
+allows the same two functions in that unpickler process-wide (once torch is imported:
+:func:`allow_rebuild_functions`), so a plain ``torch.load(p)`` (``weights_only=True``,
+torch's default since 2.6) loads a ``.bin`` just as safely.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import re
+import struct
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from slicebridge.errors import SlicebridgeError
-from slicebridge.model.atomic import atomic_file
+from slicebridge.model.atomic import WRITEBACK_BYTES, StreamFile, atomic_file
 from slicebridge.version import __version__
 
 log = logging.getLogger(__name__)
@@ -316,8 +324,6 @@ def save_bin(
 
     ``max_mode`` (``widest_mode`` of the files whose bytes it holds) narrows the file's permissions.
     """
-    import torch
-
     module = pickle_module_for(pickle_module)
     contents = {
         "model": ModelRecipe(model.config.to_dict(), cpu_state_dict(model)),
@@ -331,31 +337,123 @@ def save_bin(
         "producer": producer_versions(),
         **dict(extra or {}),
     }
-    with atomic_file(path, overwrite) as tmp:
-        if max_mode is not None:  # created narrow, so that nobody else can open it while it is written
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, max_mode & 0o666))
-        try:
-            torch.save(contents, tmp, pickle_module=module)
-        except RuntimeError:
-            # torch's zip writer reports a failed write as a RuntimeError about positions;
-            # the real cause (full disk, file size limit) shows when we try to write more.
-            cause = _write_failure(tmp)
-            if cause is not None:
-                raise cause from None
-            raise
+    # Created narrow (max_mode), so that nobody else can open it while it is written.
+    mode = 0o666 if max_mode is None else max_mode & 0o666
+    with atomic_file(path, overwrite) as tmp, StreamFile(tmp, mode) as stream:
+        save_archive(contents, stream, module)
     summary = {k: v for k, v in contents.items() if k not in ("model", "tokenizer")}
     summary["pickle_module"] = module.__name__
     return summary
 
 
-def _write_failure(path: Path) -> OSError | None:
-    """The OSError that writing one more byte to ``path`` raises, if any."""
-    try:
-        with open(path, "ab", buffering=0) as fh:
-            fh.write(b"\0")
-    except OSError as exc:
-        return exc
-    return None
+# Writes at least this large (the tensors' records) are summed on a helper thread while they are written.
+_SUMMED_ASIDE_BYTES = 1024**2
+_CRC_SETTING_LOCK = threading.Lock()  # torch's CRC setting is process-wide: one save of ours changes it at a time
+
+
+def save_archive(contents: Any, stream: StreamFile, pickle_module) -> None:
+    """``torch.save(contents)`` into ``stream``, with zlib summing the records' CRC-32s instead of torch.
+
+    torch sums every record on the writing thread at ~0.35 GB/s, most of the time a large ``.bin``
+    takes. Where torch lets us (``set_crc32_options``), its sums are turned off for this save, each
+    large write is summed with zlib (several GB/s, without the GIL) on a helper thread while the
+    kernel takes it, and the sums are then filled in where torch leaves zeros (``_fill_crcs``): the
+    archive holds the CRC-32s torch would have written, and :func:`load` checks them.
+    """
+    import torch
+
+    with _torch_crc32_off() as summing, ThreadPoolExecutor(1, thread_name_prefix="slicebridge-crc") as helper:
+        writer = _SummingWriter(stream, helper if summing else None)
+        try:
+            torch.save(contents, writer, pickle_module=pickle_module)
+        except RuntimeError:
+            if stream.failure is not None:  # torch reports a failed write as a RuntimeError about positions
+                raise stream.failure from None
+            raise
+    if summing:
+        _fill_crcs(stream.fd, writer.sums)
+
+
+@contextlib.contextmanager
+def _torch_crc32_off() -> Iterator[bool]:
+    """torch's own CRC-32s off while the block runs; yields False (and changes nothing) where torch has no
+    such setting. The setting is the process's: another thread's torch.save during the block would skip them
+    too (the server saves on its one worker thread)."""
+    import torch
+
+    get, set_ = (getattr(torch.serialization, name, None) for name in ("get_crc32_options", "set_crc32_options"))
+    if get is None or set_ is None:
+        yield False
+        return
+    with _CRC_SETTING_LOCK:
+        before = get()
+        set_(False)
+        try:
+            yield True
+        finally:
+            set_(before)
+
+
+class _SummingWriter:
+    """What torch.save writes to: each write goes on to the stream, a large one summed on ``helper`` meanwhile.
+
+    ``sums`` maps ``(offset, length)`` of each summed write to its CRC-32.
+    """
+
+    def __init__(self, stream: StreamFile, helper: ThreadPoolExecutor | None):
+        self.stream, self.helper = stream, helper
+        self.sums: dict[tuple[int, int], int] = {}
+
+    def write(self, data) -> int:
+        with memoryview(data) as view:
+            if self.helper is None or view.nbytes < _SUMMED_ASIDE_BYTES:
+                return self.stream.write(view)
+            offset = self.stream.position
+            summed = self.helper.submit(zlib.crc32, view)
+            try:
+                size = self.stream.write(view)
+            finally:
+                crc = summed.result()  # the view stays valid until the helper is done with it, write or not
+            self.sums[(offset, size)] = crc
+            return size
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then fixed fields up to the name and extra lengths
+_CENTRAL_HEADER = struct.Struct("<4s24xHHH12x")  # signature, ..., name, extra and comment lengths, ...
+_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
+
+
+def _fill_crcs(fd: int, sums: Mapping[tuple[int, int], int]) -> None:
+    """Write each record's CRC-32 into a torch.save archive written without them: into its data descriptor
+    (after its bytes; torch writes one) or else its local header, and into its central directory entry.
+    A record is summed from ``sums`` where one write held all its bytes, else read back (small records)."""
+    with os.fdopen(os.dup(fd), "rb") as handle, zipfile.ZipFile(handle) as archive:  # moves fd's offset: all written
+        records, entry = archive.infolist(), archive.start_dir
+    for record in records:
+        local = _LOCAL_HEADER.unpack(os.pread(fd, _LOCAL_HEADER.size, record.header_offset))
+        central = _CENTRAL_HEADER.unpack(os.pread(fd, _CENTRAL_HEADER.size, entry))
+        if local[0] != b"PK\x03\x04" or central[0] != b"PK\x01\x02" or record.compress_type != zipfile.ZIP_STORED:
+            raise BinFileError(f"torch.save wrote an archive of unexpected layout (record {record.filename})")
+        start = record.header_offset + _LOCAL_HEADER.size + local[1] + local[2]
+        crc = sums.get((start, record.file_size))
+        packed = struct.pack("<I", _crc_of_range(fd, start, record.file_size) if crc is None else crc)
+        if record.flag_bits & 0x08:  # a data descriptor follows the bytes, with or without its signature
+            after = start + record.file_size
+            os.pwrite(fd, packed, after + 4 if os.pread(fd, 4, after) == _DESCRIPTOR_SIGNATURE else after)
+        else:
+            os.pwrite(fd, packed, record.header_offset + 14)
+        os.pwrite(fd, packed, entry + 16)
+        entry += _CENTRAL_HEADER.size + sum(central[1:])
+
+
+def _crc_of_range(fd: int, start: int, length: int) -> int:
+    crc = 0
+    for offset in range(start, start + length, WRITEBACK_BYTES):
+        crc = zlib.crc32(os.pread(fd, min(WRITEBACK_BYTES, start + length - offset), offset), crc)
+    return crc
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -363,6 +461,15 @@ def _write_failure(path: Path) -> OSError | None:
 
 ALLOWED_CALLS = (rebuild_model, rebuild_tokenizer)
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")  # how torch names the global it refused
+
+
+def allow_rebuild_functions() -> None:
+    """Let torch's ``weights_only`` unpickler, ``torch.load``'s default, run the two rebuild functions (and
+    no other global of slicebridge's) in this whole process. Idempotent; ``import slicebridge`` calls it once
+    torch is imported, and :func:`load` before every load."""
+    import torch
+
+    torch.serialization.add_safe_globals(list(ALLOWED_CALLS))
 
 
 def _check_crcs(path: Path) -> None:
@@ -374,9 +481,6 @@ def _check_crcs(path: Path) -> None:
 
     if zipfile.is_zipfile(path):
         verify_archive_crcs(path)
-
-
-_SAFE_GLOBALS_LOCK = threading.Lock()  # torch's safe_globals is process-wide state: one allowlisted load at a time
 
 
 def load(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False) -> dict:
@@ -395,9 +499,9 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bo
     _check_crcs(path)
     if trust_pickle:
         return torch.load(path, map_location=map_location, weights_only=False, pickle_module=pickle_module_for("auto"))
+    allow_rebuild_functions()  # again: the process's code may have cleared torch's safe globals since
     try:
-        with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(list(ALLOWED_CALLS)):
-            contents = torch.load(path, map_location=map_location, weights_only=True)
+        contents = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         match = _UNSUPPORTED_GLOBAL.search(str(exc))
         if match:

@@ -4,8 +4,10 @@
 
 - ``model.safetensors``, or ``model-0000K-of-0000N.safetensors`` shards plus
   ``model.safetensors.index.json`` (transformers' index format) above ``max_shard_size``.
-  The files are written here with ``safetensors.torch.save_file`` (metadata ``{"format": "pt"}``),
-  not with ``save_pretrained``, so their bytes are the same whichever transformers runs the export.
+  The files are written here, byte for byte as ``safetensors.torch.save_file`` writes them (metadata
+  ``{"format": "pt"}``), not with ``save_pretrained``, so their bytes are the same whichever
+  transformers runs the export; but in one stream straight from the tensors' memory (a memory-mapped
+  checkpoint's pages included), with the disk writing behind it (``atomic.StreamFile``).
 - ``config.json``: the family's sliced config (``SlicedLlamaConfig``, ``SlicedOPTConfig``, ...) with
   ``architectures``, ``auto_map`` and both ``torch_dtype`` (4.x) and ``dtype`` (5.x), in one
   canonical form under 4.41 and 5.x (only ``transformers_version`` differs).
@@ -32,7 +34,6 @@ import inspect
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from slicebridge.dtypes import dtype_name
 from slicebridge.errors import SlicebridgeError
 
-from .atomic import atomic_directory, check_output
+from .atomic import StreamFile, atomic_directory, check_output
 from .families import FAMILIES, Family, family_named
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -285,21 +286,61 @@ def write_weights(tensors: Mapping[str, torch.Tensor], directory: Path, max_shar
     return names
 
 
+# safetensors' dtype names, in the order of its ``Dtype`` enum: its writer puts tensors in descending
+# order of it (wider elements first), then by name.
+_SAFETENSORS_DTYPES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "float64": "F64",
+    "int64": "I64",
+    "uint64": "U64",
+}
+_SAFETENSORS_ORDER = {name: rank for rank, name in enumerate(_SAFETENSORS_DTYPES.values())}
+
+
+def _safetensors_layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, list[str]]:
+    """The header ``safetensors.torch.save_file`` writes for these tensors (length, then JSON padded with
+    spaces to 8 bytes), and the tensors' names in the order their bytes follow it."""
+    dtypes = {name: _SAFETENSORS_DTYPES.get(dtype_name(tensor.dtype)) for name, tensor in tensors.items()}
+    unknown = sorted({str(tensors[name].dtype) for name, dtype in dtypes.items() if dtype is None})
+    if unknown:
+        raise ExportError(f"cannot export tensors of dtype {', '.join(unknown)} as safetensors here")
+    order = sorted(tensors, key=lambda name: (-_SAFETENSORS_ORDER[dtypes[name]], name))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        size = _tensor_bytes(tensors[name])
+        header[name] = {
+            "dtype": dtypes[name],
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """``save_file``, with its I/O failures (a full disk) raised as the ``OSError`` they are.
+    """A safetensors file of contiguous CPU tensors, as ``save_file`` writes it, through one ``StreamFile``
+    and from the tensors' own memory: no copy is made (a full disk raises its ``OSError``)."""
+    import torch
 
-    safetensors reports them as ``SafetensorError: ... (os error 28)``, which would reach the
-    user untyped; as an ``OSError`` the atomic writer turns them into a one-sentence ``OutputError``.
-    """
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata=SAFETENSORS_METADATA)
-    except Exception as exc:
-        code = re.search(r"os error (\d+)", str(exc))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    header, order = _safetensors_layout(tensors, SAFETENSORS_METADATA)
+    with StreamFile(path) as stream:
+        stream.write(header)
+        for name in order:
+            stream.write(tensors[name].reshape(-1).view(torch.uint8).numpy())
 
 
 # --------------------------------------------------------------------------------------------
