@@ -13,11 +13,18 @@ tree), ``settings`` (the ``SLICEBRIDGE_*`` variables), ``processes`` and ``versi
 
 This module re-exports the public names: ``load``, ``Bridge``, ``client``, ``__version__``,
 ``SlicebridgeError`` and every public error type (``from slicebridge import SparsityMismatch``).
+
+Importing it also lets torch's ``weights_only`` unpickler (``torch.load``'s default) run the two
+functions a ``.bin`` is rebuilt with, and no other global: ``import slicebridge; torch.load(p)``
+loads a ``.bin`` safely (``model.binfile.allow_rebuild_functions``). Torch is not imported for that:
+when it is not imported yet, a one-shot import hook does it right after torch's own import.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 
 from slicebridge.errors import ERROR_MODULES, SlicebridgeError
 from slicebridge.version import __version__
@@ -39,3 +46,58 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def _allow_rebuild_functions() -> None:
+    """``binfile.allow_rebuild_functions``; a failure is logged, never raised into the caller's ``import torch``."""
+    try:
+        importlib.import_module("slicebridge.model.binfile").allow_rebuild_functions()
+    except Exception:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "could not allow slicebridge's rebuild functions in torch.load; use slicebridge.load", exc_info=True
+        )
+
+
+class _AfterTorchImport:
+    """A meta path finder that finds nothing itself: it wraps torch's loader so that, once torch has been
+    imported, the rebuild functions are allowed (then it leaves ``sys.meta_path``)."""
+
+    def __init__(self) -> None:
+        self.searching = False  # find_spec below searches sys.meta_path, which holds this finder too
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name != "torch" or self.searching:
+            return None
+        self.searching = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.searching = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenAllow(spec.loader, self)
+        return spec
+
+
+class _ThenAllow:
+    """Torch's own loader, then ``_allow_rebuild_functions`` (the module keeps the original as its loader)."""
+
+    def __init__(self, loader, finder: _AfterTorchImport) -> None:
+        self.loader, self.finder = loader, finder
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
+        _allow_rebuild_functions()
+
+
+if "torch" in sys.modules:
+    _allow_rebuild_functions()
+else:
+    sys.meta_path.insert(0, _AfterTorchImport())

@@ -17,15 +17,21 @@ from helpers.paths import REPO, slicegpt_env_path
 
 EXPECTED_ROWS = {
     "convert_many",
+    "scaling_n1",
+    "scaling_n2",
+    "scaling_tiny",
     "slice_sweep",
     "pool_cpu",
     "convert_1b",
     "convert_1b_peak_rss",
     "export_1b",
+    "memory_convert_tiny",
+    "memory_export_tiny",
     "ping_ipc",
     "ping_tcp",
     "echo",
     "verify_1b",
+    "load_bin",
     "crc_check",
     "startup",
     "cache_memory",
@@ -82,6 +88,13 @@ def test_bench_smoke_writes_every_row(tmp_path):
         assert any("ray_overhead skipped" in note for note in rows["pool_cpu"]["notes"])
     for name in ("ping_ipc", "ping_tcp"):
         assert all(math.isfinite(rows[name]["absolute"][k]) for k in ("p50_s", "p90_s", "p99_s"))
+    # Scaling and the plain torch.load of a .bin state their bound, measured in the same run; the figure is drawn.
+    for name in ("scaling_n1", "scaling_n2", "scaling_tiny", "load_bin"):
+        bound = rows[name]["bound"]
+        assert bound["measured"]["n"] >= 1 and math.isfinite(bound["ratio"]["value"]) and bound["ratio"]["value"] > 0
+    assert rows["scaling_n2"]["absolute"]["n_checkpoints"] == 2
+    assert (results / "scaling.png").read_bytes().startswith(b"\x89PNG")
+    assert "rebuild_model" in rows["load_bin"]["breakdown"]["one_load_under_cprofile_s"]
 
     markdown = (results / "results.md").read_text()
     for name in EXPECTED_ROWS:

@@ -86,7 +86,7 @@ def test_per_layer_widths_are_said_so_by_info_and_the_card(tmp_path):
 
 
 def test_logit_metrics_are_the_products():
-    """The numbers tests assert on are the ones verification reports: one routine, float64, any dtype."""
+    """The numbers tests assert on are the ones verification reports: one routine, any dtype."""
     reference = torch.load(FIXTURE / "reference.pt", weights_only=True)
     want = reference["logits_fp32"]
     got = want.half()

@@ -60,26 +60,50 @@ def comparison_dtype(*dtypes) -> str:
     return min(names, key=lambda d: _PRECISION_ORDER.index(d) if d in _PRECISION_ORDER else 2)
 
 
+def working_copies(*logits) -> list:
+    """The logits on the CPU in float32 (float64 if one of them is): exact for float16 and bfloat16 ones, and no
+    copy of float32 ones on the CPU. Verification compares ~30 MB of logits per side on a 1B model: working on
+    float64 copies of them, its comparison took 3× as long (0.42 s against 0.13 s, best of 9, 2 CPUs)."""
+    import torch
+
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in logits) else torch.float32
+    return [t.detach().to("cpu", dtype) for t in logits]
+
+
 def nmse(artifact_logits, reference_logits) -> float:
-    """Sum of squared differences over the sum of squared reference logits (in float64)."""
-    got, want = artifact_logits.double(), reference_logits.double()
-    return float(((got - want) ** 2).sum() / (want**2).sum())
+    """Sum of squared differences over the sum of squared reference logits (see ``working_copies``)."""
+    got, want = working_copies(artifact_logits, reference_logits)
+    return _nmse(got - want, want)
+
+
+def _nmse(difference, reference) -> float:
+    """The ratio of the two sums of squares, each the dot product of the flattened tensor with itself (BLAS,
+    in the tensors' dtype: ~1e-5 relative in float32, far inside any tolerance), taken in float64: 0/0 is NaN
+    and x/0 is inf, which fail every tolerance."""
+    import torch
+
+    squares = [torch.dot(flat, flat).double() for flat in (difference.reshape(-1), reference.reshape(-1))]
+    return float(squares[0] / squares[1])
 
 
 def top1_agreement(artifact_logits, reference_logits) -> float:
-    """The fraction of positions whose argmax agrees."""
-    return float((artifact_logits.argmax(-1) == reference_logits.argmax(-1)).double().mean())
+    """The fraction of positions whose argmax agrees (``max(-1).indices``: the first maximum, as ``argmax``
+    gives, in half its time on the CPU)."""
+    return float((artifact_logits.max(-1).indices == reference_logits.max(-1).indices).double().mean())
 
 
 def logit_metrics(artifact_logits, reference_logits) -> dict[str, float]:
     """max |Δlogit|, NMSE and top-1 agreement of two logit tensors of one shape (any float dtype, any device)."""
-    import torch
 
-    got = artifact_logits.detach().to("cpu", torch.float64)
-    want = reference_logits.detach().to("cpu", torch.float64)
+    got, want = working_copies(artifact_logits, reference_logits)
     if got.shape != want.shape:
         raise ValueError(f"artifact logits {tuple(got.shape)} vs reference {tuple(want.shape)}")
-    return {"max_abs_diff": float((got - want).abs().max()), "nmse": nmse(got, want), "top1": top1_agreement(got, want)}
+    difference = got - want
+    return {
+        "max_abs_diff": float(difference.abs().max()),
+        "nmse": _nmse(difference, want),
+        "top1": top1_agreement(got, want),
+    }
 
 
 @dataclass
@@ -181,7 +205,7 @@ def perplexity(logits, input_ids) -> float:
     """exp of the mean next-token cross entropy of ``input_ids`` under ``logits``."""
     import torch
 
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.float64)
+    (shifted,) = working_copies(logits[:, :-1].reshape(-1, logits.shape[-1]))
     targets = input_ids[:, 1:].reshape(-1).to(shifted.device)
     loss = torch.nn.functional.cross_entropy(shifted, targets)
     value = float(loss)
