@@ -17,7 +17,8 @@ This module re-exports the public names: ``load``, ``Bridge``, ``client``, ``__v
 Importing it also lets torch's ``weights_only`` unpickler (``torch.load``'s default) run the two
 functions a ``.bin`` is rebuilt with, and no other global: ``import slicebridge; torch.load(p)``
 loads a ``.bin`` safely (``model.binfile.allow_rebuild_functions``). Torch is not imported for that:
-when it is not imported yet, a one-shot import hook does it right after torch's own import.
+when it is not imported yet, a one-shot import hook does it right after torch's own import. The
+server undoes this first thing (``_strict_torch_load``): the ``.pt`` files it reads allow no rebuild.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 
 from slicebridge.errors import ERROR_MODULES, SlicebridgeError
 from slicebridge.version import __version__
@@ -65,16 +67,16 @@ class _AfterTorchImport:
     imported, the rebuild functions are allowed (then it leaves ``sys.meta_path``)."""
 
     def __init__(self) -> None:
-        self.searching = False  # find_spec below searches sys.meta_path, which holds this finder too
+        self.local = threading.local()  # find_spec below searches sys.meta_path, which holds this finder too
 
     def find_spec(self, name: str, path=None, target=None):
-        if name != "torch" or self.searching:
+        if name != "torch" or getattr(self.local, "searching", False):
             return None
-        self.searching = True
+        self.local.searching = True  # this thread's search; another thread's find_spec("torch") still wraps
         try:
             spec = importlib.util.find_spec(name)
         finally:
-            self.searching = False
+            self.local.searching = False
         if spec is not None and spec.loader is not None:
             spec.loader = _ThenAllow(spec.loader, self)
         return spec
@@ -97,7 +99,15 @@ class _ThenAllow:
         _allow_rebuild_functions()
 
 
+_HOOK = _AfterTorchImport()
 if "torch" in sys.modules:
     _allow_rebuild_functions()
 else:
-    sys.meta_path.insert(0, _AfterTorchImport())
+    sys.meta_path.insert(0, _HOOK)
+
+
+def _strict_torch_load() -> None:
+    """Undo the above before torch is imported (the server: it reads untrusted ``.pt`` files with torch's
+    ``weights_only`` unpickler, where no rebuild function of ours may run)."""
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)

@@ -28,6 +28,7 @@ from helpers.waiting import interrupt_main_when, wait_for
 
 from slicebridge import client
 from slicebridge.bridge import protocol
+from slicebridge.bridge.errors import BadRequest
 from slicebridge.bridge.launcher import split_by_user, thread_shares, usable_cores
 from slicebridge.client import slicing
 from slicebridge.client.bridge import Bridge
@@ -321,3 +322,10 @@ def test_a_member_may_be_a_device_group_one_model_spread_over_its_devices(sliceg
         device, placement = result.value
         assert device == "cpu+cpu" and placement["by"] == "slicebridge", placement
         assert list(placement["devices"]) == ["cpu#0", "cpu#1"] and placement["devices"]["cpu#1"].endswith("head")
+
+
+def test_a_sweep_on_device_groups_is_refused_before_any_server_starts(slicegpt_env, made, tmp_path):
+    pool = Pool(str(slicegpt_env), "cuda:0+cuda:1,cuda:2")
+    with pytest.raises(BadRequest, match="cuda:0\\+cuda:1: a sweep slices on one device per server"):
+        slicing.slice_on_pool(pool, made["dense"], [0.2], made["calibration"], tmp_path / "out")
+    assert pool.members == [] and not (tmp_path / "out").exists()

@@ -189,3 +189,25 @@ def test_a_shared_buffer_of_the_wrong_size_is_refused():
         shm.take(name, 16)
     with pytest.raises(ProtocolError, match="bad shared-memory name"):
         shm.take("../../etc/passwd", 8)
+
+
+def test_a_bad_frame_leaves_no_half_message_queued():
+    import zmq
+
+    from slicebridge.bridge.transport import recv_frames, send_frames
+
+    context = zmq.Context.instance()
+    sender, receiver = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        receiver.bind("inproc://half-message")
+        sender.connect("inproc://half-message")
+        strided = memoryview(bytes(range(8))).cast("B")[::2]  # a buffer, but not a contiguous one
+        for bad in ([b"head", strided], [b"head", 3]):
+            with pytest.raises((ValueError, TypeError)):
+                send_frames(sender, bad)
+        send_frames(sender, [b"whole", memoryview(b"message")])
+        assert receiver.poll(1000) and recv_frames(receiver) == [b"whole", b"message"]
+        assert not receiver.poll(50)
+    finally:
+        sender.close(0)
+        receiver.close(0)

@@ -1,8 +1,9 @@
 """How the big files of an output are written: ``atomic.StreamFile`` (one stream from the caller's memory,
 writeback started behind it) and ``binfile.save_archive`` (torch.save with zlib summing the CRC-32s).
 
-The archive must hold the CRC-32s torch itself would have written (``binfile.load`` checks them), torch's
-process-wide CRC setting must be left as it was, and a failed write must surface as its ``OSError``."""
+The archive must hold the CRC-32s torch itself would have written (``binfile.load`` checks them), in the central
+directory and in each data descriptor; torch's process-wide CRC setting must stay as it is throughout (another
+thread's torch.save keeps its sums), and a failed write must surface as its ``OSError``."""
 
 from __future__ import annotations
 
@@ -56,7 +57,18 @@ def test_the_archive_holds_the_crcs_torch_would_write_and_torch_is_left_as_it_wa
         expected = {record.filename.split("/", 1)[1]: record.CRC for record in theirs.infolist()}
     crcs.pop(".data/serialization_id"), expected.pop(".data/serialization_id")  # random per save
     assert crcs == expected
-    verify_archive_crcs(tmp_path / "ours.pt")  # the data descriptors too
+    verify_archive_crcs(tmp_path / "ours.pt")
+    with open(tmp_path / "ours.pt", "rb") as handle, zipfile.ZipFile(handle) as archive:  # where each record holds it
+        for record in archive.infolist():
+            local = binfile._LOCAL_HEADER.unpack(
+                os.pread(handle.fileno(), binfile._LOCAL_HEADER.size, record.header_offset)
+            )
+            after = record.header_offset + binfile._LOCAL_HEADER.size + local[1] + local[2] + record.file_size
+            crc = record.CRC.to_bytes(4, "little")
+            if record.flag_bits & 0x08:  # a data descriptor follows the bytes
+                assert os.pread(handle.fileno(), 8, after) == b"PK\x07\x08" + crc, record.filename
+            else:  # the local header holds it
+                assert os.pread(handle.fileno(), 4, record.header_offset + 14) == crc, record.filename
     loaded = torch.load(tmp_path / "ours.pt", weights_only=True)
     assert all(torch.equal(loaded["state"][k], v) for k, v in contents["state"].items())
 
@@ -71,14 +83,27 @@ def test_the_filled_in_crcs_catch_damage(tmp_path):
         verify_archive_crcs(path)
 
 
-def test_without_torchs_setting_torch_sums_them_itself(tmp_path, monkeypatch):
-    monkeypatch.delattr(torch.serialization, "set_crc32_options")
+def test_torchs_process_wide_crc_setting_stays_on_while_we_save(tmp_path, monkeypatch):
+    """Another thread's torch.save during ours keeps its CRC-32s: only our save's zip writer leaves them out."""
+    seen, real_write = [], binfile._SummingWriter.write
+    monkeypatch.setattr(
+        binfile._SummingWriter,
+        "write",
+        lambda self, data: seen.append(torch.serialization.get_crc32_options()) or real_write(self, data),
+    )
+    _save(tmp_path / "ours.pt", _contents())
+    assert seen and all(seen)
+
+
+def test_where_torch_cannot_leave_the_sums_out_torch_sums_them_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(binfile, "_save_unsummed", lambda *args: False)
+    monkeypatch.setattr(binfile, "_fill_crcs", lambda *args: pytest.fail("nothing to fill in"))
     _save(tmp_path / "ours.pt", _contents())
     with zipfile.ZipFile(tmp_path / "ours.pt") as archive:
         assert archive.testzip() is None
 
 
-def test_a_failed_write_is_raised_as_its_oserror_and_torch_is_restored(tmp_path, monkeypatch):
+def test_a_failed_write_is_raised_as_its_oserror(tmp_path, monkeypatch):
     real_write, calls = os.write, []
 
     def full_disk(fd, data):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from helpers.paths import FIXTURE
 
+from slicebridge import NotASliceGPTCheckpoint
 from slicebridge.model import portable
 from slicebridge.model.binfile import ModelRecipe, save_bin, tokenizer_files
 from slicebridge.model.checkpoint import read_checkpoint
@@ -164,3 +166,15 @@ def test_a_bin_with_another_global_is_still_refused_before_running_it(seen):
     for order in ("slicebridge-first", "torch-first"):  # past the recipe, refused at the other global
         assert "posix.mkdir" in seen[order]["crafted"]["message"]
     assert not seen["ran"]
+
+
+def test_the_server_keeps_its_checkpoint_reads_strict(made, bridge, tmp_path):
+    """The server imports slicebridge too, but a .pt it reads may call no rebuild function: a .bin passed as a
+    checkpoint is refused as pickled objects before anything in it runs, and nothing is written."""
+    path, _ = made
+    disguised = tmp_path / "llama_0.25.pt"
+    shutil.copyfile(path, disguised)
+    with pytest.raises(NotASliceGPTCheckpoint, match="holds pickled Python objects"):
+        bridge.convert(disguised, tmp_path / "out.bin", base_model=FIXTURE / "base")
+    assert not (tmp_path / "out.bin").exists()
+    bridge.ping()  # and it still serves

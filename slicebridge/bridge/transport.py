@@ -58,11 +58,11 @@ def send_frames(socket: zmq.Socket, frames: Sequence, flags: int = 0) -> None:
     """``socket.send_multipart(frames, flags)`` at a third of its cost (a ping's three frames: 3.3 µs of
     CPU that way, 1 µs here: plain-int flags, no per-frame enum arithmetic), large frames sent without a copy.
 
-    Every frame is checked to be a buffer before the first is sent, so a bad one never leaves
+    Every frame is checked to be a contiguous buffer before the first is sent, so a bad one never leaves
     half a message queued."""
     for frame in frames:
-        if type(frame) is not bytes:
-            memoryview(frame)
+        if type(frame) is not bytes and not memoryview(frame).c_contiguous:
+            raise ValueError("a frame must be a contiguous buffer")
     send, last = socket.send, len(frames) - 1
     for i, frame in enumerate(frames):
         copy = type(frame) is bytes and len(frame) < _COPY_BELOW

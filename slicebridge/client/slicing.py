@@ -278,6 +278,13 @@ def slice_on_pool(
         raise _refused("a sweep on a pool computes on each server's own device: name the devices of the pool instead")
     if isinstance(pool, RayPool) and options.get("on_event") is not None:
         raise _refused("on Ray, events stay on the nodes that slice: pass on_share, which sees each share as it ends")
+    listed = [] if isinstance(pool, RayPool) or pool.devices == "all" else pool.devices
+    groups = [device for device in listed if "+" in device]
+    if groups:
+        raise _refused(
+            f"{', '.join(groups)}: a sweep slices on one device per server, not on a device group (those are for "
+            "convert, export and verify); name single devices"
+        )
     started = time.perf_counter()
     pool.start()
     shares = contiguous_shares(floats, len(pool.members))

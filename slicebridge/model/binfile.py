@@ -24,17 +24,15 @@ torch's default since 2.6) loads a ``.bin`` just as safely.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import platform
 import re
 import struct
 import tempfile
-import threading
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -348,50 +346,48 @@ def save_bin(
 
 # Writes at least this large (the tensors' records) are summed on a helper thread while they are written.
 _SUMMED_ASIDE_BYTES = 1024**2
-_CRC_SETTING_LOCK = threading.Lock()  # torch's CRC setting is process-wide: one save of ours changes it at a time
 
 
 def save_archive(contents: Any, stream: StreamFile, pickle_module) -> None:
     """``torch.save(contents)`` into ``stream``, with zlib summing the records' CRC-32s instead of torch.
 
     torch sums every record on the writing thread at ~0.35 GB/s, most of the time a large ``.bin``
-    takes. Where torch lets us (``set_crc32_options``), its sums are turned off for this save, each
+    takes. Where torch's zip writer can be told not to, for this save alone (``_save_unsummed``), each
     large write is summed with zlib (several GB/s, without the GIL) on a helper thread while the
-    kernel takes it, and the sums are then filled in where torch leaves zeros (``_fill_crcs``): the
-    archive holds the CRC-32s torch would have written, and :func:`load` checks them.
+    kernel takes it, and the sums are then filled in where torch left zeros (``_fill_crcs``): the
+    archive holds the CRC-32s torch would have written, and :func:`load` checks them. Elsewhere
+    ``torch.save`` sums them itself. torch's process-wide CRC setting is never touched.
     """
     import torch
 
-    with _torch_crc32_off() as summing, ThreadPoolExecutor(1, thread_name_prefix="slicebridge-crc") as helper:
-        writer = _SummingWriter(stream, helper if summing else None)
+    with ThreadPoolExecutor(1, thread_name_prefix="slicebridge-crc") as helper:
+        writer = _SummingWriter(stream, helper)
         try:
-            torch.save(contents, writer, pickle_module=pickle_module)
+            summed_aside = _save_unsummed(contents, writer, pickle_module)
+            if not summed_aside:
+                writer.helper = None
+                torch.save(contents, writer, pickle_module=pickle_module)
         except RuntimeError:
             if stream.failure is not None:  # torch reports a failed write as a RuntimeError about positions
                 raise stream.failure from None
             raise
-    if summing:
+    if summed_aside:
         _fill_crcs(stream.fd, writer.sums)
 
 
-@contextlib.contextmanager
-def _torch_crc32_off() -> Iterator[bool]:
-    """torch's own CRC-32s off while the block runs; yields False (and changes nothing) where torch has no
-    such setting. The setting is the process's: another thread's torch.save during the block would skip them
-    too (the server saves on its one worker thread)."""
+def _save_unsummed(contents: Any, writer: _SummingWriter, pickle_module) -> bool:
+    """What ``torch.save(contents, writer)`` does, with a zip writer that leaves the CRC-32s to us; False
+    (nothing written) where this torch's zip writer does not take that argument."""
     import torch
 
-    get, set_ = (getattr(torch.serialization, name, None) for name in ("get_crc32_options", "set_crc32_options"))
-    if get is None or set_ is None:
-        yield False
-        return
-    with _CRC_SETTING_LOCK:
-        before = get()
-        set_(False)
-        try:
-            yield True
-        finally:
-            set_(before)
+    serialization = torch.serialization
+    try:
+        archive = torch._C.PyTorchFileWriter(writer, False, serialization._get_storage_alignment())
+    except (AttributeError, TypeError):  # a torch from before compute_crc32 (2.5)
+        return False
+    serialization._save(contents, archive, pickle_module, serialization.DEFAULT_PROTOCOL, False)
+    archive.write_end_of_file()
+    return True
 
 
 class _SummingWriter:

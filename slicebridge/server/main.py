@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import slicebridge
 from slicebridge import settings
 from slicebridge.bridge.connection import read_connection_file
 from slicebridge.bridge.server_loop import ServerLoop
@@ -28,6 +29,7 @@ _LOG_CHECK_S = 1.0
 
 
 def main(conn_path: str) -> None:
+    slicebridge._strict_torch_load()  # before torch is imported: a .pt read here may call no rebuild function
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
