@@ -172,10 +172,9 @@ class Pool:
             devices = [f"cuda:{index}" for index in range(found)] or ["cpu"]
             log.info("devices=all: %s", ", ".join(devices))
         # Each server computes with its share of the cores (launcher.thread_shares), unless the user set the count.
+        # The server that counted the GPUs keeps every core: a GPU server's CPU work is loading, copying and
+        # saving, and starting it again (torch, transformers, CUDA) would cost more than its share saves.
         shares = [None] * len(devices) if split_by_user() else thread_shares(devices, usable_cores())
-        if first is not None and shares[0] is not None and len(devices) > 1:
-            first.close()  # it started with every core, which a lone member keeps; one of several gets its share
-            first = None
         bridges = [first] if first is not None else []
         bridges += [
             Bridge(env, attach=False, debug_ops=self.debug_ops, threads=share) for share in shares[len(bridges) :]
