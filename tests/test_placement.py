@@ -244,3 +244,13 @@ def test_official_model_over_a_group_is_dispatched_on_the_same_plan(official_bri
     )
     assert spread.cache_hit and spread.loader == "official" and spread.placement == result.placement
     assert alone.placement is None and torch.equal(spread.logits[0], alone.logits[0])
+
+
+def test_one_syntax_names_devices_for_requests_and_pools():
+    from slicebridge.bridge.devices import device_parts, repeated_gpus
+
+    assert device_parts("cuda") == ["cuda"] and device_parts("cuda:1") == ["cuda:1"] and device_parts("cpu") == ["cpu"]
+    assert device_parts("cuda:0+cpu+cpu") == ["cuda:0", "cpu", "cpu"]
+    for bad in ("gpu", "cuda+cuda:1", "cuda:0+", "+cpu", "cuda:0 + cuda:1", "auto", ""):
+        assert device_parts(bad) is None, bad
+    assert repeated_gpus(["cuda:1", "cpu", "cuda:1", "cpu", "cuda:0"]) == ["cuda:1"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from slicebridge.bridge.devices import device_parts, repeated_gpus
 from slicebridge.bridge.envs import PythonEnv, find_env
 from slicebridge.bridge.errors import ServerDied, ServerKeepsDying
 from slicebridge.bridge.launcher import split_by_user, thread_shares, usable_cores
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 MAX_MEMBERS = 64
 _WAIT_STEP_S = 0.1
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?|(cpu|cuda:\d+)(\+(cpu|cuda:\d+))+")  # a device, or a group of them
 
 
 class PoolError(SlicebridgeError):
@@ -99,14 +98,13 @@ def parse_devices(devices: str | Sequence[str | Sequence[str]]) -> list[str] | s
     listed = ["+".join(str(part).strip() for part in group) for group in groups]
     if not listed:
         raise PoolError("a pool needs at least one device (cpu, cuda:N or all)")
-    bad = [device for device in listed if not _DEVICE.fullmatch(device)]
+    bad = [device for device in listed if device_parts(device) is None]
     if bad:
         raise PoolError(
             f"{', '.join(map(repr, bad))}: a pool's devices are cpu, cuda or cuda:N, groups of cpu and cuda:N "
             "joined by + for a model spread over them (cuda:0+cuda:1), or all"
         )
-    split = {device: device.split("+") for device in listed}
-    twice = [device for device, parts in split.items() if any(parts.count(p) > 1 for p in set(parts) - {"cpu"})]
+    twice = [device for device in listed if repeated_gpus(device_parts(device))]
     if twice:
         raise PoolError(f"{', '.join(map(repr, twice))}: a device group names each of its GPUs once")
     if len(listed) > MAX_MEMBERS:

@@ -35,7 +35,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slicebridge.bridge.devices import device_parts, repeated_gpus
 from slicebridge.bridge.server_loop import HandlerError
 from slicebridge.model import portable
 from slicebridge.model.families import official_model_name
@@ -51,7 +51,6 @@ from slicebridge.server import faults
 log = logging.getLogger(__name__)
 
 LOADERS = ("auto", "official", "builtin")
-_GROUP_DEVICE = re.compile(r"cpu|cuda:\d+")
 
 
 class LoaderUnavailable(HandlerError):
@@ -137,13 +136,13 @@ def resolve_devices(requested: str) -> str:
     ``cpu`` or ``cuda:N`` and checked the same way; ``cpu`` may repeat, a GPU may not): one model over them all."""
     if "+" not in requested:
         return resolve_device(requested)
-    parts = requested.split("+")
-    if not all(_GROUP_DEVICE.fullmatch(part) for part in parts):
+    parts = device_parts(requested)
+    if parts is None:
         raise ValueError(
             f"device={requested!r}: a device group joins two or more devices, each cpu or cuda:N, with + "
             "(as cuda:0+cuda:1)"
         )
-    twice = sorted({part for part in parts if part != "cpu" and parts.count(part) > 1})
+    twice = repeated_gpus(parts)
     if twice:
         raise ValueError(f"device={requested!r} names {twice[0]} twice: each GPU of a group holds its own share")
     for part in parts:
